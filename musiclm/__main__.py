@@ -1,0 +1,3 @@
+from musiclm.cli import main
+
+main()

@@ -1,0 +1,207 @@
+"""The ``musiclm`` command: parses options and calls the library. No logic lives here.
+
+Bad input raises :class:`~musiclm.errors.UserError` somewhere below; :func:`main`
+prints it on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from musiclm.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train and run MusicLM-style text-to-music models from cached integer tokens.",
+)
+
+PresetOpt = typer.Option(None, "--preset", help="Preset name (tiny, small, large).")
+ConfigOpt = typer.Option(None, "--config", help="TOML config file (may start with base = \"PRESET\").")
+
+
+def _config(preset: Optional[str], config: Optional[Path], default: str = "small"):
+    from musiclm.config import load_config
+
+    if preset is None and config is None:
+        preset = default
+    return load_config(preset, config)
+
+
+@app.command()
+def tokenize(
+    corpus: Path = typer.Argument(..., help="Folder of audio files (searched recursively)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: tokenizer/, shards/, stats/, errors/."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Reuse this tokenizer folder (DIR/tokenizer) instead of fitting one."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (default: start a local one)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Backbone actors (default: 1 per GPU, else 1)."),
+    gpus_per_worker: float = typer.Option(-1.0, "--gpus-per-worker", help="GPUs per actor (default: 1 when GPUs exist, else 0)."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Clips per shard (default from the config)."),
+) -> None:
+    """Turn a folder of music into integer-token shards, once."""
+    from musiclm.pipeline.tokenize_job import run_tokenize
+
+    cfg = None if (tokenizer is not None and preset is None and config is None) else _config(preset, config)
+    run_tokenize(
+        corpus,
+        out,
+        cfg,
+        tokenizer_dir=tokenizer,
+        address=address,
+        workers=workers,
+        gpus_per_worker=None if gpus_per_worker < 0 else gpus_per_worker,
+        shard_size=shard_size,
+    )
+
+
+@app.command()
+def stats(
+    data: Path = typer.Argument(..., help="A tokenized folder (the --out of musiclm tokenize)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write codebook usage and durations to this PNG."),
+) -> None:
+    """Show what the tokens look like (reads only the Parquet statistics)."""
+    from musiclm.shards.stats import run_stats
+
+    run_stats(data, as_json=json_out, plot=plot)
+
+
+@app.command()
+def train(
+    stage: str = typer.Argument(..., help="semantic, coarse or fine."),
+    data: Path = typer.Option(..., "--data", help="A tokenized folder."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, metrics, config."),
+    preset: Optional[str] = PresetOpt,
+    config: Optional[Path] = ConfigOpt,
+    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Validation folder tokenized with the same tokenizer."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=1),
+    save_every: Optional[int] = typer.Option(None, "--save-every", min=1),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data loader processes."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+) -> None:
+    """Train one stage from cached tokens (no backbone is loaded)."""
+    from musiclm.training.trainer import run_train
+
+    run_train(
+        stage,
+        data,
+        out,
+        _config(preset, config),
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        seed=seed,
+        val_data=val_data,
+        eval_every=eval_every,
+        save_every=save_every,
+        num_workers=workers,
+        resume=resume,
+        compile=compile,
+        device=device,
+    )
+
+
+@app.command()
+def generate(
+    prompts: list[str] = typer.Argument(..., help="Text prompt; several prompts with --every make a story."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Folder holding semantic/, coarse/, fine/ runs."),
+    semantic: Optional[Path] = typer.Option(None, "--semantic", help="Semantic run folder (overrides --model)."),
+    coarse: Optional[Path] = typer.Option(None, "--coarse", help="Coarse run folder (overrides --model)."),
+    fine: Optional[Path] = typer.Option(None, "--fine", help="Fine run folder (overrides --model)."),
+    seconds: float = typer.Option(10.0, "--seconds"),
+    out: Path = typer.Option(Path("out.wav"), "--out"),
+    num_samples: int = typer.Option(1, "--num-samples", min=1),
+    keep: int = typer.Option(1, "--keep", min=1),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale"),
+    temperature: Optional[list[float]] = typer.Option(None, "--temperature", help="Per stage: give 1 or 3 values (semantic, coarse, fine)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    prompt_audio: Optional[Path] = typer.Option(None, "--prompt-audio", help="Continue this audio."),
+    every: Optional[float] = typer.Option(None, "--every", help="Seconds per prompt when several prompts are given."),
+    coarse_only: bool = typer.Option(False, "--coarse-only", help="Skip the fine stage."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence per token (slow; for checks)."),
+    fmt: str = typer.Option("wav", "--format", help="wav or flac."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Generate music from text with three trained stages."""
+    from musiclm.generation import run_generate
+
+    run_generate(
+        prompts,
+        model=model,
+        semantic=semantic,
+        coarse=coarse,
+        fine=fine,
+        seconds=seconds,
+        out=out,
+        num_samples=num_samples,
+        keep=keep,
+        cfg_scale=cfg_scale,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        prompt_audio=prompt_audio,
+        every=every,
+        coarse_only=coarse_only,
+        use_cache=not no_cache,
+        fmt=fmt,
+        device=device,
+    )
+
+
+@app.command("eval")
+def evaluate(
+    generated: Path = typer.Option(..., "--generated", help="Folder of generated audio."),
+    reference: Path = typer.Option(..., "--reference", help="Folder of reference audio."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder whose CLAP (and MERT) embed the audio."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per generated file (sorted by name), for the CLAP score."),
+    embedding: str = typer.Option("clap", "--embedding", help="clap or mert."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result as JSON here."),
+) -> None:
+    """Fréchet Audio Distance and CLAP text-audio score."""
+    from musiclm.metrics import run_eval
+
+    run_eval(generated, reference, tokenizer=tokenizer, prompts=prompts, embedding=embedding, out=out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="musiclm", standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelpError as e:
+        # `musiclm` or `musiclm CMD` with nothing: the help text, as click would show it
+        print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as e:
+        hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

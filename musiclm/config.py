@@ -1,0 +1,263 @@
+"""Configs: every number the system uses, loaded from a TOML preset or file.
+
+A config is a tree of frozen dataclasses. Presets live in ``configs/<name>.toml``
+at the repository root. A user's config file may start with ``base = "tiny"``
+and override any subset of keys; unknown keys and wrong types are refused with
+a one-line :class:`~musiclm.errors.UserError`.
+
+The ``tokenize`` subtree decides what tokens *mean*; it is written into
+``tokenizer/tokenizer.json`` and everything downstream reads it from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from musiclm.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+STAGES = ("semantic", "coarse", "fine")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    segment_seconds: float = 30.0  # longer files are split into equal segments no longer than this
+    min_seconds: float = 1.0  # shorter files are reported in errors/, not tokenized
+
+
+@dataclass(frozen=True)
+class ClapConfig:
+    model: str = "laion/larger_clap_music"  # hub id, local folder, or "random" (built from `arch`)
+    revision: str | None = None
+    arch: dict = field(default_factory=dict)  # {"audio": {...}, "text": {...}, "projection_dim": N} for "random"
+    features: dict = field(default_factory=dict)  # ClapFeatureExtractor kwargs for "random"
+    window_seconds: float = 10.0
+    hop_seconds: float = 5.0
+    levels: int = 12  # residual quantizer depth on the embedding
+    codebook_size: int = 1024
+
+
+@dataclass(frozen=True)
+class MertConfig:
+    model: str = "m-a-p/MERT-v0"  # hub id, local folder, or "random" (a HubertModel built from `arch`)
+    revision: str | None = None
+    arch: dict = field(default_factory=dict)  # HubertConfig kwargs for "random"
+    trust_remote_code: bool = False  # MERT-v1 needs it (and the network)
+    sample_rate: int = 16000  # used for "random"; a pretrained model's feature extractor overrides it
+    layer: int = 7  # hidden_states index fed to k-means
+    codebook_size: int = 1024
+
+
+@dataclass(frozen=True)
+class EncodecConfig:
+    model: str = "facebook/encodec_24khz"  # hub id, local folder, or "random" (built from `arch`)
+    revision: str | None = None
+    arch: dict = field(default_factory=dict)  # EncodecConfig kwargs for "random"
+    num_quantizers: int = 8  # Q: the codebooks kept per frame
+    coarse_quantizers: int = 3  # the first levels form the coarse stream, the rest the fine stream
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How quantizers are fitted when `musiclm tokenize` is given no tokenizer."""
+
+    max_seconds: float = 3600.0  # audio sampled from the corpus for fitting
+    max_points: int = 200_000  # MERT frames kept for k-means
+    niter: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    clap: ClapConfig = field(default_factory=ClapConfig)
+    mert: MertConfig = field(default_factory=MertConfig)
+    encodec: EncodecConfig = field(default_factory=EncodecConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    shard_size: int = 256  # clips per shard
+    batch_size: int = 4  # segments per backbone call in the actor pool
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layers: int = 6
+    d_model: int = 1024
+    n_heads: int = 8
+    mlp_hidden: int = 0  # 0: SwiGLU width 8/3 * d_model rounded up to a multiple of 64
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    window_seconds: float = 10.0
+    cond_dropout: float = 0.1  # probability that a sample's CLAP prefix is replaced by the learned null
+
+
+@dataclass(frozen=True)
+class StagesConfig:
+    semantic: StageConfig = field(default_factory=lambda: StageConfig(10.0, 0.1))
+    coarse: StageConfig = field(default_factory=lambda: StageConfig(4.0, 0.1))
+    fine: StageConfig = field(default_factory=lambda: StageConfig(2.0, 0.0))
+
+    def get(self, stage: str) -> StageConfig:
+        if stage not in STAGES:
+            raise UserError(f"unknown stage '{stage}': choose one of {', '.join(STAGES)}")
+        return getattr(self, stage)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100_000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 1000
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 1000
+    eval_batches: int = 20
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+    val_fraction: float = 0.05  # shards held out when no --val-data is given
+    num_workers: int = 2
+    seed: int = 0
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    temperature_semantic: float = 1.0
+    temperature_coarse: float = 0.95
+    temperature_fine: float = 0.4
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    cfg_scale: float = 3.0
+    num_samples: int = 1
+    keep: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON-able data (tuples become lists)."""
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"config: '{where or 'top level'}' should be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"config: unknown key '{_join(where, unknown[0])}' (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, _join(where, name))
+    return cls(**kwargs)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UserError(f"config: '{where}' should be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is dict and isinstance(value, dict):
+        return value
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"config: '{where}' should be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"config path is a folder, not a TOML file: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _raw(preset: str | None, path: Path | None, seen: tuple = ()) -> dict:
+    if path is not None:
+        data = _read_toml(Path(path))
+        base = data.pop("base", None)
+        if base is not None:
+            if base in seen:
+                raise UserError(f"config file {path}: 'base' chain loops through '{base}'")
+            return _merge(_raw(base, None, seen + (base,)), data)
+        return data
+    if preset not in preset_names():
+        raise UserError(f"unknown preset '{preset}': choose one of {', '.join(preset_names())}, or pass --config FILE")
+    return _raw(None, CONFIG_DIR / f"{preset}.toml", seen + (preset,))
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None) -> Config:
+    """The config for ``--preset NAME`` or ``--config FILE`` (exactly one of them)."""
+    if preset is not None and path is not None:
+        raise UserError("give either --preset or --config, not both")
+    if preset is None and path is None:
+        preset = "small"
+    data = _raw(preset, Path(path) if path is not None else None)
+    data.setdefault("name", preset if path is None else Path(path).stem)
+    return from_dict(Config, data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of :meth:`Config.to_dict` (used to read a run's or a tokenizer's recorded config)."""
+    return from_dict(Config, data)
+
+
+def tokenize_config_from_dict(data: dict[str, Any]) -> TokenizeConfig:
+    return from_dict(TokenizeConfig, data, "tokenize")

@@ -1,0 +1,137 @@
+"""Writing shards so that a crash loses at most the shard in flight.
+
+A shard ``N`` is *finished* when ``shards/shard-N.tar`` exists. Everything that
+belongs to it is written first under temporary names and renamed in this
+order: ``stats/shard-N.parquet`` (and ``stats/_codes/``), ``errors/shard-N.parquet``,
+then the tar. So
+
+- a finished shard always has its stats;
+- stats without a tar are leftovers of a killed run and are removed on resume;
+- an errors file stands on its own: the files it lists are done (they failed),
+  even when the run was killed before its tar was renamed. Shard indices are
+  therefore never reused across tars *or* errors files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from musiclm.shards.format import TokenInfo, TokenSample, shard_name
+from musiclm.shards.stats import write_shard_stats
+
+ERROR_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # segment key, or the file key when the whole file failed
+        ("source", pa.string()),  # path relative to the corpus root
+        ("step", pa.string()),  # "decode" | "tokenize"
+        ("reason", pa.string()),
+        ("time", pa.float64()),
+    ]
+)
+
+
+def _fsync_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def write_errors(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), tmp)
+    _fsync_rename(tmp, path)
+
+
+class ShardWriter:
+    """Buffers samples and writes them as finished shards of ``shard_size`` clips."""
+
+    def __init__(self, out_dir: str | Path, info: TokenInfo, shard_size: int, start_index: int):
+        self.out = Path(out_dir)
+        self.info = info
+        self.shard_size = shard_size
+        self.index = start_index
+        self.samples: list[TokenSample] = []
+        self.errors: list[dict] = []
+        self.shards_written = 0
+        self.errors_written = 0
+        for sub in ("shards", "stats", "errors"):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+
+    def add(self, sample: TokenSample) -> None:
+        self.samples.append(sample)
+        if len(self.samples) >= self.shard_size:
+            self.flush()
+
+    def add_error(self, key: str, source: str, step: str, reason: str) -> None:
+        self.errors.append({"key": key, "source": source, "step": step, "reason": reason, "time": time.time()})
+
+    def flush(self) -> None:
+        """Write what is buffered as shard ``index`` (and/or its errors file), then advance the index."""
+        if not self.samples and not self.errors:
+            return
+        name = shard_name(self.index)
+        tar_final = self.out / "shards" / f"{name}.tar"
+        tar_tmp = self.out / "shards" / f".{name}.tar.tmp"
+        if self.samples:
+            with wds.TarWriter(str(tar_tmp)) as sink:
+                for s in self.samples:
+                    sink.write(s.to_wds())
+            write_shard_stats(self.out / "stats", name, self.samples, self.info)
+        if self.errors:
+            write_errors(self.out / "errors" / f"{name}.parquet", self.errors)
+            self.errors_written += len(self.errors)
+        if self.samples:
+            _fsync_rename(tar_tmp, tar_final)
+            self.shards_written += 1
+        self.samples, self.errors = [], []
+        self.index += 1
+
+    def close(self) -> None:
+        self.flush()
+
+
+def next_shard_index(out_dir: str | Path) -> int:
+    """First index not used by a finished shard or an errors file."""
+    out = Path(out_dir)
+    used = [int(p.stem.split("-")[1]) for p in (out / "shards").glob("shard-*.tar")]
+    used += [int(p.stem.split("-")[1]) for p in (out / "errors").glob("shard-*.parquet")]
+    return max(used) + 1 if used else 0
+
+
+def clean_unfinished(out_dir: str | Path) -> int:
+    """Remove temporaries and stats of shards whose tar was never renamed; return how many files went."""
+    out = Path(out_dir)
+    finished = {p.stem for p in (out / "shards").glob("shard-*.tar")}
+    removed = 0
+    for pattern in ("shards/.*.tmp", "stats/.*.tmp", "stats/_codes/.*.tmp", "errors/.*.tmp"):
+        for p in out.glob(pattern):
+            p.unlink()
+            removed += 1
+    for folder in (out / "stats", out / "stats" / "_codes"):
+        for p in folder.glob("shard-*.parquet"):
+            if p.stem not in finished:
+                p.unlink()
+                removed += 1
+    return removed
+
+
+def done_keys(out_dir: str | Path) -> set[str]:
+    """Keys already settled in ``out_dir``: clips in finished shards, and keys listed in errors files.
+
+    Call :func:`clean_unfinished` first so that stats of unfinished shards do not count.
+    """
+    out = Path(out_dir)
+    keys: set[str] = set()
+    for folder in (out / "stats", out / "errors"):
+        files = sorted(folder.glob("shard-*.parquet"))
+        if files:
+            table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["key"])
+            keys.update(table.column("key").to_pylist())
+    return keys

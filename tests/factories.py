@@ -1,0 +1,65 @@
+"""Token data for tests that need shards but not backbones.
+
+``fake_info`` mirrors what ``musiclm tokenize`` writes into tokenizer.json;
+``fake_sample`` makes a clip whose tokens have structure a model can learn
+(runs of repeated codes, acoustic codes that follow semantic codes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from musiclm.shards.format import TokenInfo, TokenSample, sample_key
+
+
+def fake_info_json(
+    sem_k: int = 32,
+    ac_k: int = 32,
+    q: int = 8,
+    coarse: int = 3,
+    clap_levels: int = 4,
+    clap_k: int = 16,
+    sem_rate: int = 50,
+    ac_rate: int = 75,
+    window: float = 4.0,
+    hop: float = 2.0,
+    emb_dim: int = 32,
+    fingerprint: str = "fake-0",
+) -> dict:
+    return {
+        "format": 1,
+        "fingerprint": fingerprint,
+        "streams": {
+            "semantic": {"levels": 1, "codebook_size": sem_k, "frame_rate": sem_rate, "sample_rate": 16000},
+            "acoustic": {"levels": q, "codebook_size": ac_k, "frame_rate": ac_rate, "sample_rate": 24000, "coarse_levels": coarse},
+            "clap": {"levels": clap_levels, "codebook_size": clap_k, "window_seconds": window, "hop_seconds": hop, "embed_dim": emb_dim, "frame_rate": None},
+        },
+    }
+
+
+def fake_info(**kw) -> TokenInfo:
+    return TokenInfo.from_json(fake_info_json(**kw))
+
+
+def fake_sample(info: TokenInfo, seconds: float, rng: np.random.Generator, name: str = "clip.wav", segment: int = 0) -> TokenSample:
+    """A clip of ``seconds`` whose codes come in runs (so context predicts them)."""
+    t_s = int(seconds * info.semantic.frame_rate)
+    t_a = int(seconds * info.acoustic.frame_rate)
+    run = rng.integers(5, 15)
+    base = rng.integers(0, info.semantic.codebook_size, size=t_s // run + 1)
+    semantic = np.repeat(base, run)[:t_s].astype(np.uint16)
+    idx = np.minimum((np.arange(t_a) * info.semantic.frame_rate / info.acoustic.frame_rate).astype(int), t_s - 1)
+    acoustic = np.stack([(semantic[idx].astype(np.int64) * (lv + 1) + lv) % info.acoustic.codebook_size for lv in range(info.acoustic.levels)]).astype(np.uint16)
+    w = max(1, int((seconds - info.clap_window_seconds) // info.clap_hop_seconds) + 1)
+    clap = rng.integers(0, info.clap.codebook_size, size=(w, info.clap.levels)).astype(np.uint16)
+    emb = rng.standard_normal((w, info.clap_embed_dim)).astype(np.float16)
+    meta = {"source": name, "start": 0.0, "duration": float(seconds), "sample_rate": 24000, "channels": 1, "segment": segment}
+    return TokenSample(sample_key(name, segment), semantic, acoustic, clap, emb, meta)
+
+
+def write_tokenizer_json(data_dir: Path, info_json: dict) -> None:
+    (data_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (data_dir / "tokenizer" / "tokenizer.json").write_text(json.dumps(info_json))
