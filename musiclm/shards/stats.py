@@ -1,0 +1,434 @@
+"""Parquet statistics of a tokenized corpus, and the ``musiclm stats`` command.
+
+Each finished shard ``N`` has two small Parquet files, written by
+:func:`write_shard_stats` just before its tar is renamed:
+
+- ``stats/shard-N.parquet``: one row per clip (:data:`CLIP_SCHEMA`);
+- ``stats/_codes/shard-N.parquet``: how often each code occurs in the shard,
+  one row per nonzero ``(stream, level, code)`` (:data:`CODES_SCHEMA`).
+
+``stats/`` is a Parquet dataset folder: pyarrow, pandas, duckdb and polars read
+it as one clip table and skip ``_codes/`` (and ``.tmp`` leftovers) because
+their names start with ``_`` (``.``). Every file carries the same explicit
+schema, so a shard of one clip reads like any other.
+
+:func:`summarize` answers "what do the tokens look like" from these files only
+(plus ``errors/`` and ``tokenizer.json``), never from the shards, so it stays
+fast for a corpus of 100k clips.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from musiclm.errors import UserError
+from musiclm.shards.format import TokenInfo, TokenSample
+
+STREAMS = ("semantic", "acoustic", "clap")
+CODES_DIR = "_codes"
+TOP_CODES = 5
+HISTOGRAM_BINS = 20
+
+CLIP_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # writer.done_keys reads it
+        ("shard", pa.string()),
+        ("source", pa.string()),  # path relative to the corpus root
+        ("segment", pa.int32()),
+        ("start", pa.float64()),  # seconds into the source file
+        ("duration", pa.float64()),  # seconds
+        ("sample_rate", pa.int32()),  # of the source file
+        ("channels", pa.int32()),
+        ("semantic_frames", pa.int32()),
+        ("acoustic_frames", pa.int32()),
+        ("clap_windows", pa.int32()),
+    ]
+    + [
+        field
+        for s in STREAMS
+        for field in (
+            (f"{s}_unique", pa.float64()),  # distinct codes in the clip, mean over levels
+            (f"{s}_entropy_bits", pa.float64()),  # entropy of the clip's codes, mean over levels
+        )
+    ]
+)
+
+CODES_SCHEMA = pa.schema(
+    [
+        pa.field("stream", pa.string(), nullable=False),
+        pa.field("level", pa.int32(), nullable=False),
+        pa.field("code", pa.int32(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _levels_major(sample: TokenSample, stream: str) -> np.ndarray:
+    """The codes of one stream as [levels, T]: semantic [1, T_s], acoustic [Q, T_a], clap [L, W]."""
+    if stream == "semantic":
+        return sample.semantic.reshape(1, -1)
+    if stream == "acoustic":
+        return sample.acoustic
+    return sample.clap.T
+
+
+def _entropy_bits(counts: np.ndarray) -> float:
+    """Entropy in bits of the distribution given by nonnegative ``counts`` (0 when empty)."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log2(p)).sum())
+
+
+def _clip_row(sample: TokenSample, shard: str) -> dict[str, Any]:
+    meta = sample.meta
+    row: dict[str, Any] = {
+        "key": sample.key,
+        "shard": shard,
+        "source": meta.get("source"),
+        "segment": meta.get("segment"),
+        "start": meta.get("start"),
+        "duration": meta.get("duration"),
+        "sample_rate": meta.get("sample_rate"),
+        "channels": meta.get("channels"),
+        "semantic_frames": int(sample.semantic.shape[-1]),
+        "acoustic_frames": int(sample.acoustic.shape[-1]),
+        "clap_windows": int(sample.clap.shape[0]),
+    }
+    for stream in STREAMS:
+        codes = _levels_major(sample, stream)  # [levels, T]
+        per_level = [np.bincount(level.astype(np.int64)) for level in codes]
+        row[f"{stream}_unique"] = float(np.mean([np.count_nonzero(c) for c in per_level])) if per_level else 0.0
+        row[f"{stream}_entropy_bits"] = float(np.mean([_entropy_bits(c) for c in per_level])) if per_level else 0.0
+    return row
+
+
+def _code_counts(samples: list[TokenSample], stream: str, levels: int) -> pa.Table:
+    """Nonzero per-code counts of one stream over ``samples``, as rows of :data:`CODES_SCHEMA`."""
+    parts = [_levels_major(s, stream) for s in samples]
+    codes = np.concatenate(parts, axis=1).astype(np.int64) if parts else np.zeros((levels, 0), np.int64)  # [levels, sum T]
+    n_levels = codes.shape[0]
+    k = int(codes.max()) + 1 if codes.size else 1
+    # one bincount for all levels: level l's code c lands in bin l * k + c
+    counts = np.bincount((codes + np.arange(n_levels)[:, None] * k).ravel(), minlength=n_levels * k)
+    nonzero = np.flatnonzero(counts)
+    return pa.table(
+        {
+            "stream": pa.array([stream] * len(nonzero), pa.string()),
+            "level": pa.array(nonzero // k, pa.int32()),
+            "code": pa.array(nonzero % k, pa.int32()),
+            "count": pa.array(counts[nonzero], pa.int64()),
+        },
+        schema=CODES_SCHEMA,
+    )
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` via ``.NAME.tmp`` in the same folder, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard_stats(stats_dir: Path, name: str, samples: list[TokenSample], info: TokenInfo) -> None:
+    """Write ``stats_dir/NAME.parquet`` (one row per sample) and ``stats_dir/_codes/NAME.parquet``.
+
+    ``name`` is the shard's name (``shard-000003``). Both files are written
+    atomically; the code counts first, so a clip file always has its counts.
+    """
+    stats_dir = Path(stats_dir)
+    (stats_dir / CODES_DIR).mkdir(parents=True, exist_ok=True)
+    codes = pa.concat_tables([_code_counts(samples, s, info.stream(s).levels) for s in STREAMS])
+    _write_atomic(codes, stats_dir / CODES_DIR / f"{name}.parquet")
+    clips = pa.Table.from_pylist([_clip_row(s, name) for s in samples], schema=CLIP_SCHEMA)
+    _write_atomic(clips, stats_dir / f"{name}.parquet")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class CorpusStats:
+    """Everything :func:`summarize` and the plot need, read from the Parquet files of one corpus."""
+
+    data_dir: Path
+    info: TokenInfo
+    clips: pa.Table  # CLIP_SCHEMA, one row per clip
+    counts: dict[str, np.ndarray]  # stream -> [levels, codebook_size] int64 code counts over the corpus
+    errors: pa.Table | None  # writer.ERROR_SCHEMA rows, None when no errors file exists
+
+
+def _parquet_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.glob("shard-*.parquet")) if folder.is_dir() else []
+
+
+def _read(files: list[str], schema: pa.Schema) -> pa.Table:
+    """The rows of ``files`` as one table of ``schema`` (empty, not an error, when there are none)."""
+    return pads.dataset(files, schema=schema, format="parquet").to_table() if files else schema.empty_table()
+
+
+def _check_corpus(data_dir: Path) -> TokenInfo:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir} does not exist: pass the --out folder of musiclm tokenize")
+    if not (data_dir / "stats").is_dir() or not (data_dir / "tokenizer" / "tokenizer.json").is_file():
+        raise UserError(
+            f"{data_dir} is not a tokenized corpus (expected stats/ and tokenizer/tokenizer.json): "
+            "pass the --out folder of musiclm tokenize, or run musiclm tokenize first"
+        )
+    return TokenInfo.load(data_dir)
+
+
+def _stream_counts(data_dir: Path, info: TokenInfo) -> dict[str, np.ndarray]:
+    """stream -> [levels, K] code counts summed over all shards (K = codebook size, or more if a code exceeds it)."""
+    codes = _read(_parquet_files(Path(data_dir) / "stats" / CODES_DIR), CODES_SCHEMA)
+    out = {}
+    for stream in STREAMS:
+        sinfo = info.stream(stream)
+        rows = codes.filter(pc.equal(codes["stream"], stream))
+        level = rows["level"].to_numpy().astype(np.int64)
+        code = rows["code"].to_numpy().astype(np.int64)
+        count = rows["count"].to_numpy().astype(np.int64)
+        n_levels = max(sinfo.levels, int(level.max()) + 1 if len(level) else 0)
+        k = max(sinfo.codebook_size, int(code.max()) + 1 if len(code) else 0)
+        # float weights hold integer counts exactly up to 2**53 tokens
+        total = np.bincount(level * k + code, weights=count, minlength=n_levels * k)
+        out[stream] = np.rint(total).astype(np.int64).reshape(n_levels, k)
+    return out
+
+
+def read_corpus_stats(data_dir: Path) -> CorpusStats:
+    """Read the Parquet statistics of a tokenized corpus folder; :class:`UserError` if it is not one."""
+    data_dir = Path(data_dir)
+    info = _check_corpus(data_dir)
+    clips = _read(_parquet_files(data_dir / "stats"), CLIP_SCHEMA)
+    error_files = _parquet_files(data_dir / "errors")
+    errors = pads.dataset(error_files, format="parquet").to_table() if error_files else None
+    return CorpusStats(data_dir, info, clips, _stream_counts(data_dir, info), errors)
+
+
+def _level_summary(counts: np.ndarray, codebook_size: int) -> dict[str, Any]:
+    """Usage of one codebook from its [K] code counts over the corpus."""
+    total = int(counts.sum())
+    used = int(np.count_nonzero(counts))
+    out: dict[str, Any] = {
+        "codebook_size": codebook_size,
+        "tokens": total,
+        "codes_used": used,
+        "utilisation_pct": 100.0 * used / codebook_size,
+        "entropy_nats": None,
+        "entropy_bits": None,
+        "perplexity": None,
+        "top": [],
+    }
+    if total == 0:
+        return out
+    p = counts[counts > 0] / total
+    nats = float(-(p * np.log(p)).sum())
+    out.update(entropy_nats=nats, entropy_bits=nats / math.log(2), perplexity=math.exp(nats))
+    order = np.argsort(-counts, kind="stable")[: min(TOP_CODES, used)]
+    out["top"] = [{"code": int(c), "count": int(counts[c]), "share": float(counts[c] / total)} for c in order]
+    return out
+
+
+def _describe(stats: CorpusStats) -> dict[str, Any]:
+    clips = stats.clips
+    n = clips.num_rows
+    durations = clips["duration"].to_numpy(zero_copy_only=False).astype(np.float64)
+    durations = durations[~np.isnan(durations)]
+    if stats.errors is not None and stats.errors.num_rows:
+        failed_files = int(pc.count_distinct(stats.errors["source"]).as_py())
+        steps = stats.errors["step"].value_counts()
+        failed_by_step = {s["values"].as_py(): int(s["counts"].as_py()) for s in steps}
+    else:
+        failed_files, failed_by_step = 0, {}
+    totals = {
+        "clips": n,
+        "files": int(pc.count_distinct(clips["source"]).as_py()) if n else 0,
+        "hours": float(durations.sum() / 3600.0),
+        "shards": int(pc.count_distinct(clips["shard"]).as_py()) if n else 0,
+        "failed_files": failed_files,
+        "failed_by_step": failed_by_step,
+        "errors_dir": str(stats.data_dir / "errors"),
+    }
+    if len(durations):
+        hist, edges = np.histogram(durations, bins=HISTOGRAM_BINS)
+        duration = {
+            "min": float(durations.min()),
+            "mean": float(durations.mean()),
+            "median": float(np.median(durations)),
+            "max": float(durations.max()),
+            "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in hist]},
+        }
+    else:
+        duration = {"min": None, "mean": None, "median": None, "max": None, "histogram": {"edges": [], "counts": []}}
+    streams = {}
+    for stream in STREAMS:
+        k = stats.info.stream(stream).codebook_size
+        streams[stream] = {
+            "clip_unique_mean": float(pc.mean(clips[f"{stream}_unique"]).as_py()) if n else None,
+            "clip_entropy_bits_mean": float(pc.mean(clips[f"{stream}_entropy_bits"]).as_py()) if n else None,
+            "levels": [{"level": lv, **_level_summary(c, k)} for lv, c in enumerate(stats.counts[stream])],
+        }
+    return {"data_dir": str(stats.data_dir), "tokenizer": stats.info.fingerprint, "totals": totals, "durations": duration, "streams": streams}
+
+
+def summarize(data_dir: Path) -> dict[str, Any]:
+    """A JSON-serialisable summary of a tokenized corpus, read only from its Parquet statistics.
+
+    Returns ``{"data_dir", "tokenizer", "totals", "durations", "streams"}``:
+
+    - ``totals``: clips, files (distinct sources), hours, shards, failed_files
+      (distinct sources in ``errors/``), failed_by_step, errors_dir;
+    - ``durations``: min, mean, median, max seconds and ``histogram`` {edges, counts};
+    - ``streams[s]``: clip_unique_mean, clip_entropy_bits_mean, and ``levels``, a
+      list with one dict per level: level, codebook_size, tokens, codes_used,
+      utilisation_pct (100 * used / codebook_size), entropy_nats, entropy_bits,
+      perplexity (exp of entropy_nats) of the level's code distribution over the
+      corpus (None without tokens), and ``top``: the 5 most frequent codes as
+      {code, count, share}.
+
+    Raises :class:`UserError` if ``data_dir`` is not a tokenized corpus folder.
+    """
+    return _describe(read_corpus_stats(data_dir))
+
+
+def unigram_entropy(data_dir: Path, stream: str, levels: Sequence[int]) -> float:
+    """Mean over ``levels`` of the entropy (nats) of each level's code distribution in the corpus.
+
+    This is the cross-entropy of a model that predicts each code from its
+    level's frequency alone: the loss a trained stage must beat.
+    """
+    if stream not in STREAMS:
+        raise UserError(f"unknown token stream {stream!r}: expected one of {', '.join(STREAMS)}")
+    data_dir = Path(data_dir)
+    info = _check_corpus(data_dir)
+    counts = _stream_counts(data_dir, info)[stream]  # [levels, K]
+    if not levels:
+        raise UserError("unigram_entropy needs at least one level")
+    out = []
+    for lv in levels:
+        if not 0 <= lv < len(counts) or counts[lv].sum() == 0:
+            raise UserError(f"{data_dir} has no {stream} tokens at level {lv}: re-run musiclm tokenize on this folder")
+        out.append(_level_summary(counts[lv], info.stream(stream).codebook_size)["entropy_nats"])
+    return float(np.mean(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_tables(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t, d = summary["totals"], summary["durations"]
+    console.print(f"[bold]{summary['data_dir']}[/bold]  tokenizer {summary['tokenizer']}")
+    overview = Table(show_header=False, box=None, padding=(0, 2))
+    overview.add_column(style="bold", no_wrap=True)
+    overview.add_column(overflow="fold")
+    overview.add_row("clips", f"{t['clips']}  from {t['files']} files in {t['shards']} shards, {t['hours']:.2f} hours")
+    seconds = " / ".join(_fmt(d[k], ".2f") for k in ("min", "mean", "median", "max"))
+    overview.add_row("clip seconds", f"{seconds}  (min / mean / median / max)")
+    overview.add_row("failed files", str(t["failed_files"]))
+    if t["failed_files"]:
+        overview.add_row("listed in", t["errors_dir"])
+    console.print(overview)
+
+    usage = Table(title="codebook usage over the corpus")
+    usage.add_column("stream")
+    for col in ("level", "size", "used", "util %", "perplexity", "bits"):
+        usage.add_column(col, justify="right")
+    usage.add_column("top codes: share %")
+    for stream, s in summary["streams"].items():
+        for lv in s["levels"]:
+            usage.add_row(
+                stream,
+                str(lv["level"]),
+                str(lv["codebook_size"]),
+                str(lv["codes_used"]),
+                f"{lv['utilisation_pct']:.1f}",
+                _fmt(lv["perplexity"], ".1f"),
+                _fmt(lv["entropy_bits"], ".2f"),
+                " ".join(f"{c['code']}:{100 * c['share']:.1f}" for c in lv["top"]),
+            )
+    console.print(usage)
+
+
+def _plot(stats: CorpusStats, summary: dict[str, Any], path: Path) -> None:
+    """PNG: sorted code-frequency curves per level for each stream, and the clip duration histogram."""
+    # a bare Figure renders PNG through Agg and leaves pyplot's global backend alone
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 8))
+    axes = fig.subplots(2, 2)
+    for ax, stream in zip(axes.flat, STREAMS):
+        for lv, counts in enumerate(stats.counts[stream]):
+            total = counts.sum()
+            if total == 0:
+                continue
+            share = np.sort(counts)[::-1] / total
+            share = share[share > 0]
+            util = summary["streams"][stream]["levels"][lv]
+            ax.plot(np.arange(1, len(share) + 1), share, label=f"L{lv}: {util['utilisation_pct']:.0f}% used, ppl {util['perplexity']:.0f}")
+        ax.set_xlim(0, stats.info.stream(stream).codebook_size + 1)  # the unused tail of the codebook shows as empty
+        ax.set_yscale("log")
+        ax.set_title(f"{stream} (codebook {stats.info.stream(stream).codebook_size})")
+        ax.set_xlabel("code rank")
+        ax.set_ylabel("share of tokens")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    ax = axes.flat[3]
+    hist = summary["durations"]["histogram"]
+    if hist["counts"]:
+        edges = np.asarray(hist["edges"])
+        ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge")
+    ax.set_title(f"clip durations ({summary['totals']['clips']} clips, {summary['totals']['hours']:.2f} h)")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("clips")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    except OSError as e:
+        raise UserError(f"cannot write the plot to {path} ({e.strerror or e}): pick a writable path") from None
+
+
+def run_stats(data_dir: Path, as_json: bool = False, plot: Path | None = None) -> None:
+    """``musiclm stats``: print the :func:`summarize` dict as rich tables (or JSON), optionally write a PNG."""
+    if plot is not None and (Path(plot).is_dir() or not Path(plot).parent.is_dir()):
+        raise UserError(f"cannot write the plot to {plot}: give a file name in an existing folder")
+    stats = read_corpus_stats(Path(data_dir))
+    summary = _describe(stats)
+    if plot is not None:
+        _plot(stats, summary, Path(plot))
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_tables(summary)
+        if plot is not None:
+            print(f"plot written to {plot}")
