@@ -1,0 +1,279 @@
+"""Audio in: find files, probe them, read mono float32 segments, resample.
+
+Decoding is libsndfile (through ``soundfile``): WAV, FLAC, AIFF, AU, OGG
+(Vorbis, Opus) and MP3. Resampling is ``soxr``. Anything a file does wrong
+raises :class:`AudioError` with a short reason, so that the tokenize job can
+record the file in ``errors/`` and go on with its neighbours.
+
+Facts about libsndfile 1.2 that shape this module (measured, see tests):
+
+- ``soundfile.SoundFile.read`` seeks to the new position after every read.
+  For MP3 that seek restarts the decoder and the next few thousand samples
+  come out wrong, so a range is always read with *one* ``read`` call.
+- MP3 seeks land on the right sample but the decoder needs a few frames of
+  bit reservoir before its output is exact; lossy formats are therefore read
+  from ``_PREROLL`` frames before the start and the preroll is dropped.
+- libsndfile never decodes past the frame count it reports. For MP3 that count
+  comes from the Xing header (or an estimate) and a cut file decodes fewer
+  frames, so :func:`probe` counts MP3 frames by decoding.
+- A WAV/AIFF/AU whose header promises more data than the file holds is opened
+  without complaint, its frame count silently shortened; the header's
+  ``(should be N)`` note in ``extra_info`` is how a truncated file is told
+  apart from a short one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from musiclm.errors import UserError
+
+# Suffixes (lower case, with the dot) of files that libsndfile decodes.
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au", ".snd", ".w64", ".rf64", ".caf"}
+)
+
+# Frames decoded and dropped before the start of a range in lossy formats: a
+# 16-frame MP3 bit reservoir at the largest frame size (1152 samples).
+_PREROLL = 16 * 1152
+_LOSSY_FORMATS = frozenset({"MP3", "OGG"})
+# Streamed WAVs write this placeholder as the data size; it is not truncation.
+_STREAMING_SIZE = 0xFFFFFFFF
+_DECLARED_SIZE = re.compile(r"^\s*(?:data|SSND|Data Size)\s*:\s*(\d+)\s+\(should be (\d+)\)", re.MULTILINE)
+
+
+class AudioError(Exception):
+    """A file that cannot be used as audio. ``reason`` is one short line for errors/."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    frames: int  # frames that decode (per channel)
+    sample_rate: int
+    channels: int
+    duration: float  # seconds, frames / sample_rate
+    format: str  # libsndfile's container name: "WAV", "FLAC", "OGG", "MP3", ...
+    subtype: str = ""  # libsndfile's encoding: "PCM_16", "FLOAT", "VORBIS", "OPUS", ...
+
+
+def list_audio_files(root: Path) -> list[Path]:
+    """Every audio file under ``root``, recursively, sorted by relative path.
+
+    Files only (a folder named ``x.wav`` is not one), chosen by suffix,
+    case-insensitive (:data:`AUDIO_EXTENSIONS`). Symlinks are followed (each
+    real folder is visited once, so link cycles end); hidden files and folders
+    (name starting with ".") below ``root`` are skipped. Raises
+    :class:`UserError` when ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"corpus folder {root} does not exist or is not a folder")
+    found: list[tuple[tuple[str, ...], Path]] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        # Sorted so that when two links reach one folder, the same path wins every run.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            path = Path(dirpath, name)
+            if name.startswith(".") or path.suffix.lower() not in AUDIO_EXTENSIONS or not path.is_file():
+                continue
+            found.append((path.relative_to(root).parts, path))
+    return [path for _, path in sorted(found)]
+
+
+def probe(path: Path | str) -> AudioInfo:
+    """What the file holds, checked to decode: frames, rate, channels, duration, format.
+
+    Raises :class:`AudioError` for a missing path, a folder, an empty file, a
+    file libsndfile cannot open, a truncated file, or one with no frames.
+    """
+    path = Path(path)
+    _check_is_file(path)
+    try:
+        with sf.SoundFile(path) as f:
+            _check_declared_size(f)
+            frames = _count_frames(f) if f.format == "MP3" else f.frames
+            if frames <= 0:
+                raise AudioError("no audio frames")
+            if f.format != "MP3":
+                _check_last_frame(f, frames)
+            return AudioInfo(frames, f.samplerate, f.channels, frames / f.samplerate, f.format, f.subtype)
+    except (sf.LibsndfileError, RuntimeError) as error:
+        raise AudioError(_decode_reason(error)) from error
+
+
+def plan_segments(duration: float, max_seconds: float) -> list[tuple[float, float]]:
+    """Split ``duration`` seconds into ``ceil(duration / max_seconds)`` equal segments.
+
+    Returns ``[(start, seconds), ...]`` covering ``[0, duration]`` without gaps;
+    equal lengths so that no tiny tail is left. A file of at most
+    ``max_seconds`` is one segment; ``duration <= 0`` gives none.
+    """
+    if max_seconds <= 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+    if duration <= 0:
+        return []
+    # The tolerance keeps 90 / 30 from becoming 3.0000000000000004 -> 4 segments.
+    n = max(1, math.ceil(duration / max_seconds - 1e-9))
+    length = duration / n
+    return [(duration * i / n, length) for i in range(n)]
+
+
+def read_mono(path: Path | str, start: float = 0.0, seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode ``seconds`` of audio from ``start`` (to the end when None) as mono.
+
+    Returns ``(x, sample_rate)``: ``x`` float32 ``[round(seconds * sr)]`` in
+    [-1, 1], the mean over channels, at the file's own rate. Frames are
+    ``round(start * sr)`` onwards; a range running past the end is cut at the
+    end. Raises :class:`AudioError` for an unreadable, truncated or corrupt
+    file, a start past the end, or a result with no samples.
+    """
+    path = Path(path)
+    if start < 0 or (seconds is not None and seconds < 0):
+        raise ValueError(f"start and seconds must be >= 0, got {start}, {seconds}")
+    _check_is_file(path)
+    try:
+        with sf.SoundFile(path) as f:
+            _check_declared_size(f)
+            sr, total = f.samplerate, f.frames
+            if total <= 0:
+                raise AudioError("no audio frames")
+            first = round(start * sr)
+            if first >= total:
+                raise AudioError(f"start {start:.3f} s is past the end ({total / sr:.3f} s)")
+            wanted = total - first if seconds is None else min(round(seconds * sr), total - first)
+            preroll = min(first, _PREROLL) if f.format in _LOSSY_FORMATS else 0
+            if first - preroll:
+                f.seek(first - preroll)
+            # One read call: soundfile seeks after each read, which garbles MP3 (module docstring).
+            x = f.read(preroll + wanted, dtype="float32", always_2d=True)[preroll:]
+            if len(x) < wanted and f.format not in _LOSSY_FORMATS:
+                # Lossy headers may overstate the length; a PCM/FLAC header does not.
+                raise AudioError(f"truncated: {wanted} frames expected from {start:.3f} s, {len(x)} decoded")
+    except (sf.LibsndfileError, RuntimeError) as error:
+        raise AudioError(_decode_reason(error)) from error
+    if len(x) == 0:
+        raise AudioError("no audio samples decoded")
+    if not np.isfinite(x).all():
+        raise AudioError("corrupt: non-finite samples")
+    mono = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+    # Float files may hold values beyond full scale; the models expect [-1, 1].
+    return np.clip(mono, -1.0, 1.0), sr
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Resample ``x`` ([frames] or [frames, channels]) from ``sr_in`` to ``sr_out`` Hz.
+
+    soxr at "HQ" quality; float32 out, ``round(len(x) * sr_out / sr_in)``
+    frames (soxr's own count can be one off for very short inputs).
+    """
+    if sr_in <= 0 or sr_out <= 0:
+        raise ValueError(f"sample rates must be positive, got {sr_in} -> {sr_out}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if sr_in == sr_out:
+        return x
+    n_out = round(len(x) * sr_out / sr_in)
+    if len(x) == 0:
+        return np.zeros((0,) + x.shape[1:], np.float32)
+    y = soxr.resample(x, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+    if len(y) > n_out:
+        return np.ascontiguousarray(y[:n_out])
+    if len(y) < n_out:
+        return np.concatenate([y, np.zeros((n_out - len(y),) + y.shape[1:], np.float32)])
+    return y
+
+
+def load_for_rates(path: Path | str, start: float, seconds: float | None, rates: Iterable[int]) -> dict[int, np.ndarray]:
+    """Decode one mono range once (see :func:`read_mono`) and resample it to each rate.
+
+    Returns ``{rate: float32 [round(frames * rate / sr)]}``. Raises
+    :class:`AudioError` like :func:`read_mono`.
+    """
+    x, sr = read_mono(path, start, seconds)
+    return {rate: resample(x, sr, rate) for rate in dict.fromkeys(int(r) for r in rates)}
+
+
+def write_audio(path: Path | str, audio: np.ndarray, sr: int, fmt: str | None = None) -> None:
+    """Write ``audio`` ([frames] or [frames, channels]) as 16-bit PCM WAV or FLAC.
+
+    The format is ``fmt`` ("wav" or "flac") or else the path's suffix. Float
+    input is clipped to [-1, 1] first (libsndfile would wrap it). Parent
+    folders are created.
+    """
+    path = Path(path)
+    kind = (fmt or path.suffix.lstrip(".")).lower()
+    formats = {"wav": "WAV", "wave": "WAV", "flac": "FLAC"}
+    if kind not in formats:
+        raise ValueError(f"write_audio writes wav or flac, not {kind!r} ({path})")
+    audio = np.asarray(audio)
+    if audio.dtype.kind == "f":
+        audio = np.clip(audio, -1.0, 1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, audio, sr, format=formats[kind], subtype="PCM_16")
+
+
+def _check_is_file(path: Path) -> None:
+    if not path.exists():
+        raise AudioError("no such file")
+    if not path.is_file():
+        raise AudioError("not a file")
+    if path.stat().st_size == 0:
+        raise AudioError("empty file")
+
+
+def _check_declared_size(f: sf.SoundFile) -> None:
+    """Refuse a WAV/AIFF/AU whose data chunk is shorter than its header says."""
+    for declared, actual in _DECLARED_SIZE.findall(f.extra_info):
+        declared, actual = int(declared), int(actual)
+        if actual < declared != _STREAMING_SIZE:
+            raise AudioError(f"truncated: header declares {declared} data bytes, file holds {actual}")
+
+
+def _check_last_frame(f: sf.SoundFile, frames: int) -> None:
+    """Decode the last frame: a FLAC or OGG cut short opens fine and fails only here."""
+    try:
+        f.seek(frames - 1)
+        ok = len(f.read(1, dtype="float32")) == 1
+    except (sf.LibsndfileError, RuntimeError) as error:
+        raise AudioError(f"truncated or corrupt: the last of {frames} frames does not decode ({error})") from error
+    if not ok:
+        raise AudioError(f"truncated or corrupt: the last of {frames} frames does not decode")
+
+
+def _count_frames(f: sf.SoundFile) -> int:
+    """Frames that actually decode, read block by block (the data is garbled by
+    soundfile's seek between reads, the count is not)."""
+    block = np.empty((1 << 16, f.channels), np.float32)
+    total = 0
+    while True:
+        n = len(f.read(out=block))
+        total += n
+        if n < len(block):
+            return total
+
+
+def _decode_reason(error: Exception) -> str:
+    # Drop soundfile's "Error opening '<path>': " prefix: the path is recorded beside the reason.
+    message = re.sub(r"^Error opening .*?: ", "", str(error)).strip()
+    if message.startswith("File does not exist or is not a regular file"):
+        # libsndfile's words when its MP3 reader finds no MP3 frame in a regular file.
+        message = "format not recognised"
+    return f"cannot decode: {message}"
