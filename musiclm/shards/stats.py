@@ -47,6 +47,7 @@ CLIP_SCHEMA = pa.schema(
         ("shard", pa.string()),
         ("source", pa.string()),  # path relative to the corpus root
         ("segment", pa.int32()),
+        ("segments", pa.int32()),  # segments the source file was split into
         ("start", pa.float64()),  # seconds into the source file
         ("duration", pa.float64()),  # seconds
         ("sample_rate", pa.int32()),  # of the source file
@@ -104,6 +105,7 @@ def _clip_row(sample: TokenSample, shard: str) -> dict[str, Any]:
         "shard": shard,
         "source": meta.get("source"),
         "segment": meta.get("segment"),
+        "segments": meta.get("segments"),
         "start": meta.get("start"),
         "duration": meta.get("duration"),
         "sample_rate": meta.get("sample_rate"),

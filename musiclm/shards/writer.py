@@ -122,6 +122,28 @@ def clean_unfinished(out_dir: str | Path) -> int:
     return removed
 
 
+def done_files(out_dir: str | Path) -> set[str]:
+    """Sources (paths relative to the corpus root) with nothing left to do: every segment is in a
+    finished shard, or the whole file failed. Call :func:`clean_unfinished` first."""
+    import pyarrow.compute as pc
+
+    from musiclm.shards.format import file_key
+
+    out = Path(out_dir)
+    done: set[str] = set()
+    files = sorted((out / "stats").glob("shard-*.parquet"))
+    if files:
+        t = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["source", "segment", "segments"])
+        t = t.group_by(["source", "segments"]).aggregate([("segment", "count_distinct")])
+        full = pc.equal(t.column("segment_count_distinct"), pc.cast(t.column("segments"), pa.int64()))
+        done.update(t.filter(full).column("source").to_pylist())
+    files = sorted((out / "errors").glob("shard-*.parquet"))
+    if files:
+        t = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["key", "source"])
+        done.update(src for key, src in zip(t.column("key").to_pylist(), t.column("source").to_pylist()) if key == file_key(src))
+    return done
+
+
 def done_keys(out_dir: str | Path) -> set[str]:
     """Keys already settled in ``out_dir``: clips in finished shards, and keys listed in errors files.
 

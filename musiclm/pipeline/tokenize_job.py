@@ -1,0 +1,566 @@
+"""``musiclm tokenize``: a folder of audio → integer-token shards, as a Ray Data job.
+
+::
+
+    list files (driver)
+      → plan segments, decode, resample        CPU tasks (flat_map)
+      → tokenize                               actor pool holding the Tokenizer (1 GPU each if any)
+      → ShardWriter (driver)                   shards/, stats/, errors/
+
+Without ``--tokenizer`` the quantizers are fitted first, on a sample of the
+corpus, by the same decode stage feeding a feature-extracting actor pool.
+
+Resume: finished shards and errors files name the keys that are done
+(:func:`~musiclm.shards.writer.done_keys`); the decode stage skips them, so a
+rerun of the same command continues where a killed run stopped. A lock file
+keeps a second run out of the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
+from musiclm.errors import UserError
+from musiclm.pipeline.audio import AudioError, list_audio_files, load_for_rates, plan_segments, probe
+from musiclm.shards.format import TokenSample, file_key, sample_key
+from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, done_keys, next_shard_index
+
+LOCK_FILE = ".musiclm.lock"
+# tokenizer config keys that change what tokens mean or which clips exist
+MEANING_KEYS = ("audio", "clap", "mert", "encodec")
+
+
+@dataclass
+class TokenizeSummary:
+    files: int  # audio files found in the corpus
+    skipped: int  # files finished by an earlier run (not counted below)
+    clips: int  # segments tokenized by this run
+    seconds: float  # audio seconds tokenized by this run
+    failed: int  # error rows written by this run
+    shards: int  # shards written by this run
+    elapsed: float
+    out: Path
+
+    @property
+    def audio_seconds_per_second(self) -> float:
+        return self.seconds / self.elapsed if self.elapsed > 0 else 0.0
+
+
+# ---- input checks ---------------------------------------------------------------------------
+def _check_corpus(corpus: Path) -> list[Path]:
+    if not corpus.exists():
+        raise UserError(f"corpus folder not found: {corpus}")
+    if not corpus.is_dir():
+        raise UserError(f"corpus must be a folder of audio files, got a file: {corpus}")
+    files = list_audio_files(corpus)
+    if not files:
+        raise UserError(f"no audio files (wav, flac, ogg, opus, mp3, ...) under {corpus}: point at a folder of music")
+    return files
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out must be a folder, but {out} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe_file = out / f".write-test-{os.getpid()}"
+        probe_file.write_bytes(b"")
+        probe_file.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror or e}): choose a writable --out folder") from None
+
+
+@contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"another musiclm tokenize is writing to {out}: wait for it to finish, or use another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ---- Ray -------------------------------------------------------------------------------------
+def _quiet_ray_loggers() -> None:
+    # Ray and Ray Data log progress and notices at INFO/WARNING; the rich progress line says it all
+    for name in list(logging.root.manager.loggerDict):
+        if name == "ray" or name.startswith("ray."):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def _ray(address: str | None) -> Iterator[Any]:
+    import ray
+    import ray.data
+
+    _quiet_ray_loggers()
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=os.cpu_count(), **kwargs)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise UserError(f"cannot start or join {where}: {str(e).splitlines()[0]}") from None
+        started = True
+    _quiet_ray_loggers()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> tuple[int, float, float, int]:
+    """(actors, GPUs per actor, CPUs per actor, torch threads per actor)."""
+    total = ray.cluster_resources()
+    cpus = int(total.get("CPU", 1))
+    gpus = float(total.get("GPU", 0))
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+    if gpus_per_worker > 0 and gpus < gpus_per_worker:
+        raise UserError(f"--gpus-per-worker {gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs")
+    if workers is None:
+        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
+    # without GPUs the actors do the heavy lifting; leave one core to decoding when there are several
+    spare = max(1, cpus - 1) if cpus > 1 else 1
+    threads = max(1, spare // workers) if gpus_per_worker == 0 else max(1, min(4, cpus // workers))
+    cpus_per_actor = 1.0
+    return workers, gpus_per_worker, cpus_per_actor, threads
+
+
+# ---- decode stage (Ray tasks) ------------------------------------------------------------
+def _error_row(key: str, rel: str, step: str, reason: str) -> dict[str, Any]:
+    return {"key": key, "rel": rel, "segment": -1, "segments": 0, "start": 0.0, "seconds": 0.0, "sample_rate": 0, "channels": 0, "error": reason, "step": step}
+
+
+def _decode_file(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], segment_seconds: float, min_seconds: float, done: frozenset) -> Iterator[dict[str, Any]]:
+    """One file → one row per segment still to do, with the audio at each rate as float32 bytes."""
+    rel = row["rel"]
+    fkey = file_key(rel)
+    if fkey in done:
+        return
+    path = Path(corpus) / rel
+    empty = {f"a{sr}": b"" for sr in rates}
+    try:
+        info = probe(path)
+        if info.duration < min_seconds:
+            yield {**_error_row(fkey, rel, "decode", f"too short: {info.duration:.2f} s (minimum {min_seconds:g} s)"), **empty}
+            return
+        segments = plan_segments(info.duration, segment_seconds)
+    except AudioError as e:
+        yield {**_error_row(fkey, rel, "decode", e.reason), **empty}
+        return
+    except Exception as e:  # noqa: BLE001 - any failure is recorded, never fatal for the run
+        yield {**_error_row(fkey, rel, "decode", f"{type(e).__name__}: {e}"), **empty}
+        return
+    for i, (start, seconds) in enumerate(segments):
+        key = sample_key(rel, i)
+        if key in done:
+            continue
+        try:
+            audio = load_for_rates(path, start, seconds, rates)
+        except AudioError as e:
+            yield {**_error_row(key, rel, "decode", e.reason), **empty}
+            continue
+        except Exception as e:  # noqa: BLE001
+            yield {**_error_row(key, rel, "decode", f"{type(e).__name__}: {e}"), **empty}
+            continue
+        yield {
+            "key": key,
+            "rel": rel,
+            "segment": i,
+            "segments": len(segments),
+            "start": float(start),
+            "seconds": float(seconds),
+            "sample_rate": int(info.sample_rate),
+            "channels": int(info.channels),
+            "error": "",
+            "step": "",
+            **{f"a{sr}": np.ascontiguousarray(audio[sr], dtype=np.float32).tobytes() for sr in rates},
+        }
+
+
+def _actor_pool(ds, ray, actor: type, kwargs: dict[str, Any], batch_size: int, res) -> Any:
+    """``ds`` through an actor pool of ``actor``. A crashed actor fails the run loudly (rerunning
+    resumes it) instead of being restarted with constructor arguments Ray may have lost."""
+    import warnings
+
+    workers, gpus, cpus, _ = res
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(
+            actor,
+            fn_constructor_kwargs=kwargs,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            batch_size=batch_size,
+            num_gpus=gpus,
+            num_cpus=cpus,
+            batch_format="numpy",
+            max_restarts=0,
+        )
+
+
+# ---- actor stage -----------------------------------------------------------------------------
+def _load_tokenizer(tokenizer_dir: str | None, cfg_dict: dict | None, backbone_dir: str | None, threads: int):
+    import torch
+
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if tokenizer_dir is not None:
+        return Tokenizer.load(tokenizer_dir, device=device)
+    return Tokenizer.from_config(tokenize_config_from_dict(cfg_dict), device=device, folders=Path(backbone_dir))
+
+
+def _clips(batch: dict[str, np.ndarray], rows: list[int], rates: tuple[int, ...]) -> list[dict[int, np.ndarray]]:
+    return [{sr: np.frombuffer(batch[f"a{sr}"][i], dtype=np.float32) for sr in rates} for i in rows]
+
+
+class TokenizeActor:
+    """Holds the tokenizer; turns decoded segments into the members of shard samples."""
+
+    def __init__(self, tokenizer_dir: str, threads: int):
+        self.tok = _load_tokenizer(tokenizer_dir, None, None, threads)
+        self.rates = self.tok.sample_rates
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        n = len(batch["key"])
+        good = [i for i in range(n) if not batch["error"][i]]
+        results: dict[int, Any] = {}
+        try:
+            for i, toks in zip(good, self.tok.tokenize_batch(_clips(batch, good, self.rates))):
+                results[i] = toks
+        except Exception:  # noqa: BLE001 - find the row that fails, keep the others
+            for i in good:
+                try:
+                    results[i] = self.tok.tokenize(_clips(batch, [i], self.rates)[0])
+                except Exception as e:  # noqa: BLE001
+                    results[i] = f"{type(e).__name__}: {e}"
+        out: dict[str, list] = {k: [] for k in ("key", "rel", "error", "step", "seconds", "sample")}
+        for i in range(n):
+            key, rel = str(batch["key"][i]), str(batch["rel"][i])
+            r = results.get(i)
+            error, step = str(batch["error"][i]), str(batch["step"][i])
+            sample = b""
+            if isinstance(r, str):
+                error, step = r, "tokenize"
+            elif r is not None:
+                meta = {
+                    "source": rel,
+                    "segment": int(batch["segment"][i]),
+                    "segments": int(batch["segments"][i]),
+                    "start": float(batch["start"][i]),
+                    "duration": float(batch["seconds"][i]),
+                    "sample_rate": int(batch["sample_rate"][i]),
+                    "channels": int(batch["channels"][i]),
+                }
+                sample = _pack(TokenSample(key, r["semantic"], r["acoustic"], r["clap"], r["clap_emb"], meta))
+            out["key"].append(key)
+            out["rel"].append(rel)
+            out["error"].append(error)
+            out["step"].append(step)
+            out["seconds"].append(float(batch["seconds"][i]))
+            out["sample"].append(sample)
+        return out
+
+
+def _pack(sample: TokenSample) -> bytes:
+    """A sample as one bytes value (its WebDataset members, length-prefixed) for the trip to the driver."""
+    parts = [(k, v) for k, v in sample.to_wds().items() if k != "__key__"]
+    header = json.dumps([sample.key, [(k, len(v)) for k, v in parts]]).encode()
+    return len(header).to_bytes(4, "little") + header + b"".join(v for _, v in parts)
+
+
+def _unpack(data: bytes) -> TokenSample:
+    n = int.from_bytes(data[:4], "little")
+    key, sizes = json.loads(data[4 : 4 + n])
+    members: dict[str, Any] = {"__key__": key}
+    pos = 4 + n
+    for name, size in sizes:
+        members[name] = data[pos : pos + size]
+        pos += size
+    return TokenSample.from_wds(members)
+
+
+class FitActor:
+    """Extracts the features that quantizers are fitted on."""
+
+    def __init__(self, cfg_dict: dict, backbone_dir: str, threads: int, max_frames: int, seed: int):
+        self.tok = _load_tokenizer(None, cfg_dict, backbone_dir, threads)
+        self.rates = self.tok.sample_rates
+        self.max_frames = max_frames
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"mert": [], "clap": [], "encodec": []}
+        for i in range(len(batch["key"])):
+            if batch["error"][i]:
+                continue
+            # seeded per clip so the fitted quantizers do not depend on how clips were batched
+            rng = np.random.default_rng([self.seed, int(str(batch["key"][i])[:8], 16)])
+            feats = self.tok.fit_features(_clips(batch, [i], self.rates)[0], self.max_frames, rng)
+            for name in out:
+                f = feats.get(name)
+                out[name].append(b"" if f is None else np.ascontiguousarray(f, dtype=np.float32).tobytes())
+        return out
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C libraries (libmpg123 prints notes about broken MP3s) while probing on the driver."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
+# ---- driver ----------------------------------------------------------------------------------
+def _decoded(ray, files: list[str], corpus: Path, tcfg: TokenizeConfig, rates: tuple[int, ...], done: frozenset):
+    ds = ray.data.from_items([{"rel": r} for r in files], override_num_blocks=max(1, min(len(files), 2048)))
+    return ds.flat_map(
+        _decode_file,
+        fn_kwargs=dict(corpus=str(corpus), rates=rates, segment_seconds=tcfg.audio.segment_seconds, min_seconds=tcfg.audio.min_seconds, done=done),
+        num_cpus=1,
+    )
+
+
+def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
+    da, db = to_dict(a), to_dict(b)
+    return all(da[k] == db[k] for k in MEANING_KEYS)
+
+
+def _fit_tokenizer(ray, console, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig, res) -> None:
+    """Fit the quantizers on a sample of the corpus and save the tokenizer to ``out/tokenizer``."""
+    from musiclm.models.backbones import init_encodec_codebooks
+    from musiclm.pipeline.quantizers import fit_residual, fit_semantic
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    fit = tcfg.fit
+    order = np.random.default_rng(fit.seed).permutation(len(files))
+    sample, seconds, segments = [], 0.0, 0
+    for i in order:
+        if seconds >= fit.max_seconds:
+            break
+        try:
+            with _quiet_stderr():
+                info = probe(corpus / files[i])
+        except AudioError:
+            continue
+        if info.duration < tcfg.audio.min_seconds:
+            continue
+        sample.append(files[i])
+        seconds += info.duration
+        segments += len(plan_segments(info.duration, tcfg.audio.segment_seconds))
+    if not sample:
+        raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
+    console.print(f"fitting quantizers on {len(sample)} files ({seconds / 60:.1f} min of audio)")
+
+    staging = out / ".tokenizer.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    tok = Tokenizer.from_config(tcfg)
+    tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
+    max_frames = max(1, math.ceil(fit.max_points / max(segments, 1)))
+    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res[3], max_frames=max_frames, seed=fit.seed)
+    ds = _actor_pool(_decoded(ray, sample, corpus, tcfg, tok.sample_rates, frozenset()), ray, FitActor, kwargs, tcfg.batch_size, res)
+    feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": []}
+    dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
+    for row in ds.iter_rows():
+        for name in feats:
+            if row[name]:
+                feats[name].append(np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name]))
+    if not feats["mert"]:
+        raise UserError(f"none of the {len(sample)} sampled files could be decoded to fit the tokenizer; see musiclm tokenize's errors")
+    mert = np.concatenate(feats["mert"])
+    clap = np.concatenate(feats["clap"])
+    centroids, norm = fit_semantic(mert, tcfg.mert.codebook_size, niter=fit.niter, seed=fit.seed)
+    books = fit_residual(clap, tcfg.clap.levels, tcfg.clap.codebook_size, niter=fit.niter, seed=fit.seed, what="CLAP residual quantizer")
+    if feats["encodec"]:
+        init_encodec_codebooks(tok.encodec, np.concatenate(feats["encodec"]), niter=fit.niter, seed=fit.seed)
+    tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
+    tok.save(staging)
+    os.replace(staging, out / "tokenizer")
+
+
+def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) -> dict | None:
+    """Refuse a tokenizer or config that disagrees with the tokens already in ``out``.
+
+    Returns the tokenizer record to use when one exists (in ``out`` or given), None when one must be fitted.
+    """
+    from musiclm.pipeline.tokenizer import read_record, tokenizer_folder
+
+    existing = out / "tokenizer"
+    given = read_record(tokenizer_folder(tokenizer_dir)) if tokenizer_dir is not None else None
+    if (existing / "tokenizer.json").is_file():
+        have = read_record(existing)
+        if given is not None and given["fingerprint"] != have["fingerprint"]:
+            raise UserError(
+                f"{out} holds tokens of tokenizer {have['fingerprint']}, but --tokenizer {tokenizer_dir} is "
+                f"tokenizer {given['fingerprint']}: use a new --out for another tokenizer"
+            )
+        if cfg is not None and given is None and not _same_meaning(cfg.tokenize, tokenize_config_from_dict(have["config"])):
+            raise UserError(
+                f"{out} was tokenized with another tokenize config than '{cfg.name}': "
+                "rerun with the same --preset/--config, or use a new --out"
+            )
+        return have
+    if any((out / "shards").glob("shard-*.tar")):
+        raise UserError(f"{out} has shards but no tokenizer/tokenizer.json: it was not written by musiclm tokenize; use a new --out")
+    if given is not None and cfg is not None and not _same_meaning(cfg.tokenize, tokenize_config_from_dict(given["config"])):
+        raise UserError(f"--tokenizer {tokenizer_dir} was fitted with another tokenize config than '{cfg.name}': drop --preset/--config")
+    return given
+
+
+def _install_tokenizer(out: Path, tokenizer_dir: Path) -> None:
+    """Copy a given tokenizer folder into ``out/tokenizer`` (atomically)."""
+    from musiclm.pipeline.tokenizer import tokenizer_folder
+
+    staging = out / ".tokenizer.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(tokenizer_folder(tokenizer_dir), staging)
+    os.replace(staging, out / "tokenizer")
+
+
+def run_tokenize(
+    corpus: Path,
+    out: Path,
+    cfg: Config | None,
+    *,
+    tokenizer_dir: Path | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    shard_size: int | None = None,
+    console=None,
+) -> TokenizeSummary:
+    """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring)."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    corpus, out = Path(corpus), Path(out)
+    if cfg is None and tokenizer_dir is None:
+        raise UserError("give --preset/--config to fit a tokenizer, or --tokenizer to reuse one")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).exists():
+        raise UserError(f"--tokenizer folder not found: {tokenizer_dir}")
+    abs_files = _check_corpus(corpus)
+    _check_out(out)
+    files = [p.relative_to(corpus).as_posix() for p in abs_files]
+    t0 = time.time()
+    with _lock(out):
+        record = _check_tokenizer(out, cfg, tokenizer_dir)
+        if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
+            _install_tokenizer(out, tokenizer_dir)
+        clean_unfinished(out)
+        finished = done_files(out).intersection(files)
+        pending = [f for f in files if f not in finished]
+        summary = TokenizeSummary(len(files), len(finished), 0, 0.0, 0, 0, 0.0, out)
+        if pending:
+            with _ray(address) as ray:
+                res = _resources(ray, workers, gpus_per_worker)
+                if record is None:
+                    _fit_tokenizer(ray, console, files, corpus, out, cfg.tokenize, res)
+                _tokenize_all(ray, console, pending, corpus, out, shard_size, res, summary)
+    summary.elapsed = time.time() - t0
+    _print_summary(console, summary)
+    return summary
+
+
+def _tokenize_all(ray, console, files: list[str], corpus: Path, out: Path, shard_size: int | None, res, summary: TokenizeSummary) -> None:
+    """The main pass: every segment of ``files`` not yet done → shards; counts go into ``summary``."""
+    from musiclm.pipeline.tokenizer import read_record
+    from musiclm.shards.format import TokenInfo
+
+    tcfg = tokenize_config_from_dict(read_record(out / "tokenizer")["config"])
+    info = TokenInfo.load(out / "tokenizer")
+    done = frozenset(done_keys(out))
+    rates = tuple(sorted({int(s["sample_rate"]) for s in info.raw["streams"].values()}))
+    writer = ShardWriter(out, info, shard_size or tcfg.shard_size, next_shard_index(out))
+    t_run = time.time()
+    try:
+        kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res[3])
+        ds = _actor_pool(_decoded(ray, files, corpus, tcfg, rates, done), ray, TokenizeActor, kwargs, tcfg.batch_size, res)
+        with _progress(console, len(files)) as bar:
+            for row in ds.iter_rows():
+                if row["error"]:
+                    writer.add_error(row["key"], row["rel"], row["step"], row["error"])
+                    summary.failed += 1
+                else:
+                    writer.add(_unpack(row["sample"]))
+                    summary.clips += 1
+                    summary.seconds += row["seconds"]
+                bar.update(row["rel"], summary.clips, summary.failed, summary.seconds, time.time() - t_run)
+    finally:
+        writer.close()  # whatever was tokenized before a crash or Ctrl-C is kept
+        summary.shards = writer.shards_written
+
+
+class _progress:
+    """A rich progress line: clips, hours of audio, audio-seconds per second, failures."""
+
+    def __init__(self, console, files: int):
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(SpinnerColumn(), TextColumn("tokenizing"), BarColumn(), TextColumn("{task.fields[text]}"), TimeElapsedColumn(), console=console, transient=False)
+        self.files = files
+        self.seen: set[str] = set()
+        self.task = None
+
+    def __enter__(self):
+        self.p.__enter__()
+        self.task = self.p.add_task("tokenize", total=self.files, text=f"0/{self.files} files")
+        return self
+
+    def update(self, rel: str, clips: int, failed: int, seconds: float, elapsed: float) -> None:
+        self.seen.add(rel)
+        rate = seconds / elapsed if elapsed > 0 else 0.0
+        text = f"{len(self.seen)}/{self.files} files, {clips} clips, {seconds / 3600:.2f} h audio, {rate:.1f} audio-s/s, {failed} failed"
+        self.p.update(self.task, completed=len(self.seen), text=text)
+
+    def __exit__(self, *exc):
+        return self.p.__exit__(*exc)
+
+
+def _print_summary(console, s: TokenizeSummary) -> None:
+    console.print(
+        f"tokenized {s.clips} clips ({s.seconds / 3600:.2f} h of audio) into {s.shards} new shards in {s.elapsed:.1f} s "
+        f"({s.audio_seconds_per_second:.1f} audio-s/s); {s.skipped} of {s.files} files were already done"
+    )
+    if s.failed:
+        console.print(f"{s.failed} files or segments failed; they are listed in {s.out / 'errors'}")
+    console.print(f"output: {s.out}  (musiclm stats {s.out})")

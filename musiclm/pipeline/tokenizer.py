@@ -1,0 +1,360 @@
+"""The tokenizer: three frozen backbones plus fitted quantizers, saved as one folder.
+
+``tokenizer/`` holds ``tokenizer.json`` (backbone ids and revisions, rates,
+vocabularies, the tokenize config and checksums), the quantizer arrays as plain
+``.npy`` and, for backbones built offline (``model = "random"``), the backbones
+themselves in ``clap/``, ``mert/`` and ``encodec/``.
+
+Audio goes in as mono float32 arrays, one per sample rate the backbones need
+(``Tokenizer.sample_rates``); tokens come out as the arrays of a shard sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
+from musiclm.errors import UserError
+from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
+from musiclm.pipeline.quantizers import assign, residual_encode
+from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
+
+FORMAT_VERSION = 1
+QUANTIZER_FILES = {
+    "semantic_centroids": "semantic_kmeans.npy",  # [K, D]
+    "semantic_norm": "semantic_norm.npy",  # [2, D]: mean, std of MERT features
+    "clap_codebooks": "clap_rvq.npy",  # [L, K, D]
+}
+SEEDS = {"clap": 0, "mert": 1, "encodec": 2}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_folder(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+class Tokenizer:
+    """Backbones + quantizers. ``quantizers`` is None while they are being fitted."""
+
+    def __init__(
+        self,
+        cfg: TokenizeConfig,
+        clap: Clap,
+        mert: Mert,
+        encodec: Encodec,
+        quantizers: dict[str, np.ndarray] | None = None,
+        device: str | torch.device = "cpu",
+        record: dict[str, Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.clap, self.mert, self.encodec = clap, mert, encodec
+        self.quantizers = quantizers
+        self.device = torch.device(device)
+        self.record = record  # the parsed tokenizer.json when loaded from a folder
+        for m in (clap.model, mert.model, encodec.model):
+            m.to(self.device)
+        win = cfg.clap.window_seconds * clap.sample_rate
+        if abs(clap.features.nb_max_samples - win) > 1:
+            raise UserError(
+                f"tokenize.clap.window_seconds = {cfg.clap.window_seconds} but the CLAP feature extractor takes "
+                f"{clap.features.nb_max_samples / clap.sample_rate:g} s windows: make them equal"
+            )
+
+    # ---- construction --------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: TokenizeConfig, device: str = "cpu", folders: Path | None = None) -> Tokenizer:
+        """Backbones as the config names them, no quantizers yet. Random backbones are built with
+        fixed seeds, or loaded from ``folders/<name>`` where :meth:`save_backbones` put them."""
+
+        def saved(name: str, spec) -> Path | None:
+            return folders / name if folders is not None and spec.model == RANDOM else None
+
+        return cls(
+            cfg,
+            load_clap(cfg.clap, saved("clap", cfg.clap), seed=SEEDS["clap"]),
+            load_mert(cfg.mert, saved("mert", cfg.mert), seed=SEEDS["mert"]),
+            load_encodec(cfg.encodec, saved("encodec", cfg.encodec), seed=SEEDS["encodec"]),
+            device=device,
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu") -> Tokenizer:
+        """A saved tokenizer folder (``DIR/tokenizer``), quantizer checksums verified."""
+        folder = tokenizer_folder(folder)
+        record = read_record(folder)
+        cfg = tokenize_config_from_dict(record["config"])
+        quantizers = {}
+        for name, fname in QUANTIZER_FILES.items():
+            path = folder / fname
+            if not path.is_file() or sha256_file(path) != record["quantizers"][fname]:
+                raise UserError(f"tokenizer file {path} is missing or was modified; re-run musiclm tokenize")
+            quantizers[name] = np.load(path, allow_pickle=False)
+
+        def local(name: str) -> Path | None:
+            sub = record["backbones"][name].get("path")
+            return folder / sub if sub else None
+
+        return cls(
+            cfg,
+            load_clap(cfg.clap, local("clap")),
+            load_mert(cfg.mert, local("mert")),
+            load_encodec(cfg.encodec, local("encodec")),
+            quantizers=quantizers,
+            device=device,
+            record=record,
+        )
+
+    def save_backbones(self, folder: Path) -> None:
+        """Save the backbones built offline (random) into ``folder`` so that they load from there."""
+        for name, spec, bb in (("clap", self.cfg.clap, self.clap), ("mert", self.cfg.mert, self.mert), ("encodec", self.cfg.encodec, self.encodec)):
+            if spec.model == RANDOM:
+                target = folder / name
+                if target.exists():
+                    shutil.rmtree(target)
+                bb.save(target)
+
+    def save(self, folder: str | Path) -> TokenInfo:
+        """Write quantizers, random backbones and tokenizer.json; returns the resulting TokenInfo."""
+        if self.quantizers is None:
+            raise RuntimeError("quantizers are not fitted")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.save_backbones(folder)
+        qsums = {}
+        for name, fname in QUANTIZER_FILES.items():
+            np.save(folder / fname, self.quantizers[name], allow_pickle=False)
+            qsums[fname] = sha256_file(folder / fname)
+        backbones = {}
+        for name, spec in (("clap", self.cfg.clap), ("mert", self.cfg.mert), ("encodec", self.cfg.encodec)):
+            entry: dict[str, Any] = {"model": spec.model, "revision": spec.revision, "path": None}
+            if spec.model == RANDOM:
+                entry["path"] = name
+                entry["sha256"] = _sha256_folder(folder / name)
+            backbones[name] = entry
+        record = {
+            "format": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": to_dict(self.cfg),
+            "backbones": backbones,
+            "quantizers": qsums,
+            "streams": self.streams(),
+        }
+        record["fingerprint"] = fingerprint(record)
+        tmp = folder / f".{TOKENIZER_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, folder / TOKENIZER_FILE)
+        self.record = record
+        return TokenInfo.from_json(record)
+
+    # ---- facts -----------------------------------------------------------------
+    @property
+    def sample_rates(self) -> tuple[int, ...]:
+        return tuple(sorted({self.clap.sample_rate, self.mert.sample_rate, self.encodec.sample_rate}))
+
+    def streams(self) -> dict[str, dict[str, Any]]:
+        c = self.cfg
+        return {
+            "semantic": {
+                "levels": 1,
+                "codebook_size": c.mert.codebook_size,
+                "frame_rate": self.mert.frame_rate,
+                "sample_rate": self.mert.sample_rate,
+                "layer": c.mert.layer,
+            },
+            "acoustic": {
+                "levels": c.encodec.num_quantizers,
+                "codebook_size": self.encodec.codebook_size,
+                "frame_rate": self.encodec.frame_rate,
+                "sample_rate": self.encodec.sample_rate,
+                "coarse_levels": c.encodec.coarse_quantizers,
+                "bandwidth": self.encodec.bandwidth,
+            },
+            "clap": {
+                "levels": c.clap.levels,
+                "codebook_size": c.clap.codebook_size,
+                "frame_rate": None,
+                "sample_rate": self.clap.sample_rate,
+                "window_seconds": c.clap.window_seconds,
+                "hop_seconds": c.clap.hop_seconds,
+                "embed_dim": self.clap.embed_dim,
+            },
+        }
+
+    @property
+    def info(self) -> TokenInfo:
+        if self.record is None:
+            raise RuntimeError("tokenizer not saved yet")
+        return TokenInfo.from_json(self.record)
+
+    # ---- backbone features ------------------------------------------------------
+    def clap_windows(self, audio: np.ndarray) -> np.ndarray:
+        """Windows of ``audio`` (at the CLAP rate) → [W, window samples]; at least one (repeat-padded)."""
+        sr = self.clap.sample_rate
+        win = int(round(self.cfg.clap.window_seconds * sr))
+        hop = max(1, int(round(self.cfg.clap.hop_seconds * sr)))
+        if len(audio) <= win:
+            return audio[None, :]
+        starts = range(0, len(audio) - win + 1, hop)
+        return np.stack([audio[s : s + win] for s in starts])
+
+    @torch.inference_mode()
+    def clap_audio_embed(self, windows: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """Normalised CLAP audio embeddings [W, D] of windows at the CLAP rate."""
+        feats = self.clap.features(
+            list(windows), sampling_rate=self.clap.sample_rate, return_tensors="pt", truncation=self.clap.truncation, padding="repeatpad"
+        )
+        out = self.clap.model.get_audio_features(
+            input_features=feats["input_features"].to(self.device), is_longer=feats["is_longer"].to(self.device)
+        )
+        return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
+
+    @torch.inference_mode()
+    def clap_text_embed(self, texts: list[str]) -> torch.Tensor:
+        """Normalised CLAP text embeddings [B, D]."""
+        tok = self.clap.text_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        out = self.clap.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
+        return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
+
+    @torch.inference_mode()
+    def mert_features(self, audio: np.ndarray) -> torch.Tensor:
+        """MERT hidden states of the configured layer: [B, samples] or [samples] at the MERT rate → [B, T_s, D]."""
+        audio = np.atleast_2d(audio)
+        fe = self.mert.features
+        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).to(self.device)
+        if getattr(fe, "do_normalize", False):
+            x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
+        out = self.mert.model(x, output_hidden_states=True)
+        return out.hidden_states[self.mert.layer].float()
+
+    @torch.inference_mode()
+    def encode_acoustic(self, audio: np.ndarray) -> torch.Tensor:
+        """Encodec codes: [B, samples] or [samples] at the codec rate → [B, Q, T_a] int64."""
+        x = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)).to(self.device)[:, None, :]
+        if self.encodec.model.config.audio_channels == 2:
+            x = x.expand(-1, 2, -1)
+        out = self.encodec.model.encode(x, bandwidth=self.encodec.bandwidth)
+        return out.audio_codes[0][:, : self.encodec.num_quantizers]
+
+    @torch.inference_mode()
+    def decode_acoustic(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Waveforms [B, samples] float32 at the codec rate from codes [B, Q, T_a] (or [Q, T_a])."""
+        codes = torch.as_tensor(np.asarray(codes, dtype=np.int64) if isinstance(codes, np.ndarray) else codes).to(self.device)
+        if codes.dim() == 2:
+            codes = codes[None]
+        audio = self.encodec.model.decode(codes[None], [None]).audio_values  # [B, C, samples]
+        return audio.mean(1).float().cpu().numpy()
+
+    # ---- tokens -------------------------------------------------------------------
+    def _need_quantizers(self) -> dict[str, torch.Tensor]:
+        if self.quantizers is None:
+            raise RuntimeError("quantizers are not fitted")
+        if not hasattr(self, "_q"):
+            self._q = {k: torch.from_numpy(v).to(self.device) for k, v in self.quantizers.items()}
+        return self._q
+
+    def semantic_codes(self, features: torch.Tensor) -> torch.Tensor:
+        """k-means codes of MERT features [..., D] → [...] int64."""
+        q = self._need_quantizers()
+        mean, std = q["semantic_norm"][0], q["semantic_norm"][1]
+        flat = ((features - mean) / std).reshape(-1, features.shape[-1])
+        return assign(flat, q["semantic_centroids"]).reshape(features.shape[:-1])
+
+    def clap_codes(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Residual codes of CLAP embeddings [N, D] → [N, L] int64."""
+        return residual_encode(embeddings, self._need_quantizers()["clap_codebooks"])
+
+    def text_tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """CLAP text tokens [B, L] uint16 and embeddings [B, D] float32 for prompts."""
+        emb = self.clap_text_embed(texts)
+        return self.clap_codes(emb).cpu().numpy().astype(np.uint16), emb.cpu().numpy()
+
+    def tokenize(self, audio: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+        """One clip, ``{sample_rate: mono float32}`` → the arrays of a shard sample."""
+        return self.tokenize_batch([audio])[0]
+
+    def tokenize_batch(self, clips: list[dict[int, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Several clips; clips of equal length share each backbone call."""
+        out: list[dict[str, np.ndarray] | None] = [None] * len(clips)
+        groups: dict[tuple, list[int]] = {}
+        for i, clip in enumerate(clips):
+            groups.setdefault(tuple(len(clip[r]) for r in self.sample_rates), []).append(i)
+        for idx in groups.values():
+            sem = self.semantic_codes(self.mert_features(np.stack([clips[i][self.mert.sample_rate] for i in idx])))
+            ac = self.encode_acoustic(np.stack([clips[i][self.encodec.sample_rate] for i in idx]))
+            windows = [self.clap_windows(clips[i][self.clap.sample_rate]) for i in idx]
+            # codes come from the float16 embedding that is stored, so that they are a function of
+            # it alone, not of which clips happened to share a batch
+            emb = self.clap_audio_embed(np.concatenate(windows)).half()
+            codes = self.clap_codes(emb.float())
+            a = 0
+            for j, i in enumerate(idx):
+                w = len(windows[j])
+                out[i] = {
+                    "semantic": sem[j].cpu().numpy().astype(np.uint16),
+                    "acoustic": ac[j].cpu().numpy().astype(np.uint16),
+                    "clap": codes[a : a + w].cpu().numpy().astype(np.uint16),
+                    "clap_emb": emb[a : a + w].cpu().numpy().astype(np.float16),
+                }
+                a += w
+        return out  # type: ignore[return-value]
+
+    def fit_features(self, audio: dict[int, np.ndarray], max_frames: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Features that quantizers are fitted on, for one clip: MERT frames (at most ``max_frames``,
+        sampled), CLAP window embeddings, and Encodec encoder outputs when Encodec is built offline."""
+        mert = self.mert_features(audio[self.mert.sample_rate])[0].cpu().numpy()
+        if len(mert) > max_frames:
+            mert = mert[np.sort(rng.choice(len(mert), max_frames, replace=False))]
+        out = {"mert": mert, "clap": self.clap_audio_embed(self.clap_windows(audio[self.clap.sample_rate])).cpu().numpy()}
+        if self.cfg.encodec.model == RANDOM:
+            x = torch.from_numpy(audio[self.encodec.sample_rate][None]).to(self.device)
+            lat = encodec_latents(self.encodec, x)[0].cpu().numpy()
+            if len(lat) > max_frames:
+                lat = lat[np.sort(rng.choice(len(lat), max_frames, replace=False))]
+            out["encodec"] = lat
+        return out
+
+
+def fingerprint(record: dict[str, Any]) -> str:
+    """What makes tokens mean the same thing: config, backbone identities and weights, quantizer arrays."""
+    keep = {k: record[k] for k in ("format", "config", "backbones", "quantizers", "streams")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenizer_folder(path: str | Path) -> Path:
+    """``path`` itself if it holds tokenizer.json, else ``path/tokenizer`` (a tokenized corpus folder)."""
+    path = Path(path)
+    if not (path / TOKENIZER_FILE).is_file() and (path / "tokenizer" / TOKENIZER_FILE).is_file():
+        return path / "tokenizer"
+    return path
+
+
+def read_record(folder: str | Path) -> dict[str, Any]:
+    """The parsed tokenizer.json of a tokenizer folder (or of a corpus folder holding one)."""
+    folder = tokenizer_folder(folder)
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"no tokenizer at {folder}: expected {path} (a DIR/tokenizer folder written by musiclm tokenize)")
+    try:
+        record = json.loads(path.read_text())
+        record["config"], record["quantizers"], record["backbones"], record["fingerprint"]
+    except (ValueError, KeyError) as e:
+        raise UserError(f"{path} is not a musiclm tokenizer file ({e}); re-run musiclm tokenize") from None
+    if record.get("format") != FORMAT_VERSION:
+        raise UserError(f"{path} has tokenizer format {record.get('format')}, this musiclm reads {FORMAT_VERSION}")
+    return record
