@@ -10,10 +10,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from musiclm.errors import UserError
+
+try:  # typer >= 0.29 vendors its own click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses the click package
+    from click import exceptions as click_exceptions
 
 app = typer.Typer(
     add_completion=False,
@@ -189,18 +193,16 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError as e:
-        # `musiclm` or `musiclm CMD` with nothing: the help text, as click would show it
-        print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr)
-        sys.exit(2)
-    except click.UsageError as e:
+    except click_exceptions.NoArgsIsHelpError:
+        sys.exit(2)  # `musiclm` alone: typer has printed the help
+    except click_exceptions.UsageError as e:
         hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click_exceptions.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.Exit as e:
+    except click_exceptions.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

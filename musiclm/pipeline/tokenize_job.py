@@ -147,11 +147,15 @@ def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> tuple
         raise UserError(f"--gpus-per-worker {gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs")
     if workers is None:
         workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
-    # without GPUs the actors do the heavy lifting; leave one core to decoding when there are several
-    spare = max(1, cpus - 1) if cpus > 1 else 1
-    threads = max(1, spare // workers) if gpus_per_worker == 0 else max(1, min(4, cpus // workers))
-    cpus_per_actor = 1.0
-    return workers, gpus_per_worker, cpus_per_actor, threads
+    return workers, gpus_per_worker, 1.0, actor_threads(cpus, workers, gpus_per_worker > 0)
+
+
+def actor_threads(cpus: int, workers: int, gpu: bool) -> int:
+    """torch threads per actor. Without GPUs the actors do the heavy lifting; one core is left to
+    decoding when there are several. (Tokens are bitwise reproducible at a given thread count.)"""
+    if gpu:
+        return max(1, min(4, cpus // workers))
+    return max(1, (max(1, cpus - 1) if cpus > 1 else 1) // workers)
 
 
 # ---- decode stage (Ray tasks) ------------------------------------------------------------
@@ -232,7 +236,7 @@ def _load_tokenizer(tokenizer_dir: str | None, cfg_dict: dict | None, backbone_d
 
     from musiclm.pipeline.tokenizer import Tokenizer
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(min(threads, os.cpu_count() or 1))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if tokenizer_dir is not None:
         return Tokenizer.load(tokenizer_dir, device=device)

@@ -1,0 +1,64 @@
+"""Shared fixtures: a synthesised corpus, tokenized once per test session with the tiny preset.
+
+Nothing here reaches a model hub: the tiny preset builds every backbone offline,
+and HF_HUB_OFFLINE makes any accidental hub lookup fail fast instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    """``python -m musiclm ARGS`` in a fresh process, as a user would run it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "musiclm", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def make_test_corpus(root: Path, n_files: int = 14, seed: int = 0, bad: bool = True) -> dict[str, list[str]]:
+    """A corpus of synthesised music (several formats, rates, channel counts), plus bad files.
+
+    Returns {"good": relpaths, "bad": relpaths} (POSIX, relative to ``root``).
+    """
+    from musiclm.pipeline.synth import make_bad_files, make_corpus
+
+    good = [p.relative_to(root).as_posix() for p in make_corpus(root, n_files, seconds=(3.0, 11.0), seed=seed)]
+    bad_rel: list[str] = []
+    if bad:
+        for name, path in make_bad_files(root / "bad").items():
+            if path.is_file():
+                bad_rel.append(path.relative_to(root).as_posix())
+        short = root / "bad" / "too_short.wav"
+        sf.write(short, (0.1 * np.sin(np.arange(8000) / 5)).astype(np.float32), 16000)  # 0.5 s
+        bad_rel.append(short.relative_to(root).as_posix())
+        (root / "notes.txt").write_text("not audio, not listed")
+    return {"good": sorted(good), "bad": sorted(bad_rel)}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    root = tmp_path_factory.mktemp("corpus")
+    return root, make_test_corpus(root)
+
+
+@pytest.fixture(scope="session")
+def tokenized(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The corpus tokenized once with the tiny preset (fits the tokenizer): (DIR, the finished process)."""
+    root, _ = corpus
+    out = tmp_path_factory.mktemp("tokens") / "dir"
+    proc = run_cli("tokenize", root, "--out", out, "--preset", "tiny", "--shard-size", "4")
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
