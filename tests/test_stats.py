@@ -304,6 +304,9 @@ def test_summarize_totals_at_scale(tmp_path):
         nz = np.flatnonzero(counts)
         codes = pa.table({"stream": ["semantic"] * len(nz), "level": np.zeros(len(nz), np.int32), "code": nz.astype(np.int32), "count": counts[nz]}, schema=CODES_SCHEMA)
         pq.write_table(codes, tmp_path / "stats" / "_codes" / f"{name}.parquet")
+    (tmp_path / "shards").mkdir(exist_ok=True)
+    for i in range(n_shards + 1):
+        (tmp_path / "shards" / f"shard-{i:06d}.tar").write_bytes(b"")  # stats count only for finished shards
 
     summary = summarize(tmp_path)
     durations = np.concatenate(all_durations)
@@ -320,3 +323,19 @@ def test_summarize_totals_at_scale(tmp_path):
     assert semantic["entropy_nats"] == pytest.approx(-(p * np.log(p)).sum())
     acoustic_tokens = sum(s.acoustic.shape[1] for s in written)  # only the written shard has acoustic codes
     assert [lv["tokens"] for lv in summary["streams"]["acoustic"]["levels"]] == [acoustic_tokens] * info.acoustic.levels
+
+
+def test_stats_of_a_shard_that_never_finished_are_not_counted(tmp_path):
+    """A run killed between writing stats and renaming the tar leaves stats without a shard."""
+    info_json = fake_info_json()
+    write_tokenizer_json(tmp_path, info_json)
+    info = TokenInfo.from_json(info_json)
+    rng = np.random.default_rng(3)
+    writer = ShardWriter(tmp_path, info, shard_size=2, start_index=0)
+    for i in range(4):
+        writer.add(fake_sample(info, 3.0, rng, name=f"c{i}.wav"))
+    writer.close()
+    assert summarize(tmp_path)["totals"]["clips"] == 4
+    (tmp_path / "shards" / "shard-000001.tar").unlink()
+    totals = summarize(tmp_path)["totals"]
+    assert totals["clips"] == 2 and totals["shards"] == 1

@@ -180,8 +180,16 @@ class CorpusStats:
     errors: pa.Table | None  # writer.ERROR_SCHEMA rows, None when no errors file exists
 
 
-def _parquet_files(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.glob("shard-*.parquet")) if folder.is_dir() else []
+def _parquet_files(folder: Path, finished: set[str] | None = None) -> list[str]:
+    """Parquet files of ``folder``; with ``finished``, only those of shards in it (a run killed and
+    never resumed can leave stats of a shard whose tar was never renamed)."""
+    if not folder.is_dir():
+        return []
+    return sorted(str(p) for p in folder.glob("shard-*.parquet") if finished is None or p.stem in finished)
+
+
+def _finished_shards(data_dir: Path) -> set[str]:
+    return {p.stem for p in (Path(data_dir) / "shards").glob("shard-*.tar")}
 
 
 def _read(files: list[str], schema: pa.Schema) -> pa.Table:
@@ -203,7 +211,7 @@ def _check_corpus(data_dir: Path) -> TokenInfo:
 
 def _stream_counts(data_dir: Path, info: TokenInfo) -> dict[str, np.ndarray]:
     """stream -> [levels, K] code counts summed over all shards (K = codebook size, or more if a code exceeds it)."""
-    codes = _read(_parquet_files(Path(data_dir) / "stats" / CODES_DIR), CODES_SCHEMA)
+    codes = _read(_parquet_files(Path(data_dir) / "stats" / CODES_DIR, _finished_shards(data_dir)), CODES_SCHEMA)
     out = {}
     for stream in STREAMS:
         sinfo = info.stream(stream)
@@ -223,7 +231,7 @@ def read_corpus_stats(data_dir: Path) -> CorpusStats:
     """Read the Parquet statistics of a tokenized corpus folder; :class:`UserError` if it is not one."""
     data_dir = Path(data_dir)
     info = _check_corpus(data_dir)
-    clips = _read(_parquet_files(data_dir / "stats"), CLIP_SCHEMA)
+    clips = _read(_parquet_files(data_dir / "stats", _finished_shards(data_dir)), CLIP_SCHEMA)
     error_files = _parquet_files(data_dir / "errors")
     errors = pads.dataset(error_files, format="parquet").to_table() if error_files else None
     return CorpusStats(data_dir, info, clips, _stream_counts(data_dir, info), errors)
