@@ -92,7 +92,7 @@ def same_batches(a: list[dict], b: list[dict]) -> bool:
 
 
 def test_reader_reads_shards_exactly_as_webdataset_does(corpus):
-    folder, _, samples = corpus
+    folder, _, _ = corpus
     path = list_shards(folder)[0]
     with open(path, "rb") as f:
         files = list(tar_file_iterator(f))
@@ -167,7 +167,7 @@ def test_ranks_and_workers_stream_disjoint_clips(corpus):
 
 
 def test_split_holds_out_whole_shards(corpus):
-    folder, info, samples = corpus
+    folder, info, _ = corpus
     split = split_data(folder, info, None, val_fraction=0.2)
     assert len(split.val) == 1 and len(split.train) == 4
     assert {e.path for e in split.val}.isdisjoint(e.path for e in split.train)

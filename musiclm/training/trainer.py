@@ -1,0 +1,588 @@
+"""``musiclm train STAGE``: the training loop of one stage, from cached tokens only.
+
+A run folder ``RUN`` (``--out``) holds::
+
+    run.json            stage, full config, tokenizer info (with fingerprint), data paths, layout, world size
+    tokenizer.json      a copy of the data's tokenizer/tokenizer.json
+    checkpoints/        step-NNNNNNNNN/{model.safetensors,state.pt} and ``latest`` (see checkpoint.py)
+    metrics.jsonl       one JSON object per logged step: "step", "train/loss", "train/lr", "val/loss", ...
+    tb/                 the same scalars for TensorBoard
+
+Optimisation: AdamW with weight decay on the matrices of the linear layers
+(attention, MLP, output heads) only; the embedding table and the RMSNorm gains
+are not decayed (the table holds ids that are rare or unused in a batch, such
+as the null and pad ids, which decay would pull towards zero for no reason).
+The learning rate warms up linearly over ``warmup_steps`` and then follows a
+cosine down to ``lr * min_lr_ratio`` at ``steps``; gradients are clipped to
+``grad_clip`` (global norm) and accumulated over ``grad_accum`` micro-batches.
+On CUDA the forward pass runs under bf16 autocast (weights and optimizer in
+fp32); on CPU everything is fp32.
+
+Exact resume: a checkpoint stores the optimizer, scheduler and RNG states and
+how many batches each rank consumed; the loader restarts at that batch (see
+data.py), so a resumed run computes the same steps as an uninterrupted one.
+
+Several processes: under ``torchrun`` (``WORLD_SIZE > 1``) each rank reads a
+disjoint part of the data, gradients are averaged by DistributedDataParallel
+(gloo on CPU, nccl on CUDA), logged losses are averaged over ranks, and only
+rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from musiclm.config import Config, config_from_dict, to_dict
+from musiclm.errors import UserError
+from musiclm.models.layout import StageLayout, layout_for
+from musiclm.models.transformer import MusicTransformer
+from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
+from musiclm.training import checkpoint as ckpt
+from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loader, split_data, val_batches
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+DEBUG_KEYS_ENV = "MUSICLM_DEBUG_KEYS"  # a folder: each rank appends the clip keys of every batch it trains on
+
+
+# ---- devices and processes ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _pick_device(device: str | None, local_rank: int) -> torch.device:
+    if device is None:
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+        if dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise UserError(f"unsupported device '{device}': use cpu, cuda or cuda:N")
+    return dev
+
+
+def setup_distributed(device: str | None) -> Dist:
+    """The process group when launched by torchrun (WORLD_SIZE > 1), and this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def _all_mean(values: list[float], d: Dist) -> list[float]:
+    if d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return (t / d.world_size).tolist()
+
+
+def _all_sum(values: list[float], d: Dist) -> list[float]:
+    if d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ---- optimisation ---------------------------------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: linear-layer matrices decay; embeddings and norm gains do not (see the module docstring)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LossModule(nn.Module):
+    """``forward`` = the model's loss, so that DDP (which hooks ``forward``) and torch.compile see the training step."""
+
+    def __init__(self, model: MusicTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, label_levels: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(tokens, labels, label_levels)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---- RNG states (plain data, so state.pt loads with weights_only) ---------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the run folder ---------------------------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x))
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                return _first_difference(old.get(k), new.get(k), f"{where}.{k}" if where else k)
+    return f"{where}: {old!r} in the run, {new!r} now"
+
+
+def check_resumable(run: dict[str, Any], stage: str, cfg: Config, info: TokenInfo, out: Path) -> None:
+    """Refuse to continue a run of another stage, model, stage config or tokenizer (UserError)."""
+    if run.get("stage") != stage:
+        raise UserError(f"{out} is a run of stage '{run.get('stage')}', not '{stage}'; choose another --out")
+    if run.get("fingerprint") != info.fingerprint:
+        raise UserError(f"{out} was trained on tokens of another tokenizer (fingerprint {run.get('fingerprint')}, data has {info.fingerprint}); choose another --out")
+    old_cfg = run.get("config", {})
+    for what, new in (("model", to_dict(cfg.model)), (f"stages.{stage}", to_dict(cfg.stages.get(stage)))):
+        old = old_cfg.get("model") if what == "model" else old_cfg.get("stages", {}).get(stage)
+        if old != _jsonable(new):
+            diff = _first_difference(old, _jsonable(new), what)
+            raise UserError(f"{out} was trained with another config ({diff}); pass the run's --preset/--config or choose another --out")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics logged after ``last_step`` (by a run killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class Metrics:
+    """metrics.jsonl (flushed per line) and TensorBoard scalars; written by rank 0 only."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        self.file = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the whole run, closed by close())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        except ImportError:  # tensorboard missing: metrics.jsonl still has everything
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---- progress ---------------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A rich progress bar on a terminal; one plain line per log step otherwise. Rank 0 only."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        from rich.console import Console
+
+        self.enabled = enabled
+        self.console = Console(stderr=True, soft_wrap=True)
+        self.bar = None
+        if enabled and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
+            self.bar.start()
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False, markup=False)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+
+    def logged(self, step: int, total: int, values: dict[str, float]) -> None:
+        if self.bar is not None:
+            if "train/loss" in values:
+                self.bar.update(self.task, loss=f"{values['train/loss']:.3f}", tps=f"{values['tokens_per_s']:.0f}")
+            if "val/loss" in values:
+                self.bar.console.print(f"step {step}: val/loss {values['val/loss']:.4f}", highlight=False)
+        elif self.enabled:
+            parts = [f"{k} {v:.4g}" for k, v in values.items()]
+            self.print(f"step {step}/{total}  " + "  ".join(parts))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------------
+
+
+def run_train(
+    stage: str,
+    data: str | Path,
+    out: str | Path,
+    cfg: Config,
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    val_data: str | Path | None = None,
+    eval_every: int | None = None,
+    save_every: int | None = None,
+    num_workers: int | None = None,
+    resume: bool = False,
+    compile: bool = False,
+    device: str | None = None,
+) -> Path:
+    """Train ``stage`` on the tokenized folder ``data`` into the run folder ``out``; returns ``out``.
+
+    Keyword arguments left ``None`` come from ``cfg.train``. With ``resume`` the
+    run continues from its latest checkpoint (or starts, when it has none);
+    without it, a run folder that already has checkpoints is refused.
+    """
+    stage_cfg = cfg.stages.get(stage)  # UserError for an unknown stage
+    overrides = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "seed": seed, "eval_every": eval_every, "save_every": save_every, "num_workers": num_workers}
+    tc = dataclasses.replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
+    if compile:
+        tc = dataclasses.replace(tc, compile=True)
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+        if getattr(tc, name) < 1:
+            raise UserError(f"train.{name} must be at least 1, got {getattr(tc, name)}")
+    if tc.lr <= 0 or tc.num_workers < 0:
+        raise UserError(f"train.lr must be > 0 and train.num_workers >= 0 (got {tc.lr}, {tc.num_workers})")
+    cfg = dataclasses.replace(cfg, train=tc)
+    data, out = Path(data), Path(out)
+
+    info = TokenInfo.load(data)
+    layout = layout_for(stage, info, stage_cfg)
+    split = split_data(data, info, val_data, tc.val_fraction)
+
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None and not resume:
+        raise UserError(f"{out} already holds checkpoints (latest: {latest.name}); pass --resume to continue that run, or choose another --out")
+    if resume and (out / RUN_FILE).is_file():
+        check_resumable(json.loads((out / RUN_FILE).read_text()), stage, cfg, info, out)
+
+    d = setup_distributed(device)
+    try:
+        return _train(stage, data, out, cfg, layout, info, split, val_data, latest if resume else None, d)
+    finally:
+        if d.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, val_data, latest: Path | None, d: Dist) -> Path:
+    tc = cfg.train
+    stage_cfg = cfg.stages.get(stage)
+    torch.manual_seed(tc.seed + d.rank)
+    random.seed(tc.seed + d.rank)
+    np.random.seed(tc.seed + d.rank)
+
+    model = MusicTransformer.for_layout(cfg.model, layout)
+    state = None
+    if latest is not None:
+        model.load_state_dict(ckpt.load_weights(latest))
+        state = ckpt.load_state(latest)
+    model.to(d.device)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, fused=d.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
+
+    step, batches_done, best_val, window = 0, 0, None, [0.0, 0]
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, batches_done, best_val = int(state["step"]), int(state["loader"]["batches"]), state.get("best_val")
+        window = list(state.get("log_window", [0.0, 0]))
+        rngs = state["rng"]
+        set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
+        stream_now = {"batch_size": tc.batch_size, "seed": tc.seed, "world_size": d.world_size, "num_workers": tc.num_workers}
+        for k, now in stream_now.items():
+            if state["loader"].get(k) != now and d.main:
+                print(f"note: {k} changed from {state['loader'].get(k)} to {now}; the resumed run sees other batches than the original would have", file=sys.stderr)
+
+    step_module: nn.Module = LossModule(model)
+    if d.world_size > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if tc.compile:
+        step_module = torch.compile(step_module)
+
+    if d.main:
+        _prepare_run_folder(out, stage, data, val_data, cfg, layout, info, split, model, d, step, resumed=latest is not None)
+    progress = Progress(d.main, tc.steps, step)
+    progress.print(f"{layout.describe()}; {model.num_parameters():,} parameters on {d.device} x {d.world_size}")
+    progress.print(f"training: {sum(e.used for e in split.train)} clips in {len(split.train)} shards; {split.how}")
+    if latest is not None:
+        progress.print(f"resuming from {latest} (step {step})")
+    if step >= tc.steps:
+        progress.print(f"nothing to do: the run is already at step {step} of {tc.steps}")
+        progress.close()
+        return out
+
+    stream = TrainStream(split.train, layout, tc.batch_size, tc.seed, stage_cfg.cond_dropout, d.rank, d.world_size, start_batch=batches_done)
+    batches = iter(make_loader(stream, tc.num_workers, pin_memory=d.device.type == "cuda"))
+    val = val_batches(split.val, layout, tc.batch_size, tc.eval_batches)
+    my_val = val[d.rank :: d.world_size]
+    metrics = Metrics(out, step) if d.main else None
+    debug_keys = os.environ.get(DEBUG_KEYS_ENV)
+
+    def evaluate() -> float | None:
+        if not val:
+            return None
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), _autocast(d.device):
+            for b in my_val:
+                n = count_labels(b)
+                loss = model.loss(b["tokens"].to(d.device), b["labels"].to(d.device), b["label_levels"].to(d.device))
+                total += float(loss) * n
+                count += n
+        model.train()
+        total, count = _all_sum([total, float(count)], d)
+        return total / max(count, 1.0)
+
+    def save() -> None:
+        rngs = [rng_state()]
+        if d.world_size > 1:
+            rngs = [None] * d.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if d.main:
+            state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": rngs,
+                "loader": {"batches": batches_done, "batch_size": tc.batch_size, "seed": tc.seed, "world_size": d.world_size, "num_workers": tc.num_workers},
+                "best_val": best_val,
+                "log_window": [float(window_sum), window[1]],
+            }
+            ckpt.save_checkpoint(out, step, model.state_dict(), state, tc.keep_last)
+
+    tokens_per_batch = tc.batch_size * layout.seq_len
+    model.train()
+    t_window, steps_in_window = time.perf_counter(), 0
+    # the window's loss sum stays on the device so that a step never waits for the GPU
+    window_sum = torch.tensor(window[0], dtype=torch.float64, device=d.device)
+    try:
+        while step < tc.steps:
+            grad_norm = None
+            for micro in range(tc.grad_accum):
+                b = next(batches)
+                batches_done += 1
+                if debug_keys:
+                    with open(Path(debug_keys) / f"keys-rank{d.rank}.txt", "a") as f:
+                        f.write("".join(f"{step} {k}\n" for k in b["keys"]))
+                sync = micro == tc.grad_accum - 1 or d.world_size == 1
+                ctx = contextlib.nullcontext() if sync else step_module.no_sync()
+                with ctx:
+                    with _autocast(d.device):
+                        loss = step_module(b["tokens"].to(d.device, non_blocking=True), b["labels"].to(d.device, non_blocking=True), b["label_levels"].to(d.device, non_blocking=True))
+                    (loss / tc.grad_accum).backward()
+                window_sum += loss.detach().double() / tc.grad_accum
+            if tc.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            lr_now = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_in_window += 1
+            window[1] += 1
+            progress.advance(step)
+
+            values: dict[str, float] = {}
+            if step % tc.log_every == 0 or step == tc.steps:
+                mean_loss, gnorm = _all_mean([float(window_sum) / max(window[1], 1), float(grad_norm) if grad_norm is not None else 0.0], d)
+                if not math.isfinite(mean_loss):
+                    raise UserError(f"the training loss is not finite at step {step}; lower --lr (now {tc.lr})")
+                elapsed = time.perf_counter() - t_window
+                # tokens_per_s: input positions (B x N, prefix and pads included) of all ranks per wall second
+                values.update({"train/loss": mean_loss, "train/lr": lr_now, "train/grad_norm": gnorm, "tokens_per_s": steps_in_window * tc.grad_accum * tokens_per_batch * d.world_size / max(elapsed, 1e-9)})
+                window = [0.0, 0]
+                window_sum.zero_()
+                t_window, steps_in_window = time.perf_counter(), 0
+            if step % tc.eval_every == 0 or step == tc.steps:
+                v = evaluate()
+                if v is not None:
+                    values["val/loss"] = v
+                    best_val = v if best_val is None else min(best_val, v)
+                    values["val/best"] = best_val
+            if values and d.main:
+                metrics.log(step, values)
+                progress.logged(step, tc.steps, values)
+            if step % tc.save_every == 0 or step == tc.steps:
+                save()
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+    return out
+
+
+def _prepare_run_folder(out: Path, stage: str, data: Path, val_data, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, model: MusicTransformer, d: Dist, step: int, resumed: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_partial(out)
+    old = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else {}
+    run = {
+        "format": 1,
+        "stage": stage,
+        "config": cfg.to_dict(),
+        "tokenizer": info.raw,
+        "fingerprint": info.fingerprint,
+        "data": str(data.resolve()),
+        "val_data": str(Path(val_data).resolve()) if val_data is not None else None,
+        "validation": split.how,
+        "layout": {
+            "description": layout.describe(),
+            "seq_len": layout.seq_len,
+            "prefix_len": layout.prefix_len,
+            "vocab_size": layout.vocab_size,
+            "target_levels": layout.target_levels,
+            "target_codebook": layout.target_codebook,
+            "null_id": layout.null_id,
+            "pad_id": layout.pad_id,
+        },
+        "parameters": model.num_parameters(),
+        "world_size": d.world_size,
+        "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")) if resumed else time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if resumed:
+        run["resumed_at_step"] = step
+    tmp = out / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run, indent=2, default=str) + "\n")
+    os.replace(tmp, out / RUN_FILE)
+    src = data / "tokenizer" / TOKENIZER_FILE
+    if src.is_file():
+        shutil.copyfile(src, out / TOKENIZER_FILE)
+    else:
+        (out / TOKENIZER_FILE).write_text(json.dumps(info.raw, indent=2) + "\n")
+    if resumed:
+        _truncate_metrics(out / METRICS_FILE, step)
+    else:
+        (out / METRICS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+
+
+# ---- loading a trained stage ------------------------------------------------------------------------------------------
+
+
+def load_stage(run_dir: str | Path, device: str | torch.device | None = None) -> tuple[MusicTransformer, StageLayout, Config, TokenInfo]:
+    """A trained stage from its run folder (latest checkpoint) or from one checkpoint folder.
+
+    Returns ``(model, layout, cfg, info)``: the model in eval mode on ``device``
+    (default: cuda if available, else cpu), the stage's sequence layout, the
+    run's config and its tokenizer info. Reads no data folder.
+    """
+    path = Path(run_dir)
+    if (path / ckpt.WEIGHTS).is_file():
+        folder, run_path = path, path.parent.parent
+    else:
+        folder, run_path = ckpt.latest_checkpoint(path), path
+        if folder is None:
+            raise UserError(f"{path} holds no checkpoint: train it with musiclm train, or point at a run folder")
+    if not (run_path / RUN_FILE).is_file():
+        raise UserError(f"{run_path} is not a musiclm run folder (no {RUN_FILE})")
+    run = json.loads((run_path / RUN_FILE).read_text())
+    cfg = config_from_dict(run["config"])
+    info = TokenInfo.from_json(run["tokenizer"])
+    layout = layout_for(run["stage"], info, cfg.stages.get(run["stage"]))
+    model = MusicTransformer.for_layout(cfg.model, layout)
+    model.load_state_dict(ckpt.load_weights(folder))
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(dev).eval(), layout, cfg, info
