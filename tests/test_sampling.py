@@ -11,7 +11,7 @@ import torch
 from musiclm.models.layout import StageLayout
 from musiclm.models.sampling import choose, filter_logits, sample_target
 from tests.factories import fake_info, fake_sample
-from tests.test_transformer import memorised_windows, tiny_model, train_tiny
+from tests.test_transformer import memorised_windows, one_thread, tiny_model, train_tiny  # noqa: F401 (one_thread: autouse fixture)
 
 NEG = float("-inf")
 

@@ -16,6 +16,16 @@ from musiclm.models.transformer import MusicTransformer, mlp_width
 from tests.factories import fake_info, fake_sample
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from a second thread, and on a busy machine every op's thread
+    barrier can wait out a scheduler slice (a 3 s test took 100 s); one thread keeps these fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def layout() -> StageLayout:
     # coarse stage of a 0.4 s window: clap 4 + semantic 20 -> acoustic 3 levels x 30 frames (114 tokens)
