@@ -49,16 +49,16 @@ def make_test_corpus(root: Path, n_files: int = 14, seed: int = 0, bad: bool = T
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+def audio_corpus(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     root = tmp_path_factory.mktemp("corpus")
-    return root, make_test_corpus(root)
+    return root, make_test_corpus(root, n_files=40)
 
 
 @pytest.fixture(scope="session")
-def tokenized(corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def tokenized(audio_corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The corpus tokenized once with the tiny preset (fits the tokenizer): (DIR, the finished process)."""
-    root, _ = corpus
+    root, _ = audio_corpus
     out = tmp_path_factory.mktemp("tokens") / "dir"
-    proc = run_cli("tokenize", root, "--out", out, "--preset", "tiny", "--shard-size", "4")
+    proc = run_cli("tokenize", root, "--out", out, "--preset", "tiny", "--shard-size", "6")
     assert proc.returncode == 0, proc.stderr
     return out, proc

@@ -40,9 +40,9 @@ def expected_keys(root: Path, good: list[str], segment_seconds: float) -> set[st
     return keys
 
 
-def test_every_good_file_is_tokenized_exactly_once(tokenized, corpus):
+def test_every_good_file_is_tokenized_exactly_once(tokenized, audio_corpus):
     out, proc = tokenized
-    root, files = corpus
+    root, files = audio_corpus
     info = TokenInfo.load(out)
     samples = read_samples(out)
     keys = [s.key for s in samples]
@@ -64,9 +64,9 @@ def test_every_good_file_is_tokenized_exactly_once(tokenized, corpus):
         assert len(np.unique(np.concatenate([s.acoustic[level] for s in samples]))) > 4
 
 
-def test_bad_files_are_listed_with_reasons_and_the_run_succeeds(tokenized, corpus):
+def test_bad_files_are_listed_with_reasons_and_the_run_succeeds(tokenized, audio_corpus):
     out, proc = tokenized
-    root, files = corpus
+    root, files = audio_corpus
     errors = pd.read_parquet(out / "errors")
     assert sorted(errors["source"]) == files["bad"]
     reasons = dict(zip(errors["source"], errors["reason"]))
@@ -78,7 +78,7 @@ def test_bad_files_are_listed_with_reasons_and_the_run_succeeds(tokenized, corpu
     assert str(out / "errors") in proc.stderr
 
 
-def test_shard_tokens_equal_tokenizing_the_file_directly(tokenized, corpus):
+def test_shard_tokens_equal_tokenizing_the_file_directly(tokenized, audio_corpus):
     """Token values round-trip: what the shard holds is what the saved tokenizer computes.
 
     Float reductions depend on the thread count, so the check runs with the actor's threads.
@@ -90,7 +90,7 @@ def test_shard_tokens_equal_tokenizing_the_file_directly(tokenized, corpus):
 
     torch.set_num_threads(actor_threads(os.cpu_count(), 1, gpu=False))
     out, _ = tokenized
-    root, _ = corpus
+    root, _ = audio_corpus
     tok = Tokenizer.load(out / "tokenizer")
     samples = {s.key: s for s in read_samples(out)}
     checked = 0
@@ -118,11 +118,11 @@ def test_tokenizer_folder_holds_backbones_and_checksummed_quantizers(tokenized):
     assert record["config"]["clap"]["model"] == "random"
 
 
-def test_rerun_skips_everything_done(tokenized, corpus, tmp_path):
+def test_rerun_skips_everything_done(tokenized, audio_corpus, tmp_path):
     out, _ = tokenized
-    root, files = corpus
+    root, files = audio_corpus
     before = {p.name: p.stat().st_mtime_ns for p in list_shards(out)}
-    proc = run_cli("tokenize", root, "--out", out, "--preset", "tiny", "--shard-size", "4")
+    proc = run_cli("tokenize", root, "--out", out, "--preset", "tiny", "--shard-size", "6")
     assert proc.returncode == 0, proc.stderr
     assert f"{len(files['good']) + len(files['bad'])} of" in proc.stderr and "already done" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in list_shards(out)} == before
@@ -154,9 +154,9 @@ def test_stats_read_as_one_table_with_pyarrow_and_pandas(tokenized):
     assert {"duration", "semantic_frames", "semantic_entropy_bits"} <= set(frame.columns)
 
 
-def test_stats_command_summarises_the_corpus(tokenized, corpus):
+def test_stats_command_summarises_the_corpus(tokenized, audio_corpus):
     out, _ = tokenized
-    root, files = corpus
+    root, files = audio_corpus
     proc = run_cli("stats", out, "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -165,10 +165,10 @@ def test_stats_command_summarises_the_corpus(tokenized, corpus):
     assert summary["streams"]["semantic"]["levels"][0]["codes_used"] > 1
 
 
-def test_a_second_corpus_reuses_the_tokenizer_and_tokens_mean_the_same(tokenized, corpus, tmp_path):
+def test_a_second_corpus_reuses_the_tokenizer_and_tokens_mean_the_same(tokenized, audio_corpus, tmp_path):
     """A validation corpus tokenized with --tokenizer gets the tokens the first corpus would give it."""
     out, _ = tokenized
-    root, _ = corpus
+    root, _ = audio_corpus
     val = tmp_path / "val"
     val.mkdir()
     src = sorted(p for p in root.glob("*.wav"))[0]
@@ -185,9 +185,9 @@ def test_a_second_corpus_reuses_the_tokenizer_and_tokens_mean_the_same(tokenized
     assert first
 
 
-def test_tokenizer_of_another_config_is_refused(tokenized, corpus, tmp_path):
+def test_tokenizer_of_another_config_is_refused(tokenized, audio_corpus, tmp_path):
     out, _ = tokenized
-    root, _ = corpus
+    root, _ = audio_corpus
     other = tmp_path / "other" / "tokenizer"
     other.mkdir(parents=True)
     record = json.loads((out / "tokenizer" / "tokenizer.json").read_text())

@@ -180,6 +180,7 @@ def load_mert(spec: MertConfig, folder: Path | None = None, seed: int = 0) -> Me
     if source == RANDOM:
         torch.manual_seed(seed)
         model = HubertModel(HubertConfig(**spec.arch))
+        filterbank_feature_encoder(model, spec.sample_rate, seed)
         features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=spec.sample_rate, padding_value=0.0, do_normalize=True)
     else:
         revision = None if folder is not None else spec.revision
@@ -225,6 +226,34 @@ def load_encodec(spec: EncodecConfig, folder: Path | None = None, seed: int = 0)
     if not 0 < spec.coarse_quantizers < spec.num_quantizers:
         raise UserError("tokenize.encodec.coarse_quantizers must be between 1 and num_quantizers - 1")
     return enc
+
+
+@torch.no_grad()
+def filterbank_feature_encoder(model, sample_rate: int, seed: int = 0) -> None:
+    """Start a random Hubert's convolutional front end as a band-pass filterbank with pooling.
+
+    A front end of random convolutions is not invariant to the phase of the
+    waveform against the frame grid, so the tokens of a held note change every
+    frame and carry no information a model could learn from. Trained MERT
+    features are steady over a note. This initialisation gives offline
+    backbones that property: the first layer becomes log-spaced, Hann-windowed
+    sinusoids (GELU then half-wave rectifies them), later layers become mostly
+    per-channel averaging with a little positive mixing, i.e. smoothed band
+    energies. The transformer layers stay random.
+    """
+    convs = model.feature_extractor.conv_layers
+    first = convs[0].conv.weight  # [C, 1, K]
+    channels, _, kernel = first.shape
+    freqs = torch.logspace(math.log10(60.0), math.log10(0.45 * sample_rate), channels)
+    t = torch.arange(kernel) / sample_rate
+    bank = torch.sin(2 * math.pi * freqs[:, None] * t[None]) * torch.hann_window(kernel, periodic=False)[None]
+    first.copy_((bank / bank.norm(dim=1, keepdim=True).clamp_min(1e-8))[:, None, :])
+    g = torch.Generator().manual_seed(seed)
+    for layer in convs[1:]:
+        w = layer.conv.weight  # [C_out, C_in, k]
+        mix = torch.rand(w.shape, generator=g) / w.shape[1]
+        eye = torch.eye(w.shape[0], w.shape[1])[:, :, None].expand_as(w)
+        w.copy_((0.7 * eye + 0.3 * mix) / w.shape[2])
 
 
 @torch.inference_mode()

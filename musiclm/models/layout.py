@@ -108,6 +108,9 @@ class StageLayout:
         self.seq_len = self.prefix_len + self.target.length
         self.has_clap = any(p.stream == "clap" for p in self.cond)
         self.clap_len = clap_part.length if self.has_clap else 0  # the CLAP prefix is always first
+        # the loader crops every sample: keep Fraction arithmetic out of that path
+        self.tick = self._tick()
+        self._window_frames = {s: self.frames_of(s) for s in self.streams}
 
     # ---- time ----------------------------------------------------------------
     def frames_of(self, stream: str, seconds: float | None = None) -> int:
@@ -120,8 +123,7 @@ class StageLayout:
         """Time streams (not clap) this layout reads."""
         return tuple(dict.fromkeys(p.stream for p in (*self.cond, self.target) if p.stream != "clap"))
 
-    @property
-    def tick(self) -> Fraction:
+    def _tick(self) -> Fraction:
         """The time grid (seconds) on which every used stream has a whole frame boundary."""
         rates = [self.info.stream(s).frame_rate for s in self.streams]
         g = rates[0]
@@ -158,10 +160,10 @@ class StageLayout:
         out: dict[str, np.ndarray] = {}
         if "semantic" in self.streams:
             a = self.frames_of("semantic", start)
-            out["semantic"] = sample.semantic[a : a + self.frames_of("semantic")]
+            out["semantic"] = sample.semantic[a : a + self._window_frames["semantic"]]
         if "acoustic" in self.streams:
             a = self.frames_of("acoustic", start)
-            out["acoustic"] = sample.acoustic[:, a : a + self.frames_of("acoustic")]
+            out["acoustic"] = sample.acoustic[:, a : a + self._window_frames["acoustic"]]
         if self.has_clap:
             w = self.info.clap_window_for(start, self.window_seconds, len(sample.clap))
             out["clap"] = sample.clap[w]

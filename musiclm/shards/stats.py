@@ -209,9 +209,11 @@ def _check_corpus(data_dir: Path) -> TokenInfo:
     return TokenInfo.load(data_dir)
 
 
-def _stream_counts(data_dir: Path, info: TokenInfo) -> dict[str, np.ndarray]:
-    """stream -> [levels, K] code counts summed over all shards (K = codebook size, or more if a code exceeds it)."""
-    codes = _read(_parquet_files(Path(data_dir) / "stats" / CODES_DIR, _finished_shards(data_dir)), CODES_SCHEMA)
+def _stream_counts(data_dir: Path, info: TokenInfo, shards: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """stream -> [levels, K] code counts summed over the finished shards (or the named ones);
+    K = codebook size, or more if a code exceeds it."""
+    names = _finished_shards(data_dir) if shards is None else _finished_shards(data_dir) & set(shards)
+    codes = _read(_parquet_files(Path(data_dir) / "stats" / CODES_DIR, names), CODES_SCHEMA)
     out = {}
     for stream in STREAMS:
         sinfo = info.stream(stream)
@@ -323,17 +325,19 @@ def summarize(data_dir: Path) -> dict[str, Any]:
     return _describe(read_corpus_stats(data_dir))
 
 
-def unigram_entropy(data_dir: Path, stream: str, levels: Sequence[int]) -> float:
-    """Mean over ``levels`` of the entropy (nats) of each level's code distribution in the corpus.
+def unigram_entropy(data_dir: Path, stream: str, levels: Sequence[int], shards: Sequence[str] | None = None) -> float:
+    """Mean over ``levels`` of the entropy (nats) of each level's code distribution in the corpus,
+    or in the named ``shards`` only (e.g. "shard-000003").
 
     This is the cross-entropy of a model that predicts each code from its
-    level's frequency alone: the loss a trained stage must beat.
+    level's frequency alone: the loss a trained stage must beat. Computed on
+    the held-out shards, it is the best any context-free model can do there.
     """
     if stream not in STREAMS:
         raise UserError(f"unknown token stream {stream!r}: expected one of {', '.join(STREAMS)}")
     data_dir = Path(data_dir)
     info = _check_corpus(data_dir)
-    counts = _stream_counts(data_dir, info)[stream]  # [levels, K]
+    counts = _stream_counts(data_dir, info, shards)[stream]  # [levels, K]
     if not levels:
         raise UserError("unigram_entropy needs at least one level")
     out = []

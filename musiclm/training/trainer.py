@@ -3,7 +3,8 @@
 A run folder ``RUN`` (``--out``) holds::
 
     run.json            stage, full config, tokenizer info (with fingerprint), data paths, layout, world size
-    tokenizer.json      a copy of the data's tokenizer/tokenizer.json
+    tokenizer/          a copy of the data's tokenizer folder (tokenizer.json, quantizers, offline
+                        backbones), so generation decodes with exactly the tokenizer trained on
     checkpoints/        step-NNNNNNNNN/{model.safetensors,state.pt} and ``latest`` (see checkpoint.py)
     metrics.jsonl       one JSON object per logged step: "step", "train/loss", "train/lr", "val/loss", ...
     tb/                 the same scalars for TensorBoard
@@ -47,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from musiclm.config import Config, config_from_dict, to_dict
+from musiclm.config import Config, config_from_dict, load_config, to_dict
 from musiclm.errors import UserError
 from musiclm.models.layout import StageLayout, layout_for
 from musiclm.models.transformer import MusicTransformer
@@ -316,7 +317,7 @@ def run_train(
     stage: str,
     data: str | Path,
     out: str | Path,
-    cfg: Config,
+    cfg: Config | None,
     *,
     steps: int | None = None,
     batch_size: int | None = None,
@@ -335,8 +336,12 @@ def run_train(
 
     Keyword arguments left ``None`` come from ``cfg.train``. With ``resume`` the
     run continues from its latest checkpoint (or starts, when it has none);
-    without it, a run folder that already has checkpoints is refused.
+    without it, a run folder that already has checkpoints is refused. ``cfg``
+    None means the run's own config when resuming, else the ``small`` preset.
     """
+    if cfg is None:
+        run_file = Path(out) / RUN_FILE
+        cfg = config_from_dict(json.loads(run_file.read_text())["config"]) if resume and run_file.is_file() else load_config("small")
     stage_cfg = cfg.stages.get(stage)  # UserError for an unknown stage
     overrides = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "seed": seed, "eval_every": eval_every, "save_every": save_every, "num_workers": num_workers}
     tc = dataclasses.replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
@@ -547,16 +552,27 @@ def _prepare_run_folder(out: Path, stage: str, data: Path, val_data, cfg: Config
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(run, indent=2, default=str) + "\n")
     os.replace(tmp, out / RUN_FILE)
-    src = data / "tokenizer" / TOKENIZER_FILE
-    if src.is_file():
-        shutil.copyfile(src, out / TOKENIZER_FILE)
-    else:
-        (out / TOKENIZER_FILE).write_text(json.dumps(info.raw, indent=2) + "\n")
+    _copy_tokenizer(data / "tokenizer", out / "tokenizer", info)
     if resumed:
         _truncate_metrics(out / METRICS_FILE, step)
     else:
         (out / METRICS_FILE).unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
+
+
+def _copy_tokenizer(src: Path, dst: Path, info: TokenInfo) -> None:
+    """Copy the tokenizer folder into the run (atomically; kept when it is already the same tokenizer)."""
+    if (dst / TOKENIZER_FILE).is_file() and json.loads((dst / TOKENIZER_FILE).read_text()).get("fingerprint") == info.fingerprint:
+        return
+    staging = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    if (src / TOKENIZER_FILE).is_file():
+        shutil.copytree(src, staging)
+    else:
+        staging.mkdir(parents=True)
+        (staging / TOKENIZER_FILE).write_text(json.dumps(info.raw, indent=2) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(staging, dst)
 
 
 # ---- loading a trained stage ------------------------------------------------------------------------------------------
