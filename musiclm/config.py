@@ -81,7 +81,7 @@ class TokenizeConfig:
     encodec: EncodecConfig = field(default_factory=EncodecConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     shard_size: int = 256  # clips per shard
-    batch_size: int = 4  # segments per backbone call in the actor pool
+    batch_size: int = 4  # segments handed to an actor at once (each still gets its own backbone calls)
 
 
 @dataclass(frozen=True)

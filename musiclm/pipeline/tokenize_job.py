@@ -258,15 +258,11 @@ class TokenizeActor:
         n = len(batch["key"])
         good = [i for i in range(n) if not batch["error"][i]]
         results: dict[int, Any] = {}
-        try:
-            for i, toks in zip(good, self.tok.tokenize_batch(_clips(batch, good, self.rates))):
-                results[i] = toks
-        except Exception:  # noqa: BLE001 - find the row that fails, keep the others
-            for i in good:
-                try:
-                    results[i] = self.tok.tokenize(_clips(batch, [i], self.rates)[0])
-                except Exception as e:  # noqa: BLE001
-                    results[i] = f"{type(e).__name__}: {e}"
+        for i in good:
+            try:
+                results[i] = self.tok.tokenize(_clips(batch, [i], self.rates)[0])
+            except Exception as e:  # noqa: BLE001 - a clip that fails is recorded; its neighbours go on
+                results[i] = f"{type(e).__name__}: {e}"
         out: dict[str, list] = {k: [] for k in ("key", "rel", "error", "step", "seconds", "sample")}
         for i in range(n):
             key, rel = str(batch["key"][i]), str(batch["rel"][i])

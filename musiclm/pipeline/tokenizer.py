@@ -285,34 +285,22 @@ class Tokenizer:
         return self.clap_codes(emb).cpu().numpy().astype(np.uint16), emb.cpu().numpy()
 
     def tokenize(self, audio: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-        """One clip, ``{sample_rate: mono float32}`` → the arrays of a shard sample."""
-        return self.tokenize_batch([audio])[0]
+        """One clip, ``{sample_rate: mono float32}`` → the arrays of a shard sample.
 
-    def tokenize_batch(self, clips: list[dict[int, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        """Several clips; clips of equal length share each backbone call."""
-        out: list[dict[str, np.ndarray] | None] = [None] * len(clips)
-        groups: dict[tuple, list[int]] = {}
-        for i, clip in enumerate(clips):
-            groups.setdefault(tuple(len(clip[r]) for r in self.sample_rates), []).append(i)
-        for idx in groups.values():
-            sem = self.semantic_codes(self.mert_features(np.stack([clips[i][self.mert.sample_rate] for i in idx])))
-            ac = self.encode_acoustic(np.stack([clips[i][self.encodec.sample_rate] for i in idx]))
-            windows = [self.clap_windows(clips[i][self.clap.sample_rate]) for i in idx]
-            # codes come from the float16 embedding that is stored, so that they are a function of
-            # it alone, not of which clips happened to share a batch
-            emb = self.clap_audio_embed(np.concatenate(windows)).half()
-            codes = self.clap_codes(emb.float())
-            a = 0
-            for j, i in enumerate(idx):
-                w = len(windows[j])
-                out[i] = {
-                    "semantic": sem[j].cpu().numpy().astype(np.uint16),
-                    "acoustic": ac[j].cpu().numpy().astype(np.uint16),
-                    "clap": codes[a : a + w].cpu().numpy().astype(np.uint16),
-                    "clap_emb": emb[a : a + w].cpu().numpy().astype(np.float16),
-                }
-                a += w
-        return out  # type: ignore[return-value]
+        Each clip gets backbone calls of its own: batching clips together changes float
+        reductions and so, now and then, a code. A file then gets the same tokens whether it
+        is tokenized alone, in a resumed run or beside other files.
+        """
+        sem = self.semantic_codes(self.mert_features(audio[self.mert.sample_rate]))[0]
+        ac = self.encode_acoustic(audio[self.encodec.sample_rate])[0]
+        # codes come from the float16 embedding that is stored, so that they are a function of it alone
+        emb = self.clap_audio_embed(self.clap_windows(audio[self.clap.sample_rate])).half()
+        return {
+            "semantic": sem.cpu().numpy().astype(np.uint16),
+            "acoustic": ac.cpu().numpy().astype(np.uint16),
+            "clap": self.clap_codes(emb.float()).cpu().numpy().astype(np.uint16),
+            "clap_emb": emb.cpu().numpy(),
+        }
 
     def fit_features(self, audio: dict[int, np.ndarray], max_frames: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Features that quantizers are fitted on, for one clip: MERT frames (at most ``max_frames``,
