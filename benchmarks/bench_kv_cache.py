@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.factories when run as a script
 
-from musiclm.config import load_config  # noqa: E402
-from musiclm.models.layout import layout_for  # noqa: E402
-from musiclm.models.sampling import sample_target  # noqa: E402
-from musiclm.models.transformer import MusicTransformer  # noqa: E402
-from tests.factories import fake_info, fake_sample  # noqa: E402
+from musiclm.config import load_config
+from musiclm.models.layout import layout_for
+from musiclm.models.sampling import sample_target
+from musiclm.models.transformer import MusicTransformer
+from tests.factories import fake_info, fake_sample
 
 
 @dataclass

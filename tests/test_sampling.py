@@ -102,10 +102,10 @@ def seeded(seed: int = 0) -> torch.Generator:
 
 
 SETTINGS = {
-    "greedy": dict(greedy=True),
-    "temperature-top-k-top-p": dict(temperature=1.0, top_k=8, top_p=0.9),
-    "greedy-cfg": dict(greedy=True, cfg_scale=3.0),
-    "sampled-cfg": dict(temperature=1.0, top_k=8, top_p=0.9, cfg_scale=3.0),
+    "greedy": {"greedy": True},
+    "temperature-top-k-top-p": {"temperature": 1.0, "top_k": 8, "top_p": 0.9},
+    "greedy-cfg": {"greedy": True, "cfg_scale": 3.0},
+    "sampled-cfg": {"temperature": 1.0, "top_k": 8, "top_p": 0.9, "cfg_scale": 3.0},
 }
 
 
@@ -226,7 +226,7 @@ def test_greedy_sampling_reproduces_a_memorised_window():
 def test_cuda_cached_and_uncached_sampling_agree_with_a_cpu_generator(layout, prefixes):
     model = tiny_model(layout, seed=1).cuda()
     cond, uncond = prefixes
-    kw = dict(temperature=1.0, top_k=8, top_p=0.9, cfg_scale=3.0, uncond_prefix=uncond)
+    kw = {"temperature": 1.0, "top_k": 8, "top_p": 0.9, "cfg_scale": 3.0, "uncond_prefix": uncond}
     n = layout.target.length
     cached = sample_target(model, layout, cond, n, generator=seeded(), use_cache=True, **kw)
     full = sample_target(model, layout, cond, n, generator=seeded(), use_cache=False, **kw)

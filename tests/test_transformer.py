@@ -193,6 +193,6 @@ def train_tiny(layout: StageLayout, windows: list[dict[str, np.ndarray]], steps:
 
 def test_tiny_model_learns_a_deterministic_sequence():
     layout, windows = memorised_windows()
-    model, loss = train_tiny(layout, windows, steps=200)
+    _model, loss = train_tiny(layout, windows, steps=200)
     # an untrained model sits at log(K) = 3.47 nats
     assert loss < 0.1 * math.log(layout.target_codebook)

@@ -146,13 +146,12 @@ def sample_target(
         return out
 
     guided = cfg_scale != 1.0 and uncond_prefix is not None
-    rows = 2 * b if guided else b
     if guided:
         if uncond_prefix.shape != prefix.shape:
             raise ValueError(f"uncond_prefix {tuple(uncond_prefix.shape)} and prefix {tuple(prefix.shape)} differ in shape")
         prefix = torch.cat([prefix, uncond_prefix.to(device=device, dtype=torch.long)])  # [2B, P]
 
-    def both(ids: torch.Tensor) -> torch.Tensor:  # target ids [B, n] -> [rows, n]
+    def both(ids: torch.Tensor) -> torch.Tensor:  # target ids [B, n] -> [B or 2B, n]
         return ids.repeat(2, 1) if guided else ids
 
     was_training = model.training
@@ -160,10 +159,10 @@ def sample_target(
     try:
         # the last target token is never fed back, so the sequence never exceeds p + n_target - 1
         steps = _CachedSteps(model, prefix, p + n_target - 1) if use_cache else _FullSteps(model, prefix)
-        hidden = steps.feed(both(out[:, :m]))  # [rows, d]
+        hidden = steps.feed(both(out[:, :m]))  # [B or 2B, d]
         for j in range(m, n_target):
             level = int(layout.target_level(j))
-            logits = model.logits(hidden, level).float()  # [rows, K]
+            logits = model.logits(hidden, level).float()  # [B or 2B, K]
             if guided:
                 cond, uncond = logits[:b], logits[b:]
                 logits = uncond + cfg_scale * (cond - uncond)  # [B, K]
