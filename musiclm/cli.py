@@ -128,10 +128,10 @@ def generate(
     semantic: Optional[Path] = typer.Option(None, "--semantic", help="Semantic run folder (overrides --model)."),
     coarse: Optional[Path] = typer.Option(None, "--coarse", help="Coarse run folder (overrides --model)."),
     fine: Optional[Path] = typer.Option(None, "--fine", help="Fine run folder (overrides --model)."),
-    seconds: float = typer.Option(10.0, "--seconds"),
-    out: Path = typer.Option(Path("out.wav"), "--out"),
-    num_samples: int = typer.Option(1, "--num-samples", min=1),
-    keep: int = typer.Option(1, "--keep", min=1),
+    seconds: float = typer.Option(10.0, "--seconds", help="Seconds of new audio (a --prompt-audio is not included)."),
+    out: Path = typer.Option(Path("out.wav"), "--out", help="Audio file (FILE-0, FILE-1 ... with --keep > 1); settings go to FILE.json."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Samples generated as one batch (default from the config)."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Keep the best by CLAP text-audio score (default from the config)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale"),
     temperature: Optional[list[float]] = typer.Option(None, "--temperature", help="Per stage: give 1 or 3 values (semantic, coarse, fine)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0),
@@ -141,7 +141,7 @@ def generate(
     every: Optional[float] = typer.Option(None, "--every", help="Seconds per prompt when several prompts are given."),
     coarse_only: bool = typer.Option(False, "--coarse-only", help="Skip the fine stage."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence per token (slow; for checks)."),
-    fmt: str = typer.Option("wav", "--format", help="wav or flac."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="wav or flac (default: the suffix of --out, else wav)."),
     device: Optional[str] = typer.Option(None, "--device"),
 ) -> None:
     """Generate music from text with three trained stages."""
