@@ -290,9 +290,7 @@ class MusicLM:
         stages: dict[str, Stage] = {}
         for name, path in paths.items():
             if path is None:
-                if name != "fine":
-                    raise UserError(f"no {name} stage: pass --{name} RUN or --model DIR holding {name}/")
-                continue
+                continue  # a missing semantic or coarse stage is refused by _check_stages
             path = Path(path)
             if not path.exists():
                 raise UserError(f"the {name} stage {path} does not exist: pass a run folder written by musiclm train {name}")
@@ -473,7 +471,8 @@ class MusicLM:
                 temperature=temps[i] if temps else getattr(g, f"temperature_{name}"),
                 top_k=g.top_k if top_k is None else top_k,
                 top_p=g.top_p if top_p is None else top_p,
-                cfg_scale=g.cfg_scale if cfg_scale is None else cfg_scale,
+                # 1 is no guidance: a stage without CLAP tokens (fine) has nothing to guide with
+                cfg_scale=(g.cfg_scale if cfg_scale is None else cfg_scale) if st.layout.has_clap else 1.0,
             )
         return out
 

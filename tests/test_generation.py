@@ -157,7 +157,7 @@ def test_guidance_pairs_each_prefix_with_its_null_conditioned_twin(lm, calls):
             assert (c["uncond_prefix"][:, : layout.clap_len] == layout.null_id).all()
             assert np.array_equal(c["uncond_prefix"][:, layout.clap_len :].numpy(), c["prefix"][:, layout.clap_len :])
         else:
-            assert c["uncond_prefix"] is None  # fine has no text to guide with
+            assert c["uncond_prefix"] is None and c["cfg_scale"] == 1.0  # fine has no text to guide with
 
 
 # ---- story mode --------------------------------------------------------------------------------------------------------
