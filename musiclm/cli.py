@@ -105,7 +105,7 @@ def train(
         stage,
         data,
         out,
-        _config(preset, config),
+        None if preset is None and config is None else _config(preset, config),
         steps=steps,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see: {e.ctx.command_path} --help)" if e.ctx is not None else ""
         print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         sys.exit(2)
-    except click_exceptions.Abort:
+    except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click_exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -83,3 +83,15 @@ def test_missing_argument_is_one_line(capsys, tmp_path):
 def test_unknown_option_is_one_line(capsys):
     code, err = run(capsys, "stats", "x", "--frobnicate")
     assert code == 2 and "frobnicate" in one_line(err)
+
+
+def test_an_unexpected_error_keeps_its_own_traceback(monkeypatch, tmp_path):
+    """Only user errors become one line; a bug still shows what really went wrong."""
+    import musiclm.shards.stats as stats
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(stats, "run_stats", boom)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        main(["stats", str(tmp_path)])
