@@ -67,6 +67,10 @@ class Tokenizer:
         self.quantizers = quantizers
         self.device = torch.device(device)
         self.record = record  # the parsed tokenizer.json when loaded from a folder
+        if self.device.type == "cuda":
+            # TF32 convolutions flip ~5% of Encodec codes against the CPU; tokens must not depend on the device
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         for m in (clap.model, mert.model, encodec.model):
             m.to(self.device)
         win = cfg.clap.window_seconds * clap.sample_rate

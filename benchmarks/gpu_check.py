@@ -1,0 +1,230 @@
+"""One short run of the CUDA paths, for a machine with a GPU.
+
+    python benchmarks/gpu_check.py --data DIR --audio FOLDER [--out result.json]
+
+DIR is a corpus tokenized here with the tiny preset (its tokenizer/ and shards/),
+FOLDER a few audio files. Each part is timed and reported even if another fails:
+
+1. tokenize on the GPU: the tiny tokenizer on cuda against the same tokenizer on
+   the CPU (agreement of codes), and the `small` backbone architectures at random
+   weights on cuda: audio-seconds per second of MERT + Encodec + CLAP;
+2. training: `musiclm train` on cuda (bf16 autocast) for a few tiny steps, and the
+   `small` transformer's training step in bf16 against fp32 (tokens/s);
+3. generation: tiny stages trained on cuda, then `MusicLM.generate` on cuda
+   (exact length, KV cache == full recomputation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESULTS: dict = {}
+DEVICE = "cuda"  # --device cpu: a dry run of this script on a machine without a GPU
+QUICK = False  # --quick: fewer clips, steps and seconds (for the dry run)
+
+
+def part(name):
+    def wrap(fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                RESULTS[name] = fn(*a, **k)
+                RESULTS[name]["ok"] = True
+            except Exception as e:  # noqa: BLE001 - report and go on with the other parts
+                RESULTS[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
+            RESULTS[name]["seconds"] = round(time.perf_counter() - t0, 2)
+            print(name, json.dumps(RESULTS[name], default=str)[:1500], flush=True)
+
+        return run
+
+    return wrap
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@part("tokenize_tiny_cuda_vs_cpu")
+def tokenize_tiny(data: Path, audio: Path) -> dict:
+    from musiclm.pipeline.audio import list_audio_files, load_for_rates
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    cpu = Tokenizer.load(data / "tokenizer", device="cpu")
+    gpu = Tokenizer.load(data / "tokenizer", device=DEVICE)
+    agree = {"semantic": [], "acoustic": [], "clap": []}
+    seconds, t_gpu = 0.0, 0.0
+    for f in list_audio_files(audio)[: 2 if QUICK else 6]:
+        clip = load_for_rates(f, 0.0, None, cpu.sample_rates)
+        a = cpu.tokenize(clip)
+        sync()
+        t0 = time.perf_counter()
+        b = gpu.tokenize(clip)
+        sync()
+        t_gpu += time.perf_counter() - t0
+        seconds += len(clip[cpu.encodec.sample_rate]) / cpu.encodec.sample_rate
+        for k in agree:
+            agree[k].append(float((a[k] == b[k]).mean()))
+    return {"audio_s": round(seconds, 1), "gpu_audio_s_per_s": round(seconds / t_gpu, 1), "code_agreement_cpu_vs_cuda": {k: round(float(np.mean(v)), 4) for k, v in agree.items()}}
+
+
+@part("tokenize_small_cuda")
+def tokenize_small(audio: Path) -> dict:
+    from bench_tokenize import small_random_config
+    from bench_train_vs_onthefly import random_quantizers
+
+    from musiclm.pipeline.audio import list_audio_files, load_for_rates
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_config(small_random_config(1024).tokenize, device=DEVICE)
+    tok.quantizers = random_quantizers(tok)
+    clips = [load_for_rates(f, 0.0, None, tok.sample_rates) for f in list_audio_files(audio)[: 2 if QUICK else 6]]
+    tok.tokenize(clips[0])  # warm-up
+    times = {"mert": 0.0, "encodec": 0.0, "clap": 0.0, "tokenize": 0.0}
+    seconds = 0.0
+    for c in clips:
+        seconds += len(c[tok.encodec.sample_rate]) / tok.encodec.sample_rate
+        for name, fn in (
+            ("mert", lambda: tok.mert_features(c[tok.mert.sample_rate])),
+            ("encodec", lambda: tok.encode_acoustic(c[tok.encodec.sample_rate])),
+            ("clap", lambda: tok.clap_audio_embed(tok.clap_windows(c[tok.clap.sample_rate]))),
+            ("tokenize", lambda: tok.tokenize(c)),
+        ):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name] += time.perf_counter() - t0
+    bare = times["mert"] + times["encodec"] + times["clap"]
+    return {
+        "audio_s": round(seconds, 1),
+        "audio_s_per_s": {k: round(seconds / v, 1) for k, v in times.items()},
+        "bare_sum_audio_s_per_s": round(seconds / bare, 1),
+        "tokenize_vs_bare": round(bare / times["tokenize"], 3),
+    }
+
+
+@part("train_tiny_cuda_bf16")
+def train_tiny(data: Path, work: Path) -> dict:
+    from musiclm.config import load_config
+    from musiclm.training.trainer import run_train
+
+    cfg = load_config("tiny")
+    out = {}
+    for stage in ("semantic", "coarse", "fine"):
+        run_train(stage, data, work / stage, cfg, steps=4 if QUICK else 40, eval_every=4 if QUICK else 40, save_every=4 if QUICK else 40, device=DEVICE, num_workers=0)
+        metrics = [json.loads(line) for line in (work / stage / "metrics.jsonl").read_text().splitlines()]
+        losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+        out[stage] = {"first_loss": round(losses[0], 3), "last_loss": round(losses[-1], 3), "val_loss": [m["val/loss"] for m in metrics if "val/loss" in m][-1]}
+    return out
+
+
+@part("train_small_step_bf16_vs_fp32")
+def train_small() -> dict:
+    from musiclm.config import load_config
+    from musiclm.models.layout import layout_for
+    from musiclm.models.transformer import MusicTransformer
+    from musiclm.training.trainer import param_groups
+    from tests.factories import fake_info
+
+    cfg = load_config("small")
+    info = fake_info(sem_k=1024, ac_k=1024, clap_levels=12, clap_k=1024, window=10.0, hop=5.0, emb_dim=512)
+    out = {}
+    for stage in ("semantic", "coarse"):
+        layout = layout_for(stage, info, cfg.stages.get(stage))
+        model = MusicTransformer.for_layout(cfg.model, layout).to(DEVICE)
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=DEVICE == "cuda")
+        b = 1 if QUICK else 16
+        tokens = torch.randint(0, layout.vocab_size - 2, (b, layout.seq_len), device=DEVICE)
+        labels = torch.randint(0, layout.target_codebook, (b, layout.seq_len), device=DEVICE)
+        labels[:, : layout.prefix_len - 1] = -100
+        levels = torch.arange(layout.seq_len, device=DEVICE).remainder(layout.target_levels).expand(b, -1).contiguous()
+        for dtype in ("bf16", "fp32"):
+            def step():
+                with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                    loss = model.loss(tokens, labels, levels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                return loss
+
+            for _ in range(1 if QUICK else 3):
+                step()
+            sync()
+            t0 = time.perf_counter()
+            n = 1 if QUICK else 10
+            for _ in range(n):
+                loss = step()
+            sync()
+            dt = (time.perf_counter() - t0) / n
+            out[f"{stage}_{dtype}"] = {"tokens_per_s": round(b * layout.seq_len / dt), "step_s": round(dt, 4), "loss_finite": bool(torch.isfinite(loss))}
+        del model, opt
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+@part("generate_tiny_cuda")
+def generate(work: Path) -> dict:
+    from musiclm.generation import MusicLM
+
+    m = MusicLM.from_runs(semantic=work / "semantic", coarse=work / "coarse", fine=work / "fine", device=DEVICE)
+    sync()
+    t0 = time.perf_counter()
+    audio, sr = m.generate("a calm piano over soft rain", seconds=8.0, num_samples=2, keep=1, seed=0)
+    sync()
+    dt = time.perf_counter() - t0
+    a2, _ = m.generate("a calm piano over soft rain", seconds=3.0, seed=3, use_cache=True)
+    a3, _ = m.generate("a calm piano over soft rain", seconds=3.0, seed=3, use_cache=False)
+    return {
+        "seconds": 8.0,
+        "samples": len(audio),
+        "expected_samples": round(8.0 * 75) * sr // 75,
+        "wall_s": round(dt, 2),
+        "finite": bool(np.isfinite(audio).all()),
+        "cache_equals_recompute": bool(np.array_equal(a2, a3)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--audio", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and clips (a dry run)")
+    args = ap.parse_args()
+    global DEVICE, QUICK
+    DEVICE, QUICK = args.device, args.quick
+    RESULTS["device"] = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
+    RESULTS["torch"] = torch.__version__
+    import transformers
+
+    RESULTS["transformers"] = transformers.__version__
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    tokenize_tiny(args.data, args.audio)
+    tokenize_small(args.audio)
+    train_tiny(args.data, work)
+    train_small()
+    generate(work)
+    text = json.dumps(RESULTS, indent=2, default=str)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
