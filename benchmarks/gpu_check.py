@@ -153,7 +153,7 @@ def train_small() -> dict:
         labels[:, : layout.prefix_len - 1] = -100
         levels = torch.arange(layout.seq_len, device=DEVICE).remainder(layout.target_levels).expand(b, -1).contiguous()
         for dtype in ("bf16", "fp32"):
-            def step():
+            def step(model=model, opt=opt):
                 with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=dtype == "bf16"):
                     loss = model.loss(tokens, labels, levels)
                 opt.zero_grad(set_to_none=True)

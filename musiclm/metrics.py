@@ -116,21 +116,11 @@ def embed_file(path: str | Path, tokenizer: Tokenizer, kind: str = "clap") -> np
     raise UserError(f"--embedding must be one of {', '.join(EMBEDDINGS)}, got '{kind}'")
 
 
-def _audio_files(folder: str | Path, what: str) -> list[Path]:
-    from musiclm.pipeline.audio import list_audio_files
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"the {what} folder {folder} does not exist")
-    files = list_audio_files(folder)
-    if not files:
-        raise UserError(f"the {what} folder {folder} holds no audio files")
-    return files
-
-
 def embed_folder(folder: str | Path, tokenizer: Tokenizer, kind: str = "clap") -> np.ndarray:
     """Window embeddings of every audio file under ``folder`` (sorted by path): [N, D] float32."""
-    return np.concatenate([embed_file(p, tokenizer, kind) for p in _audio_files(folder, "audio")])
+    from musiclm.pipeline.audio import audio_files_in
+
+    return np.concatenate([embed_file(p, tokenizer, kind) for p in audio_files_in(folder, "audio")])
 
 
 def run_eval(
@@ -147,12 +137,13 @@ def run_eval(
     order of the generated files sorted by path. Prints the result and writes it as JSON to
     ``out``; returns it as a dict.
     """
+    from musiclm.pipeline.audio import audio_files_in
     from musiclm.pipeline.tokenizer import Tokenizer
 
     if embedding not in EMBEDDINGS:
         raise UserError(f"--embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
-    gen_files = _audio_files(generated, "generated")
-    ref_files = _audio_files(reference, "reference")
+    gen_files = audio_files_in(generated, "generated")
+    ref_files = audio_files_in(reference, "reference")
     texts = None
     if prompts is not None:
         try:

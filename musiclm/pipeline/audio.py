@@ -99,6 +99,20 @@ def list_audio_files(root: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def audio_files_in(folder: Path | str, what: str = "corpus") -> list[Path]:
+    """The audio files of ``folder`` (:func:`list_audio_files`); a :class:`UserError` naming
+    ``what`` ("corpus", "reference", ...) when it is missing, is a file, or holds no audio."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{what} folder not found: {folder} does not exist")
+    if not folder.is_dir():
+        raise UserError(f"{what} must be a folder of audio files, got a file: {folder}")
+    files = list_audio_files(folder)
+    if not files:
+        raise UserError(f"the {what} folder {folder} holds no audio files (wav, flac, ogg, opus, mp3, ...): point at a folder of music")
+    return files
+
+
 def probe(path: Path | str) -> AudioInfo:
     """What the file holds, checked to decode: frames, rate, channels, duration, format.
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
-from musiclm.pipeline.audio import AudioError, list_audio_files, load_for_rates, plan_segments, probe
+from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
 from musiclm.shards.format import TokenSample, file_key, sample_key
 from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, done_keys, next_shard_index
 
@@ -60,17 +60,6 @@ class TokenizeSummary:
 
 
 # ---- input checks ---------------------------------------------------------------------------
-def _check_corpus(corpus: Path) -> list[Path]:
-    if not corpus.exists():
-        raise UserError(f"corpus folder not found: {corpus}")
-    if not corpus.is_dir():
-        raise UserError(f"corpus must be a folder of audio files, got a file: {corpus}")
-    files = list_audio_files(corpus)
-    if not files:
-        raise UserError(f"no audio files (wav, flac, ogg, opus, mp3, ...) under {corpus}: point at a folder of music")
-    return files
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out must be a folder, but {out} is a file")
@@ -478,7 +467,7 @@ def run_tokenize(
         raise UserError("give --preset/--config to fit a tokenizer, or --tokenizer to reuse one")
     if tokenizer_dir is not None and not Path(tokenizer_dir).exists():
         raise UserError(f"--tokenizer folder not found: {tokenizer_dir}")
-    abs_files = _check_corpus(corpus)
+    abs_files = audio_files_in(corpus, "corpus")
     _check_out(out)
     files = [p.relative_to(corpus).as_posix() for p in abs_files]
     t0 = time.time()
