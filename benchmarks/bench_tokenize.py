@@ -112,21 +112,26 @@ def speed(args) -> None:
     bare = bare_compute(tok, sorted(corpus.glob("*.wav")), threads)
     bare_rate = audio / bare
     e2e_rate = audio / wall
-    (t_first, a_first), (t_last, a_last) = stamps[0], stamps[-1]
+    # rows of one actor batch arrive together: the steady state starts once the first batch is in
+    t_first = stamps[0][0]
+    a_first = max(a for t, a in stamps if t - t_first < 0.5)
+    t_last, a_last = stamps[-1]
     steady_rate = (a_last - a_first) / (t_last - t_first)
     print()
     print(f"corpus: {args.clips} clips x 30 s = {audio:.0f} s of audio; torch threads per actor / bare: {threads}")
     print(f"bare backbone compute:  {bare:7.1f} s  -> {bare_rate:6.2f} audio-s/s")
     print(f"pipeline end to end:    {wall:7.1f} s  -> {e2e_rate:6.2f} audio-s/s   efficiency {e2e_rate / bare_rate:.2f}")
     print(f"pipeline steady state:  {t_last - t_first:7.1f} s  -> {steady_rate:6.2f} audio-s/s   efficiency {steady_rate / bare_rate:.2f}")
+    print(f"inside the actors:      {summary.compute:7.1f} s in the tokenizer -> {audio / summary.compute:6.2f} audio-s/s   ({summary.compute / bare:.2f} x bare)")
 
 
-def peak_pss(cmd: list[str]) -> tuple[float, float, int]:
-    """Run ``cmd``; return (peak summed PSS of its process tree in MiB, wall seconds, exit code)."""
+def peak_pss(cmd: list[str]) -> tuple[float, float, int, list[float]]:
+    """Run ``cmd``; return (peak summed PSS of its process tree in MiB, wall seconds, exit code, samples)."""
     import psutil
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     peak = 0.0
+    series: list[float] = []
     stop = threading.Event()
 
     def sample() -> None:
@@ -143,6 +148,7 @@ def peak_pss(cmd: list[str]) -> tuple[float, float, int]:
             except psutil.NoSuchProcess:
                 break
             peak = max(peak, total / 2**20)
+            series.append(total / 2**20)
             time.sleep(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -151,10 +157,12 @@ def peak_pss(cmd: list[str]) -> tuple[float, float, int]:
     code = proc.wait()
     stop.set()
     t.join()
-    return peak, time.time() - t0, code
+    return peak, time.time() - t0, code, series
 
 
 def memory(args) -> None:
+    import numpy as np
+
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     fit = work / "fit"
     write_corpus(fit, 10, 8.0, seed=100)
@@ -164,10 +172,15 @@ def memory(args) -> None:
         corpus = work / f"corpus{scale}"
         write_corpus(corpus, args.files * scale, args.seconds, seed=scale * 1000)
         cmd = [sys.executable, "-m", "musiclm", "tokenize", str(corpus), "--out", str(work / f"tokens{scale}"), "--tokenizer", str(work / "fit_tokens" / "tokenizer")]
-        peak, wall, code = peak_pss(cmd)
+        peak, wall, code, series = peak_pss(cmd)
         assert code == 0, f"tokenize failed ({code})"
         results.append(peak)
-        print(f"{scale}x corpus: {args.files * scale} files x {args.seconds:g} s   peak PSS {peak:7.0f} MiB   wall {wall:5.1f} s", flush=True)
+        late = series[len(series) // 2 :]
+        print(
+            f"{scale}x corpus: {args.files * scale} files x {args.seconds:g} s   peak PSS {peak:7.1f} MiB   "
+            f"median of the second half {np.median(late):7.1f} MiB   {len(series)} samples   wall {wall:5.1f} s",
+            flush=True,
+        )
     print(f"peak memory 4x / 1x: {results[1] / results[0]:.3f}")
 
 

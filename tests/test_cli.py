@@ -95,3 +95,8 @@ def test_an_unexpected_error_keeps_its_own_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr(stats, "run_stats", boom)
     with pytest.raises(ZeroDivisionError, match="a bug"):
         main(["stats", str(tmp_path)])
+
+
+def test_an_unreachable_ray_cluster(capsys, tmp_path):
+    code, err = run(capsys, "tokenize", audio_folder(tmp_path), "--out", tmp_path / "out", "--preset", "tiny", "--address", "127.0.0.1:9")
+    assert code == 2 and "cannot reach the Ray cluster at 127.0.0.1:9" in one_line(err)

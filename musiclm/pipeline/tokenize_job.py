@@ -53,6 +53,7 @@ class TokenizeSummary:
     shards: int  # shards written by this run
     elapsed: float
     out: Path
+    compute: float = 0.0  # seconds the actors spent in the tokenizer (summed over actors)
 
     @property
     def audio_seconds_per_second(self) -> float:
@@ -95,8 +96,37 @@ def _quiet_ray_loggers() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's many minutes of retries, when HOST:PORT does not answer."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": Ray resolves those itself
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): check --address, or drop it to start a local Ray") from None
+
+
+def _token_auth_for_clients() -> None:
+    """Send this machine's Ray token when joining a cluster.
+
+    A head started with ``ray start --head`` enables token authentication when a token
+    exists, but ``ray.init(address=...)`` attaches the token only when RAY_AUTH_MODE says
+    so (ray-project/ray#64755); a head without authentication ignores the token.
+    """
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file()
+    if has_token and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 @contextmanager
 def _ray(address: str | None) -> Iterator[Any]:
+    if address:
+        _check_reachable(address)
+        _token_auth_for_clients()  # before Ray is imported: it reads RAY_AUTH_MODE once
     import ray
     import ray.data
 
@@ -108,7 +138,8 @@ def _ray(address: str | None) -> Iterator[Any]:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=os.cpu_count(), **kwargs)
+                # "local": a new instance even when `ray start` runs a cluster on this machine
+                ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             raise UserError(f"cannot start or join {where}: {str(e).splitlines()[0]}") from None
@@ -247,12 +278,15 @@ class TokenizeActor:
         n = len(batch["key"])
         good = [i for i in range(n) if not batch["error"][i]]
         results: dict[int, Any] = {}
+        compute: dict[int, float] = {}
         for i in good:
+            t0 = time.perf_counter()
             try:
                 results[i] = self.tok.tokenize(_clips(batch, [i], self.rates)[0])
             except Exception as e:  # noqa: BLE001 - a clip that fails is recorded; its neighbours go on
                 results[i] = f"{type(e).__name__}: {e}"
-        out: dict[str, list] = {k: [] for k in ("key", "rel", "error", "step", "seconds", "sample")}
+            compute[i] = time.perf_counter() - t0
+        out: dict[str, list] = {k: [] for k in ("key", "rel", "error", "step", "seconds", "compute", "sample")}
         for i in range(n):
             key, rel = str(batch["key"][i]), str(batch["rel"][i])
             r = results.get(i)
@@ -276,6 +310,7 @@ class TokenizeActor:
             out["error"].append(error)
             out["step"].append(step)
             out["seconds"].append(float(batch["seconds"][i]))
+            out["compute"].append(compute.get(i, 0.0))
             out["sample"].append(sample)
         return out
 
@@ -513,6 +548,7 @@ def _tokenize_all(ray, console, files: list[str], corpus: Path, out: Path, shard
                     writer.add(_unpack(row["sample"]))
                     summary.clips += 1
                     summary.seconds += row["seconds"]
+                    summary.compute += row["compute"]
                 bar.update(row["rel"], summary.clips, summary.failed, summary.seconds, time.time() - t_run)
     finally:
         writer.close()  # whatever was tokenized before a crash or Ctrl-C is kept
