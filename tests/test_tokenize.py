@@ -132,7 +132,8 @@ def test_shards_read_back_with_ray_data(tokenized):
     import ray
 
     out, _ = tokenized
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # "local": a fresh instance even when another test (or the user) left a cluster on this machine
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         rows = ray.data.read_webdataset([str(p) for p in list_shards(out)], decoder=None).take_all()
     finally:
