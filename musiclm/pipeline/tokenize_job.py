@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
@@ -414,9 +414,7 @@ def _fit_tokenizer(ray, console, files: list[str], corpus: Path, out: Path, tcfg
         raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
     console.print(f"fitting quantizers on {len(sample)} files ({seconds / 60:.1f} min of audio)")
 
-    staging = out / ".tokenizer.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
+    staging = atomic.fresh_staging(out / "tokenizer")
     tok = Tokenizer.from_config(tcfg)
     tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
     max_frames = max(1, math.ceil(fit.max_points / max(segments, 1)))
@@ -438,7 +436,7 @@ def _fit_tokenizer(ray, console, files: list[str], corpus: Path, out: Path, tcfg
         init_encodec_codebooks(tok.encodec, np.concatenate(feats["encodec"]), niter=fit.niter, seed=fit.seed)
     tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
     tok.save(staging)
-    os.replace(staging, out / "tokenizer")
+    atomic.replace_folder(staging, out / "tokenizer")
 
 
 def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) -> dict | None:
@@ -470,17 +468,6 @@ def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) 
     return given
 
 
-def _install_tokenizer(out: Path, tokenizer_dir: Path) -> None:
-    """Copy a given tokenizer folder into ``out/tokenizer`` (atomically)."""
-    from musiclm.pipeline.tokenizer import tokenizer_folder
-
-    staging = out / ".tokenizer.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    shutil.copytree(tokenizer_folder(tokenizer_dir), staging)
-    os.replace(staging, out / "tokenizer")
-
-
 def run_tokenize(
     corpus: Path,
     out: Path,
@@ -496,6 +483,8 @@ def run_tokenize(
     """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring)."""
     from rich.console import Console
 
+    from musiclm.pipeline.tokenizer import tokenizer_folder
+
     console = console or Console(stderr=True)
     corpus, out = Path(corpus), Path(out)
     if cfg is None and tokenizer_dir is None:
@@ -509,7 +498,7 @@ def run_tokenize(
     with _lock(out):
         record = _check_tokenizer(out, cfg, tokenizer_dir)
         if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
-            _install_tokenizer(out, tokenizer_dir)
+            atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
         clean_unfinished(out)
         finished = done_files(out).intersection(files)
         pending = [f for f in files if f not in finished]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from musiclm import atomic
 from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
 from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
@@ -160,9 +160,7 @@ class Tokenizer:
             "streams": self.streams(),
         }
         record["fingerprint"] = fingerprint(record)
-        tmp = folder / f".{TOKENIZER_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, folder / TOKENIZER_FILE)
+        atomic.write_text(folder / TOKENIZER_FILE, json.dumps(record, indent=2, sort_keys=True))
         self.record = record
         return TokenInfo.from_json(record)
 

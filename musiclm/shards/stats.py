@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
+from musiclm import atomic
 from musiclm.errors import UserError
 from musiclm.shards.format import TokenInfo, TokenSample
 
@@ -142,15 +141,6 @@ def _code_counts(samples: list[TokenSample], stream: str, levels: int) -> pa.Tab
     )
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` via ``.NAME.tmp`` in the same folder, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard_stats(stats_dir: Path, name: str, samples: list[TokenSample], info: TokenInfo) -> None:
     """Write ``stats_dir/NAME.parquet`` (one row per sample) and ``stats_dir/_codes/NAME.parquet``.
 
@@ -160,9 +150,9 @@ def write_shard_stats(stats_dir: Path, name: str, samples: list[TokenSample], in
     stats_dir = Path(stats_dir)
     (stats_dir / CODES_DIR).mkdir(parents=True, exist_ok=True)
     codes = pa.concat_tables([_code_counts(samples, s, info.stream(s).levels) for s in STREAMS])
-    _write_atomic(codes, stats_dir / CODES_DIR / f"{name}.parquet")
+    atomic.write_parquet(codes, stats_dir / CODES_DIR / f"{name}.parquet")
     clips = pa.Table.from_pylist([_clip_row(s, name) for s in samples], schema=CLIP_SCHEMA)
-    _write_atomic(clips, stats_dir / f"{name}.parquet")
+    atomic.write_parquet(clips, stats_dir / f"{name}.parquet")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,16 +14,16 @@ then the tar. So
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import webdataset as wds
 
-from musiclm.shards.format import TokenInfo, TokenSample, shard_name
+from musiclm import atomic
+from musiclm.shards.format import TokenInfo, TokenSample, file_key, shard_name
 from musiclm.shards.stats import write_shard_stats
 
 ERROR_SCHEMA = pa.schema(
@@ -37,16 +37,8 @@ ERROR_SCHEMA = pa.schema(
 )
 
 
-def _fsync_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def write_errors(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), tmp)
-    _fsync_rename(tmp, path)
+    atomic.write_parquet(pa.Table.from_pylist(rows, schema=ERROR_SCHEMA), path)
 
 
 class ShardWriter:
@@ -78,7 +70,7 @@ class ShardWriter:
             return
         name = shard_name(self.index)
         tar_final = self.out / "shards" / f"{name}.tar"
-        tar_tmp = self.out / "shards" / f".{name}.tar.tmp"
+        tar_tmp = atomic.temp_path(tar_final)
         if self.samples:
             with wds.TarWriter(str(tar_tmp)) as sink:
                 for s in self.samples:
@@ -88,7 +80,7 @@ class ShardWriter:
             write_errors(self.out / "errors" / f"{name}.parquet", self.errors)
             self.errors_written += len(self.errors)
         if self.samples:
-            _fsync_rename(tar_tmp, tar_final)
+            atomic.fsync_replace(tar_tmp, tar_final)
             self.shards_written += 1
         self.samples, self.errors = [], []
         self.index += 1
@@ -122,24 +114,24 @@ def clean_unfinished(out_dir: str | Path) -> int:
     return removed
 
 
+def _read_columns(folder: Path, columns: list[str]) -> pa.Table | None:
+    """``columns`` of every shard-*.parquet in ``folder`` as one table; None when there is none."""
+    files = sorted(folder.glob("shard-*.parquet"))
+    return pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns) if files else None
+
+
 def done_files(out_dir: str | Path) -> set[str]:
     """Sources (paths relative to the corpus root) with nothing left to do: every segment is in a
     finished shard, or the whole file failed. Call :func:`clean_unfinished` first."""
-    import pyarrow.compute as pc
-
-    from musiclm.shards.format import file_key
-
     out = Path(out_dir)
     done: set[str] = set()
-    files = sorted((out / "stats").glob("shard-*.parquet"))
-    if files:
-        t = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["source", "segment", "segments"])
+    t = _read_columns(out / "stats", ["source", "segment", "segments"])
+    if t is not None:
         t = t.group_by(["source", "segments"]).aggregate([("segment", "count_distinct")])
         full = pc.equal(t.column("segment_count_distinct"), pc.cast(t.column("segments"), pa.int64()))
         done.update(t.filter(full).column("source").to_pylist())
-    files = sorted((out / "errors").glob("shard-*.parquet"))
-    if files:
-        t = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["key", "source"])
+    t = _read_columns(out / "errors", ["key", "source"])
+    if t is not None:
         done.update(src for key, src in zip(t.column("key").to_pylist(), t.column("source").to_pylist()) if key == file_key(src))
     return done
 
@@ -152,8 +144,7 @@ def done_keys(out_dir: str | Path) -> set[str]:
     out = Path(out_dir)
     keys: set[str] = set()
     for folder in (out / "stats", out / "errors"):
-        files = sorted(folder.glob("shard-*.parquet"))
-        if files:
-            table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=["key"])
+        table = _read_columns(folder, ["key"])
+        if table is not None:
             keys.update(table.column("key").to_pylist())
     return keys

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from musiclm import atomic
 from musiclm.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -62,20 +63,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def clean_partial(run_dir: str | Path) -> None:
     """Remove temporary folders left by a run killed while it wrote a checkpoint."""
     for p in (Path(run_dir) / CHECKPOINTS).glob(".tmp-*"):
@@ -97,14 +84,14 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
     for f in (WEIGHTS, STATE):
-        _fsync(tmp / f)
+        atomic.fsync(tmp / f)
     final = folder / name
     if final.exists():  # a leftover of a killed run at the same step: replace it
         old = folder / f".tmp-old-{name}-{os.getpid()}"
         os.replace(final, old)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
-    _write_atomic_text(folder / LATEST, name + "\n")
+    atomic.write_text(folder / LATEST, name + "\n")
     if keep_last >= 1:
         for s, p in list_checkpoints(run_dir)[:-keep_last]:
             if p != final:

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from musiclm import atomic
 from musiclm.config import Config, config_from_dict, load_config, to_dict
 from musiclm.errors import UserError
 from musiclm.models.layout import StageLayout, layout_for
@@ -230,9 +231,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut by the kill
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(line + "\n" for line in keep))
 
 
 class Metrics:
@@ -549,9 +548,7 @@ def _prepare_run_folder(out: Path, stage: str, data: Path, val_data, cfg: Config
     }
     if resumed:
         run["resumed_at_step"] = step
-    tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(run, indent=2, default=str) + "\n")
-    os.replace(tmp, out / RUN_FILE)
+    atomic.write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
     _copy_tokenizer(data / "tokenizer", out / "tokenizer", info)
     if resumed:
         _truncate_metrics(out / METRICS_FILE, step)
@@ -564,15 +561,12 @@ def _copy_tokenizer(src: Path, dst: Path, info: TokenInfo) -> None:
     """Copy the tokenizer folder into the run (atomically; kept when it is already the same tokenizer)."""
     if (dst / TOKENIZER_FILE).is_file() and json.loads((dst / TOKENIZER_FILE).read_text()).get("fingerprint") == info.fingerprint:
         return
-    staging = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     if (src / TOKENIZER_FILE).is_file():
-        shutil.copytree(src, staging)
+        atomic.copy_folder(src, dst)
     else:
-        staging.mkdir(parents=True)
+        staging = atomic.fresh_staging(dst)
         (staging / TOKENIZER_FILE).write_text(json.dumps(info.raw, indent=2) + "\n")
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(staging, dst)
+        atomic.replace_folder(staging, dst)
 
 
 # ---- loading a trained stage ------------------------------------------------------------------------------------------
