@@ -216,12 +216,6 @@ def _check_prompt_audio(path: str | Path) -> float:
 # ---- loading ---------------------------------------------------------------------------------------------------------
 
 
-def _run_folder(path: Path) -> Path:
-    from musiclm.training.checkpoint import WEIGHTS
-
-    return path.parent.parent if (path / WEIGHTS).is_file() else path
-
-
 def _find_tokenizer(runs: list[Path], fingerprint: str) -> Path:
     """The tokenizer folder of these runs: RUN/tokenizer/, else the data folder recorded in RUN/run.json."""
     from musiclm.pipeline.tokenizer import read_record, tokenizer_folder
@@ -283,6 +277,7 @@ class MusicLM:
         folder recorded in a stage's run.json. Fingerprints are checked before the tokenizer's
         backbones are loaded.
         """
+        from musiclm.training.checkpoint import run_folder
         from musiclm.training.trainer import _pick_device, load_stage
 
         dev = _pick_device(device, local_rank=0)  # the same devices and errors as musiclm train
@@ -295,7 +290,7 @@ class MusicLM:
             if not path.exists():
                 raise UserError(f"the {name} stage {path} does not exist: pass a run folder written by musiclm train {name}")
             model, layout, cfg, _ = load_stage(path, device=dev)
-            stages[name] = Stage(model, layout, cfg, _run_folder(path))
+            stages[name] = Stage(model, layout, cfg, run_folder(path))
         fingerprint = _check_stages(stages)
         folder = Path(tokenizer) if tokenizer is not None else _find_tokenizer([st.run for st in stages.values()], fingerprint)
         return cls(Tokenizer.load(folder, device=str(dev)), stages, tokenizer_path=folder)

@@ -63,6 +63,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def run_folder(path: str | Path) -> Path:
+    """The run folder of ``path``: a run folder itself, or one of its checkpoint folders."""
+    path = Path(path)
+    return path.parent.parent if (path / WEIGHTS).is_file() else path
+
+
 def clean_partial(run_dir: str | Path) -> None:
     """Remove temporary folders left by a run killed while it wrote a checkpoint."""
     for p in (Path(run_dir) / CHECKPOINTS).glob(".tmp-*"):

@@ -77,7 +77,7 @@ class Dist:
         return self.rank == 0
 
 
-def _pick_device(device: str | None, local_rank: int) -> torch.device:
+def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.device:
     if device is None:
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -109,20 +109,16 @@ def setup_distributed(device: str | None) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
-def _all_mean(values: list[float], d: Dist) -> list[float]:
-    if d.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return (t / d.world_size).tolist()
-
-
 def _all_sum(values: list[float], d: Dist) -> list[float]:
     if d.world_size == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _all_mean(values: list[float], d: Dist) -> list[float]:
+    return [v / d.world_size for v in _all_sum(values, d)]
 
 
 # ---- optimisation ---------------------------------------------------------------------------------------------------
@@ -388,12 +384,13 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, fused=d.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
 
-    step, batches_done, best_val, window = 0, 0, None, [0.0, 0]
+    # the losses logged at the next log step: their sum (on the device) and how many steps it covers
+    step, batches_done, best_val, window_loss, window_steps = 0, 0, None, 0.0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, batches_done, best_val = int(state["step"]), int(state["loader"]["batches"]), state.get("best_val")
-        window = list(state.get("log_window", [0.0, 0]))
+        window_loss, window_steps = state.get("log_window", [0.0, 0])
         rngs = state["rng"]
         set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
         stream_now = {"batch_size": tc.batch_size, "seed": tc.seed, "world_size": d.world_size, "num_workers": tc.num_workers}
@@ -454,7 +451,7 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
                 "rng": rngs,
                 "loader": {"batches": batches_done, "batch_size": tc.batch_size, "seed": tc.seed, "world_size": d.world_size, "num_workers": tc.num_workers},
                 "best_val": best_val,
-                "log_window": [float(window_sum), window[1]],
+                "log_window": [float(window_sum), window_steps],
             }
             ckpt.save_checkpoint(out, step, model.state_dict(), state, tc.keep_last)
 
@@ -462,7 +459,7 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
     model.train()
     t_window, steps_in_window = time.perf_counter(), 0
     # the window's loss sum stays on the device so that a step never waits for the GPU
-    window_sum = torch.tensor(window[0], dtype=torch.float64, device=d.device)
+    window_sum = torch.tensor(window_loss, dtype=torch.float64, device=d.device)
     try:
         while step < tc.steps:
             grad_norm = None
@@ -487,18 +484,18 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_in_window += 1
-            window[1] += 1
+            window_steps += 1
             progress.advance(step)
 
             values: dict[str, float] = {}
             if step % tc.log_every == 0 or step == tc.steps:
-                mean_loss, gnorm = _all_mean([float(window_sum) / max(window[1], 1), float(grad_norm) if grad_norm is not None else 0.0], d)
+                mean_loss, gnorm = _all_mean([float(window_sum) / max(window_steps, 1), float(grad_norm) if grad_norm is not None else 0.0], d)
                 if not math.isfinite(mean_loss):
                     raise UserError(f"the training loss is not finite at step {step}; lower --lr (now {tc.lr})")
                 elapsed = time.perf_counter() - t_window
                 # tokens_per_s: input positions (B x N, prefix and pads included) of all ranks per wall second
                 values.update({"train/loss": mean_loss, "train/lr": lr_now, "train/grad_norm": gnorm, "tokens_per_s": steps_in_window * tc.grad_accum * tokens_per_batch * d.world_size / max(elapsed, 1e-9)})
-                window = [0.0, 0]
+                window_steps = 0
                 window_sum.zero_()
                 t_window, steps_in_window = time.perf_counter(), 0
             if step % tc.eval_every == 0 or step == tc.steps:
@@ -580,12 +577,10 @@ def load_stage(run_dir: str | Path, device: str | torch.device | None = None) ->
     run's config and its tokenizer info. Reads no data folder.
     """
     path = Path(run_dir)
-    if (path / ckpt.WEIGHTS).is_file():
-        folder, run_path = path, path.parent.parent
-    else:
-        folder, run_path = ckpt.latest_checkpoint(path), path
-        if folder is None:
-            raise UserError(f"{path} holds no checkpoint: train it with musiclm train, or point at a run folder")
+    run_path = ckpt.run_folder(path)
+    folder = ckpt.latest_checkpoint(path) if run_path == path else path
+    if folder is None:
+        raise UserError(f"{path} holds no checkpoint: train it with musiclm train, or point at a run folder")
     if not (run_path / RUN_FILE).is_file():
         raise UserError(f"{run_path} is not a musiclm run folder (no {RUN_FILE})")
     run = json.loads((run_path / RUN_FILE).read_text())
@@ -594,5 +589,4 @@ def load_stage(run_dir: str | Path, device: str | torch.device | None = None) ->
     layout = layout_for(run["stage"], info, cfg.stages.get(run["stage"]))
     model = MusicTransformer.for_layout(cfg.model, layout)
     model.load_state_dict(ckpt.load_weights(folder))
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(dev).eval(), layout, cfg, info
+    return model.to(_pick_device(device, local_rank=0)).eval(), layout, cfg, info
