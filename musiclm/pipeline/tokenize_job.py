@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -156,8 +156,14 @@ def _ray(address: str | None) -> Iterator[Any]:
             ray.shutdown()
 
 
-def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> tuple[int, float, float, int]:
-    """(actors, GPUs per actor, CPUs per actor, torch threads per actor)."""
+class Resources(NamedTuple):
+    workers: int  # actors in the pool
+    gpus: float  # per actor
+    cpus: float  # per actor
+    threads: int  # torch threads per actor
+
+
+def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> Resources:
     total = ray.cluster_resources()
     cpus = int(total.get("CPU", 1))
     gpus = float(total.get("GPU", 0))
@@ -167,7 +173,7 @@ def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> tuple
         raise UserError(f"--gpus-per-worker {gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs")
     if workers is None:
         workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
-    return workers, gpus_per_worker, 1.0, actor_threads(cpus, workers, gpus_per_worker > 0)
+    return Resources(workers, gpus_per_worker, 1.0, actor_threads(cpus, workers, gpus_per_worker > 0))
 
 
 def actor_threads(cpus: int, workers: int, gpu: bool) -> int:
@@ -181,6 +187,11 @@ def actor_threads(cpus: int, workers: int, gpu: bool) -> int:
 # ---- decode stage (Ray tasks) ------------------------------------------------------------
 def _error_row(key: str, rel: str, step: str, reason: str) -> dict[str, Any]:
     return {"key": key, "rel": rel, "segment": -1, "segments": 0, "start": 0.0, "seconds": 0.0, "sample_rate": 0, "channels": 0, "error": reason, "step": step}
+
+
+def _reason(e: Exception) -> str:
+    """The errors/ line of a failure: an AudioError's own reason, else the exception."""
+    return e.reason if isinstance(e, AudioError) else f"{type(e).__name__}: {e}"
 
 
 def _decode_file(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], segment_seconds: float, min_seconds: float, done: frozenset) -> Iterator[dict[str, Any]]:
@@ -197,11 +208,8 @@ def _decode_file(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], se
             yield {**_error_row(fkey, rel, "decode", f"too short: {info.duration:.2f} s (minimum {min_seconds:g} s)"), **empty}
             return
         segments = plan_segments(info.duration, segment_seconds)
-    except AudioError as e:
-        yield {**_error_row(fkey, rel, "decode", e.reason), **empty}
-        return
     except Exception as e:  # noqa: BLE001 - any failure is recorded, never fatal for the run
-        yield {**_error_row(fkey, rel, "decode", f"{type(e).__name__}: {e}"), **empty}
+        yield {**_error_row(fkey, rel, "decode", _reason(e)), **empty}
         return
     for i, (start, seconds) in enumerate(segments):
         key = sample_key(rel, i)
@@ -209,11 +217,8 @@ def _decode_file(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], se
             continue
         try:
             audio = load_for_rates(path, start, seconds, rates)
-        except AudioError as e:
-            yield {**_error_row(key, rel, "decode", e.reason), **empty}
-            continue
         except Exception as e:  # noqa: BLE001
-            yield {**_error_row(key, rel, "decode", f"{type(e).__name__}: {e}"), **empty}
+            yield {**_error_row(key, rel, "decode", _reason(e)), **empty}
             continue
         yield {
             "key": key,
@@ -230,21 +235,20 @@ def _decode_file(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], se
         }
 
 
-def _actor_pool(ds, ray, actor: type, kwargs: dict[str, Any], batch_size: int, res) -> Any:
+def _actor_pool(ds, ray, actor: type, kwargs: dict[str, Any], batch_size: int, res: Resources) -> Any:
     """``ds`` through an actor pool of ``actor``. A crashed actor fails the run loudly (rerunning
     resumes it) instead of being restarted with constructor arguments Ray may have lost."""
     import warnings
 
-    workers, gpus, cpus, _ = res
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(
             actor,
             fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(size=workers),
+            compute=ray.data.ActorPoolStrategy(size=res.workers),
             batch_size=batch_size,
-            num_gpus=gpus,
-            num_cpus=cpus,
+            num_gpus=res.gpus,
+            num_cpus=res.cpus,
             batch_format="numpy",
             max_restarts=0,
         )
@@ -263,8 +267,9 @@ def _load_tokenizer(tokenizer_dir: str | None, cfg_dict: dict | None, backbone_d
     return Tokenizer.from_config(tokenize_config_from_dict(cfg_dict), device=device, folders=Path(backbone_dir))
 
 
-def _clips(batch: dict[str, np.ndarray], rows: list[int], rates: tuple[int, ...]) -> list[dict[int, np.ndarray]]:
-    return [{sr: np.frombuffer(batch[f"a{sr}"][i], dtype=np.float32) for sr in rates} for i in rows]
+def _clip(batch: dict[str, np.ndarray], i: int, rates: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Row ``i``'s decoded audio: {sample rate: float32 samples}."""
+    return {sr: np.frombuffer(batch[f"a{sr}"][i], dtype=np.float32) for sr in rates}
 
 
 class TokenizeActor:
@@ -282,7 +287,7 @@ class TokenizeActor:
         for i in good:
             t0 = time.perf_counter()
             try:
-                results[i] = self.tok.tokenize(_clips(batch, [i], self.rates)[0])
+                results[i] = self.tok.tokenize(_clip(batch, i, self.rates))
             except Exception as e:  # noqa: BLE001 - a clip that fails is recorded; its neighbours go on
                 results[i] = f"{type(e).__name__}: {e}"
             compute[i] = time.perf_counter() - t0
@@ -349,7 +354,7 @@ class FitActor:
                 continue
             # seeded per clip so the fitted quantizers do not depend on how clips were batched
             rng = np.random.default_rng([self.seed, int(str(batch["key"][i])[:8], 16)])
-            feats = self.tok.fit_features(_clips(batch, [i], self.rates)[0], self.max_frames, rng)
+            feats = self.tok.fit_features(_clip(batch, i, self.rates), self.max_frames, rng)
             for name in out:
                 f = feats.get(name)
                 out[name].append(b"" if f is None else np.ascontiguousarray(f, dtype=np.float32).tobytes())
@@ -388,7 +393,7 @@ def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
     return all(da[k] == db[k] for k in MEANING_KEYS)
 
 
-def _fit_tokenizer(ray, console, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig, res) -> None:
+def _fit_tokenizer(ray, console, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources) -> None:
     """Fit the quantizers on a sample of the corpus and save the tokenizer to ``out/tokenizer``."""
     from musiclm.models.backbones import init_encodec_codebooks
     from musiclm.pipeline.quantizers import fit_residual, fit_semantic
@@ -418,7 +423,7 @@ def _fit_tokenizer(ray, console, files: list[str], corpus: Path, out: Path, tcfg
     tok = Tokenizer.from_config(tcfg)
     tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
     max_frames = max(1, math.ceil(fit.max_points / max(segments, 1)))
-    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res[3], max_frames=max_frames, seed=fit.seed)
+    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed)
     ds = _actor_pool(_decoded(ray, sample, corpus, tcfg, tok.sample_rates, frozenset()), ray, FitActor, kwargs, tcfg.batch_size, res)
     feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": []}
     dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
@@ -514,7 +519,7 @@ def run_tokenize(
     return summary
 
 
-def _tokenize_all(ray, console, files: list[str], corpus: Path, out: Path, shard_size: int | None, res, summary: TokenizeSummary) -> None:
+def _tokenize_all(ray, console, files: list[str], corpus: Path, out: Path, shard_size: int | None, res: Resources, summary: TokenizeSummary) -> None:
     """The main pass: every segment of ``files`` not yet done → shards; counts go into ``summary``."""
     from musiclm.pipeline.tokenizer import read_record
     from musiclm.shards.format import TokenInfo
@@ -526,7 +531,7 @@ def _tokenize_all(ray, console, files: list[str], corpus: Path, out: Path, shard
     writer = ShardWriter(out, info, shard_size or tcfg.shard_size, next_shard_index(out))
     t_run = time.time()
     try:
-        kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res[3])
+        kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res.threads)
         ds = _actor_pool(_decoded(ray, files, corpus, tcfg, rates, done), ray, TokenizeActor, kwargs, tcfg.batch_size, res)
         with _progress(console, len(files)) as bar:
             for row in ds.iter_rows():
