@@ -103,11 +103,20 @@ class Encodec:
     @property
     def bandwidth(self) -> float:
         """The bandwidth (kbps) at which the model keeps exactly ``num_quantizers`` codebooks."""
-        c = self.model.config
-        return self.num_quantizers * c.frame_rate * c.codebook_nbits / 1000
+        return _bandwidth(self.model.config, self.num_quantizers)
+
+    def model_input(self, audio: torch.Tensor) -> torch.Tensor:
+        """Mono audio [B, samples] as the model takes it: [B, channels, samples]."""
+        x = audio[:, None, :]
+        return x.expand(-1, 2, -1) if self.model.config.audio_channels == 2 else x
 
     def save(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
+
+
+def _bandwidth(config: Any, num_quantizers: int) -> float:
+    """kbps of ``num_quantizers`` codebooks of an Encodec config."""
+    return num_quantizers * config.frame_rate * config.codebook_nbits / 1000
 
 
 def _pretrained(load, name: str, revision: str | None, what: str, **kw):
@@ -181,7 +190,7 @@ def load_mert(spec: MertConfig, folder: Path | None = None, seed: int = 0) -> Me
         torch.manual_seed(seed)
         model = HubertModel(HubertConfig(**spec.arch))
         filterbank_feature_encoder(model, spec.sample_rate, seed)
-        features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=spec.sample_rate, padding_value=0.0, do_normalize=True)
+        features = _mert_features(spec.sample_rate)
     else:
         revision = None if folder is not None else spec.revision
         if spec.trust_remote_code:
@@ -190,13 +199,20 @@ def load_mert(spec: MertConfig, folder: Path | None = None, seed: int = 0) -> Me
             model = _pretrained(HubertModel.from_pretrained, source, revision, "MERT")
         try:
             features = Wav2Vec2FeatureExtractor.from_pretrained(source, revision=revision, trust_remote_code=spec.trust_remote_code)
-        except (OSError, ValueError):
-            features = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=spec.sample_rate, padding_value=0.0, do_normalize=True)
+        except (OSError, ValueError):  # a model folder without preprocessor_config.json
+            features = _mert_features(spec.sample_rate)
     n_layers = model.config.num_hidden_layers
     if not 0 <= spec.layer <= n_layers:
         raise UserError(f"tokenize.mert.layer = {spec.layer} but the MERT model has {n_layers} layers (use 0..{n_layers})")
     model.eval().requires_grad_(False)
     return Mert(model, features, spec.layer)
+
+
+def _mert_features(sample_rate: int):
+    """MERT's feature extractor: mono input, normalised per clip."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sample_rate, padding_value=0.0, do_normalize=True)
 
 
 def load_encodec(spec: EncodecConfig, folder: Path | None = None, seed: int = 0) -> Encodec:
@@ -208,7 +224,7 @@ def load_encodec(spec: EncodecConfig, folder: Path | None = None, seed: int = 0)
     source = str(folder) if folder is not None else spec.model
     if source == RANDOM:
         cfg = HfEncodecConfig(**spec.arch)
-        cfg.target_bandwidths = [spec.num_quantizers * cfg.frame_rate * cfg.codebook_nbits / 1000]
+        cfg.target_bandwidths = [_bandwidth(cfg, spec.num_quantizers)]
         torch.manual_seed(seed)
         model = EncodecModel(cfg)
     else:
@@ -259,10 +275,7 @@ def filterbank_feature_encoder(model, sample_rate: int, seed: int = 0) -> None:
 @torch.inference_mode()
 def encodec_latents(enc: Encodec, audio: torch.Tensor) -> torch.Tensor:
     """Encoder outputs before quantisation: audio [B, samples] → [B, frames, dim]."""
-    x = audio[:, None, :]
-    if enc.model.config.audio_channels == 2:
-        x = x.expand(-1, 2, -1)
-    return enc.model.encoder(x).transpose(1, 2)
+    return enc.model.encoder(enc.model_input(audio)).transpose(1, 2)
 
 
 def init_encodec_codebooks(enc: Encodec, latents: np.ndarray, niter: int = 20, seed: int = 0) -> None:

@@ -247,10 +247,8 @@ class Tokenizer:
     @torch.inference_mode()
     def encode_acoustic(self, audio: np.ndarray) -> torch.Tensor:
         """Encodec codes: [B, samples] or [samples] at the codec rate → [B, Q, T_a] int64."""
-        x = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)).to(self.device)[:, None, :]
-        if self.encodec.model.config.audio_channels == 2:
-            x = x.expand(-1, 2, -1)
-        out = self.encodec.model.encode(x, bandwidth=self.encodec.bandwidth)
+        x = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)).to(self.device)
+        out = self.encodec.model.encode(self.encodec.model_input(x), bandwidth=self.encodec.bandwidth)
         return out.audio_codes[0][:, : self.encodec.num_quantizers]
 
     @torch.inference_mode()
@@ -307,16 +305,15 @@ class Tokenizer:
     def fit_features(self, audio: dict[int, np.ndarray], max_frames: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Features that quantizers are fitted on, for one clip: MERT frames (at most ``max_frames``,
         sampled), CLAP window embeddings, and Encodec encoder outputs when Encodec is built offline."""
-        mert = self.mert_features(audio[self.mert.sample_rate])[0].cpu().numpy()
-        if len(mert) > max_frames:
-            mert = mert[np.sort(rng.choice(len(mert), max_frames, replace=False))]
+
+        def at_most(frames: np.ndarray) -> np.ndarray:  # max_frames of them, drawn without replacement, in order
+            return frames if len(frames) <= max_frames else frames[np.sort(rng.choice(len(frames), max_frames, replace=False))]
+
+        mert = at_most(self.mert_features(audio[self.mert.sample_rate])[0].cpu().numpy())
         out = {"mert": mert, "clap": self.clap_audio_embed(self.clap_windows(audio[self.clap.sample_rate])).cpu().numpy()}
         if self.cfg.encodec.model == RANDOM:
             x = torch.from_numpy(audio[self.encodec.sample_rate][None]).to(self.device)
-            lat = encodec_latents(self.encodec, x)[0].cpu().numpy()
-            if len(lat) > max_frames:
-                lat = lat[np.sort(rng.choice(len(lat), max_frames, replace=False))]
-            out["encodec"] = lat
+            out["encodec"] = at_most(encodec_latents(self.encodec, x)[0].cpu().numpy())
         return out
 
 
