@@ -70,6 +70,12 @@ def embedding_stats(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return emb.mean(0), np.cov(emb, rowvar=False)
 
 
+def _normalised_mean(windows: np.ndarray) -> np.ndarray:
+    """One clip's embedding from its window embeddings [W, D]: their mean, normalised -> [D]."""
+    m = windows.mean(0)
+    return m / max(np.linalg.norm(m), 1e-12)
+
+
 def clap_audio_embeddings(tokenizer: Tokenizer, audios: Sequence[np.ndarray], sample_rate: int) -> np.ndarray:
     """One CLAP audio embedding per clip: clips [samples] at ``sample_rate`` -> [B, D] float32, each the
     normalised mean of the clip's CLAP windows (all windows embedded in one call)."""
@@ -80,8 +86,7 @@ def clap_audio_embeddings(tokenizer: Tokenizer, audios: Sequence[np.ndarray], sa
     emb = tokenizer.clap_audio_embed([w for clip in windows for w in clip]).cpu().numpy()  # [W, D]
     out, a = [], 0
     for w in windows:
-        m = emb[a : a + len(w)].mean(0)
-        out.append(m / max(np.linalg.norm(m), 1e-12))
+        out.append(_normalised_mean(emb[a : a + len(w)]))
         a += len(w)
     return np.stack(out).astype(np.float32)
 
@@ -168,7 +173,7 @@ def run_eval(
     }
     if texts is not None:
         if embedding == "clap":  # the windows are already embedded: average them per file
-            audio = np.stack([e.mean(0) / max(np.linalg.norm(e.mean(0)), 1e-12) for e in gen_emb])
+            audio = np.stack([_normalised_mean(e) for e in gen_emb])
         else:
             rate = tok.clap.sample_rate
             audio = clap_audio_embeddings(tok, [_read(p, rate) for p in gen_files], rate)

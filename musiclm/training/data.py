@@ -153,13 +153,17 @@ def iter_tar_samples(
         yield pos, key, members
 
 
+def _unreadable(path: str | Path, e: ValueError) -> UserError:
+    return UserError(f"cannot read shard {path}: {e}; re-run musiclm tokenize to rewrite it")
+
+
 def scan_keys(path: str | Path) -> list[str]:
     """Clip keys of one shard, in file order (reads headers only)."""
     with open(path, "rb") as f:
         try:
             return [key for _, key, _ in iter_tar_samples(f, want=lambda _: False, where=str(path))]
         except ValueError as e:
-            raise UserError(f"cannot read shard {path}: {e}; re-run musiclm tokenize to rewrite it") from None
+            raise _unreadable(path, e) from None
 
 
 _NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
@@ -374,7 +378,7 @@ def read_planned(entries: Sequence[ShardEntry], shard: np.ndarray, position: np.
                         if members is not None:
                             yield index_of[(s, pos)], key, members
             except ValueError as e:
-                raise UserError(f"cannot read shard {path}: {e}; re-run musiclm tokenize to rewrite it") from None
+                raise _unreadable(path, e) from None
 
     it = reader()
     pending: dict[int, tuple[str, dict[str, bytes]]] = {}
