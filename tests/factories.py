@@ -1,4 +1,4 @@
-"""Token data for tests that need shards but not backbones.
+"""Token data for tests that need shards but not backbones, and a torch thread-count guard.
 
 ``fake_info`` mirrors what ``musiclm tokenize`` writes into tokenizer.json;
 ``fake_sample`` makes a clip whose tokens have structure a model can learn
@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from musiclm.shards.format import TokenInfo, TokenSample, sample_key
 
@@ -63,3 +66,14 @@ def fake_sample(info: TokenInfo, seconds: float, rng: np.random.Generator, name:
 def write_tokenizer_json(data_dir: Path, info_json: dict) -> None:
     (data_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
     (data_dir / "tokenizer" / "tokenizer.json").write_text(json.dumps(info_json))
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's thread count set to ``n`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,22 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 import musiclm.generation as generation
 from musiclm.cli import main
 from musiclm.config import STAGES, load_config
 from musiclm.generation import MusicLM, output_paths, plan_windows
 from musiclm.metrics import clap_audio_embeddings
+from tests.factories import torch_threads
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models sample faster on one thread; two threads on a busy 2-core machine are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import webdataset as wds
 from musiclm.pipeline.audio import load_for_rates, plan_segments, probe
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_key
 from tests.conftest import ROOT, make_test_corpus, run_cli
+from tests.factories import torch_threads
 
 pytestmark = pytest.mark.slow
 
@@ -83,24 +84,22 @@ def test_shard_tokens_equal_tokenizing_the_file_directly(tokenized, audio_corpus
 
     Float reductions depend on the thread count, so the check runs with the actor's threads.
     """
-    import torch
-
     from musiclm.pipeline.tokenize_job import actor_threads
     from musiclm.pipeline.tokenizer import Tokenizer
 
-    torch.set_num_threads(actor_threads(os.cpu_count(), 1, gpu=False))
     out, _ = tokenized
     root, _ = audio_corpus
     tok = Tokenizer.load(out / "tokenizer")
     samples = {s.key: s for s in read_samples(out)}
     checked = 0
-    for s in sorted(samples.values(), key=lambda s: s.key)[:3]:
-        audio = load_for_rates(root / s.meta["source"], s.meta["start"], s.meta["duration"], tok.sample_rates)
-        direct = tok.tokenize(audio)
-        np.testing.assert_array_equal(direct["semantic"], s.semantic)
-        np.testing.assert_array_equal(direct["acoustic"], s.acoustic)
-        np.testing.assert_array_equal(direct["clap"], s.clap)
-        checked += 1
+    with torch_threads(actor_threads(os.cpu_count(), 1, gpu=False)):
+        for s in sorted(samples.values(), key=lambda s: s.key)[:3]:
+            audio = load_for_rates(root / s.meta["source"], s.meta["start"], s.meta["duration"], tok.sample_rates)
+            direct = tok.tokenize(audio)
+            np.testing.assert_array_equal(direct["semantic"], s.semantic)
+            np.testing.assert_array_equal(direct["acoustic"], s.acoustic)
+            np.testing.assert_array_equal(direct["clap"], s.clap)
+            checked += 1
     assert checked == 3
 
 

@@ -27,7 +27,7 @@ from musiclm.shards.writer import ShardWriter
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.data import split_data
 from musiclm.training.trainer import load_stage, lr_factor, param_groups, run_train
-from tests.factories import fake_info_json, fake_sample, write_tokenizer_json
+from tests.factories import fake_info_json, fake_sample, torch_threads, write_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = load_config("tiny")
@@ -63,22 +63,16 @@ def config_file(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def trained_run(corpus, tmp_path_factory) -> Path:
     """A semantic run of 7 steps, saving every 3 (tiny keeps the last 2 checkpoints)."""
     out = tmp_path_factory.mktemp("run") / "semantic"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         run_train("semantic", corpus, out, CFG, steps=7, save_every=3, eval_every=3, batch_size=4)
-    finally:
-        torch.set_num_threads(n)
     return out
 
 

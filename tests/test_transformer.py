@@ -13,17 +13,15 @@ import torch.nn.functional as F
 from musiclm.config import ModelConfig, load_config
 from musiclm.models.layout import IGNORE, StageLayout
 from musiclm.models.transformer import MusicTransformer, mlp_width
-from tests.factories import fake_info, fake_sample
+from tests.factories import fake_info, fake_sample, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny matrices gain nothing from a second thread, and on a busy machine every op's thread
     barrier can wait out a scheduler slice (a 3 s test took 100 s); one thread keeps these fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
