@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_tokenize import small_random_config  # noqa: E402
+from bench_train_vs_onthefly import random_quantizers  # noqa: E402
 
 from musiclm.config import STAGES, to_dict  # noqa: E402
 from musiclm.generation import MusicLM, Stage  # noqa: E402
@@ -52,13 +52,7 @@ def random_small_model(device: str = "cpu", seed: int = 0) -> MusicLM:
     cfg = small_random_config(clap_codes=1024)
     t = cfg.tokenize
     tok = Tokenizer.from_config(t, device=device)
-    rng = np.random.default_rng(seed)
-    mert_dim = tok.mert.model.config.hidden_size
-    tok.quantizers = {
-        "semantic_centroids": rng.standard_normal((t.mert.codebook_size, mert_dim)).astype(np.float32),
-        "semantic_norm": np.stack([np.zeros(mert_dim), np.ones(mert_dim)]).astype(np.float32),
-        "clap_codebooks": (rng.standard_normal((t.clap.levels, t.clap.codebook_size, tok.clap.embed_dim)) / 8).astype(np.float32),
-    }
+    tok.quantizers = random_quantizers(tok, seed)
     record = {"format": FORMAT_VERSION, "config": to_dict(t), "backbones": {}, "quantizers": {}, "streams": tok.streams()}
     record["fingerprint"] = fingerprint(record)
     tok.record = record

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.factories when run as a script
 
 from musiclm.config import load_config
+from musiclm.generation import plan_windows
 from musiclm.models.layout import layout_for
 from musiclm.models.sampling import sample_target
 from musiclm.models.transformer import MusicTransformer
@@ -96,11 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     # Interleaving keeps both measurements of a window under the same load on a shared machine.
     gen = torch.Generator().manual_seed(args.seed)
     windows: list[Window] = []
-    done = 0  # frames generated so far
-    start = 0
-    while done < total_frames:
-        keep = 0 if not windows else window_frames - hop_frames
-        new = min(window_frames - keep, total_frames - done)
+    for start, known, end in plan_windows(total_frames, 0, window_frames, hop_frames, align=1):  # generation's windows
+        keep, new = known - start, end - known  # frames carried over from the previous window, frames sampled
         win = layout.window_at(sample, float(start / rate))
         prefix = torch.from_numpy(layout.prefix(win))[None].repeat(args.batch, 1)
         prompt = windows[-1].ids[:, -keep * levels :] if keep else None
@@ -120,8 +118,6 @@ def main(argv: list[str] | None = None) -> None:
         w.step_lengths = tuple(p + j for j in js)
         w.step_s, w.step_cpu_s = tuple(times), tuple(cpu)
         windows.append(w)
-        done += new
-        start += hop_frames
 
     # ---- report ---------------------------------------------------------------------------------
     print()
