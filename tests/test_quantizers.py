@@ -60,3 +60,29 @@ def test_semantic_quantizer_standardises_features():
     centroids, norm = fit_semantic(x, 4)
     np.testing.assert_allclose(norm[0], x.mean(0), rtol=1e-4)
     assert centroids.shape == (4, 6) and np.abs(centroids).max() < 10  # in standardised units
+
+
+def test_semantic_codes_match_the_fit():
+    """The tokenizer assigns every fit point the cell k-means gave it: it standardises exactly as the fit did.
+
+    Per-dimension scales span six orders of magnitude, so a tokenizer that skipped the mean or
+    the std would measure distances in other units than the fit and pick other cells.
+    """
+    from musiclm.config import load_config
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    z, _ = blobs(2000, 8, 6, seed=3)
+    scales = np.array([1e3, 1e-3, 1.0, 30.0, 1e-2, 5e2], np.float32)
+    features = z * scales + np.array([5e3, -2.0, 0.5, 100.0, 0.0, -7e2], np.float32)
+    centroids, norm = fit_semantic(features, 8)
+
+    # the fit's own cells, computed here in float64 without our assign()
+    standard = (features.astype(np.float64) - norm[0]) / norm[1]
+    fit_labels = ((standard[:, None, :] - centroids[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    assert len(np.unique(fit_labels)) == 8
+
+    tok = Tokenizer.from_config(load_config("tiny").tokenize)
+    tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm}
+    codes = tok.semantic_codes(torch.from_numpy(features).reshape(40, 50, 6))  # [..., D] keeps the leading shape
+    assert codes.shape == (40, 50) and codes.dtype == torch.int64
+    np.testing.assert_array_equal(codes.reshape(-1).numpy(), fit_labels)
