@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from musiclm.config import ModelConfig, load_config
 from musiclm.models.layout import IGNORE, StageLayout
-from musiclm.models.transformer import MusicTransformer, mlp_width
+from musiclm.models.transformer import MusicTransformer, Rotary, mlp_width
 from tests.factories import fake_info, fake_sample, torch_threads
 
 
@@ -135,6 +135,36 @@ def test_rotary_positions_continue_past_the_planned_sequence_length(layout):
     cache = model.new_cache(1, 20)
     pieces = [model(tokens[:, :5], cache)] + [model(tokens[:, i : i + 1], cache) for i in range(5, 20)]
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5)
+
+
+def rotated(rotary: Rotary, x: torch.Tensor, position: int) -> torch.Tensor:
+    """One head vector ``x`` [D] as rotary sees it at ``position``."""
+    return rotary(x.view(1, 1, 1, -1), position).view(-1)
+
+
+def test_rotary_attention_scores_depend_on_relative_position_only():
+    """q.k after rotary is a function of j - i: the same pair shifted by s scores the same.
+    The table covers 64 positions; shifts of 500 also check positions computed on the fly."""
+    rotary = Rotary(head_dim=16, base=10_000.0, max_len=64)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        q, k = torch.randn(2, 16, generator=g)
+        for i, j in [(0, 0), (3, 7), (7, 3), (10, 50), (63, 1)]:
+            score = rotated(rotary, q, i) @ rotated(rotary, k, j)
+            for s in (1, 13, 40, 500):
+                shifted = rotated(rotary, q, i + s) @ rotated(rotary, k, j + s)
+                assert shifted.item() == pytest.approx(score.item(), abs=1e-4), (i, j, s)
+        # and the score does see the distance (a rotary that did nothing would pass the above)
+        near, far = (rotated(rotary, q, 0) @ rotated(rotary, k, j) for j in (0, 5))
+        assert abs(near.item() - far.item()) > 1e-2
+
+
+def test_rotary_preserves_the_norm_of_every_head_vector():
+    rotary = Rotary(head_dim=16, base=10_000.0, max_len=64)
+    x = torch.randn(2, 3, 40, 16, generator=torch.Generator().manual_seed(1))  # [B, H, N, D]
+    for start in (0, 30, 100):  # inside the table, across its end, past it
+        assert torch.allclose(rotary(x, start).norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+    assert not torch.allclose(rotary(x, 5), x, atol=1e-2)
 
 
 def test_residual_projections_start_smaller_than_other_weights(layout):
