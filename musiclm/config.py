@@ -12,10 +12,12 @@ The ``tokenize`` subtree decides what tokens *mean*; it is written into
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +67,20 @@ class EncodecConfig:
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How quantizers are fitted when `musiclm tokenize` is given no tokenizer."""
+    """How quantizers are fitted when `musiclm tokenize` is given no tokenizer.
 
-    max_seconds: float = 3600.0  # audio sampled from the corpus for fitting
-    max_points: int = 200_000  # MERT frames kept for k-means
+    Files are drawn in a seeded random order until ``max_seconds`` of audio. CLAP windows are
+    taken densely (``clap_hop_seconds``) over all of it; MERT frames (and the encoder outputs of
+    an offline-built Encodec) over its first ``mert_seconds``. A corpus that cannot give every
+    code ``min_points_per_code`` points at every level is refused before any backbone runs.
+    """
+
+    max_seconds: float = 72_000.0  # audio read for fitting (CLAP windows come from all of it)
+    mert_seconds: float = 3600.0  # the part of it whose MERT frames (and Encodec latents) are extracted
+    max_points: int = 200_000  # MERT frames (and Encodec latents) kept for k-means
+    clap_hop_seconds: float = 1.0  # CLAP window hop while fitting: dense, many points per hour
+    min_points_per_code: int = 50  # refuse to fit a codebook on fewer points than this per code
+    heldout_fraction: float = 0.05  # fit files whose CLAP windows only measure the fit (reconstruction error)
     niter: int = 20
     seed: int = 0
 
@@ -251,7 +263,9 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> Co
         preset = "small"
     data = _raw(preset, Path(path) if path is not None else None)
     data.setdefault("name", preset if path is None else Path(path).stem)
-    return from_dict(Config, data)
+    cfg = from_dict(Config, data)
+    check_config(cfg)
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -261,3 +275,66 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def tokenize_config_from_dict(data: dict[str, Any]) -> TokenizeConfig:
     return from_dict(TokenizeConfig, data, "tokenize")
+
+
+# ---- consistency checks ------------------------------------------------------------------------
+GRID = Fraction(1, 25)  # 40 ms: a whole number of frames at 50 Hz (MERT) and at 75 Hz (Encodec)
+
+
+def _on_grid(seconds: float) -> bool:
+    ticks = Fraction(seconds).limit_denominator(1_000_000) / GRID
+    return ticks.denominator == 1 and ticks > 0
+
+
+def clap_windows_per_segment(seconds: float, window: float, hop: float) -> int:
+    """CLAP windows in one segment of ``seconds``: at least one (a short segment is repeat-padded)."""
+    if seconds <= window:
+        return 1
+    return int(math.floor((seconds - window) / hop + 1e-9)) + 1
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse, in one line each, a config whose parts cannot work together.
+
+    - every stage window sits on the 40 ms grid and fits whole, with room to crop, in every
+      segment: files are split into equal segments, which are longer than half of
+      ``segment_seconds`` once a file is longer than it, so a window must be at most half of it;
+    - the fit budget can feed every vocabulary ``min_points_per_code`` points per code.
+
+    Checks that need a backbone's own settings (the CLAP window of its feature extractor, MERT's
+    layer count and frame rate) are in :mod:`musiclm.pipeline.fit_plan`.
+    """
+    t = cfg.tokenize
+    seg = t.audio.segment_seconds
+    if seg <= 0 or t.audio.min_seconds < 0:
+        raise UserError(f"config '{cfg.name}': tokenize.audio.segment_seconds must be positive and min_seconds not negative")
+    for stage in STAGES:
+        w = cfg.stages.get(stage).window_seconds
+        if not _on_grid(w):
+            raise UserError(f"config '{cfg.name}': stages.{stage}.window_seconds = {w:g} is not a multiple of 0.04 s (the frame grid shared by 50 Hz and 75 Hz)")
+        if w > seg / 2 + 1e-9:
+            raise UserError(
+                f"config '{cfg.name}': stages.{stage}.window_seconds = {w:g} does not fit whole in every segment: files are split into "
+                f"equal segments longer than half of tokenize.audio.segment_seconds = {seg:g}; raise segment_seconds to at least {2 * w:g}"
+            )
+    f = t.fit
+    if f.min_points_per_code < 1 or f.clap_hop_seconds <= 0 or not 0 <= f.heldout_fraction < 0.5 or f.mert_seconds > f.max_seconds:
+        raise UserError(
+            f"config '{cfg.name}': tokenize.fit needs min_points_per_code >= 1, clap_hop_seconds > 0, "
+            "0 <= heldout_fraction < 0.5 and mert_seconds <= max_seconds"
+        )
+    clap_need = t.clap.codebook_size * f.min_points_per_code
+    per_second = clap_windows_per_segment(seg, t.clap.window_seconds, f.clap_hop_seconds) / seg
+    clap_budget = int(f.max_seconds * per_second * (1 - f.heldout_fraction) + 1e-6)
+    if clap_budget < clap_need:
+        raise UserError(
+            f"config '{cfg.name}': tokenize.fit.max_seconds = {f.max_seconds:g} gives at most {clap_budget} CLAP windows to fit on, but "
+            f"{t.clap.codebook_size} codes x {f.min_points_per_code} points need {clap_need}: raise max_seconds to at least "
+            f"{math.ceil(clap_need / per_second / (1 - f.heldout_fraction))}, or use a smaller tokenize.clap.codebook_size"
+        )
+    k = t.mert.codebook_size
+    if f.max_points < k * f.min_points_per_code:
+        raise UserError(
+            f"config '{cfg.name}': tokenize.fit.max_points = {f.max_points} cannot feed tokenize.mert.codebook_size = {k} "
+            f"({f.min_points_per_code} points per code need {k * f.min_points_per_code})"
+        )

@@ -33,7 +33,7 @@ def fake_info_json(
     fingerprint: str = "fake-0",
 ) -> dict:
     return {
-        "format": 1,
+        "format": 2,
         "fingerprint": fingerprint,
         "streams": {
             "semantic": {"levels": 1, "codebook_size": sem_k, "frame_rate": sem_rate, "sample_rate": 16000},

@@ -68,6 +68,18 @@ def residual_encode(x: np.ndarray | torch.Tensor, codebooks: np.ndarray | torch.
     return torch.stack(codes, dim=1)
 
 
+def residual_errors(x: np.ndarray | torch.Tensor, codebooks: np.ndarray | torch.Tensor) -> list[float]:
+    """How well residual codebooks [L, K, D] reconstruct rows ``x`` [N, D]: for each depth l,
+    sum |x - x_hat(levels <= l)|^2 / sum |x|^2 (1.0: no better than zero; 0.0: exact)."""
+    residual = torch.as_tensor(x, dtype=torch.float32).clone()
+    total = float((residual * residual).sum())
+    out = []
+    for c in torch.as_tensor(codebooks, dtype=torch.float32):
+        residual -= c[assign(residual, c)]
+        out.append(float((residual * residual).sum()) / total if total > 0 else 0.0)
+    return out
+
+
 def residual_decode(codes: np.ndarray | torch.Tensor, codebooks: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Sum of the chosen codewords: codes [N, L] → [N, D] float32."""
     codes = torch.as_tensor(np.asarray(codes, dtype=np.int64) if isinstance(codes, np.ndarray) else codes)

@@ -339,23 +339,27 @@ def _unpack(data: bytes) -> TokenSample:
 
 
 class FitActor:
-    """Extracts the features that quantizers are fitted on."""
+    """Extracts the features that quantizers are fitted on: CLAP windows of every clip, MERT frames
+    (and Encodec latents) of the clips of ``mert_files``."""
 
-    def __init__(self, cfg_dict: dict, backbone_dir: str, threads: int, max_frames: int, seed: int):
+    def __init__(self, cfg_dict: dict, backbone_dir: str, threads: int, max_frames: int, seed: int, mert_files: list[str]):
         self.tok = _load_tokenizer(None, cfg_dict, backbone_dir, threads)
         self.rates = self.tok.sample_rates
         self.max_frames = max_frames
         self.seed = seed
+        self.mert_files = frozenset(mert_files)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"mert": [], "clap": [], "encodec": []}
+        out: dict[str, list] = {"rel": [], "mert": [], "clap": [], "encodec": []}
         for i in range(len(batch["key"])):
             if batch["error"][i]:
                 continue
+            rel = str(batch["rel"][i])
             # seeded per clip so the fitted quantizers do not depend on how clips were batched
             rng = np.random.default_rng([self.seed, int(str(batch["key"][i])[:8], 16)])
-            feats = self.tok.fit_features(_clip(batch, i, self.rates), self.max_frames, rng)
-            for name in out:
+            feats = self.tok.fit_features(_clip(batch, i, self.rates), self.max_frames, rng, frames=rel in self.mert_files)
+            out["rel"].append(rel)
+            for name in ("mert", "clap", "encodec"):
                 f = feats.get(name)
                 out[name].append(b"" if f is None else np.ascontiguousarray(f, dtype=np.float32).tobytes())
         return out
@@ -393,55 +397,113 @@ def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
     return all(da[k] == db[k] for k in MEANING_KEYS)
 
 
-def _fit_tokenizer(ray, console, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources) -> None:
-    """Fit the quantizers on a sample of the corpus and save the tokenizer to ``out/tokenizer``."""
+def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig):
+    """Probe files for the fit sample and refuse, before any backbone runs, a corpus too small for the vocabularies."""
+    from musiclm.pipeline.fit_plan import check_enough, needs_line, plan_fit
+
+    def duration(rel: str) -> float | None:
+        try:
+            with _quiet_stderr():
+                return probe(corpus / rel).duration
+        except AudioError:
+            return None
+
+    plan = plan_fit(files, duration, tcfg)
+    if not plan.files:
+        raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
+    console.print(needs_line(tcfg, plan))
+    check_enough(tcfg, plan, mert_rate=None)  # MERT's rate is checked once its config is read
+    return plan
+
+
+def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources) -> None:
+    """Fit the quantizers on the files of ``plan`` and save the tokenizer to ``out/tokenizer``."""
     from musiclm.models.backbones import init_encodec_codebooks
-    from musiclm.pipeline.quantizers import fit_residual, fit_semantic
+    from musiclm.pipeline.fit_plan import check_enough
+    from musiclm.pipeline.quantizers import fit_residual, fit_semantic, residual_errors
+    from musiclm.pipeline.text_prompts import MUSIC_DESCRIPTIONS
     from musiclm.pipeline.tokenizer import Tokenizer
 
     fit = tcfg.fit
-    order = np.random.default_rng(fit.seed).permutation(len(files))
-    sample, seconds, segments = [], 0.0, 0
-    for i in order:
-        if seconds >= fit.max_seconds:
-            break
-        try:
-            with _quiet_stderr():
-                info = probe(corpus / files[i])
-        except AudioError:
-            continue
-        if info.duration < tcfg.audio.min_seconds:
-            continue
-        sample.append(files[i])
-        seconds += info.duration
-        segments += len(plan_segments(info.duration, tcfg.audio.segment_seconds))
-    if not sample:
-        raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
-    console.print(f"fitting quantizers on {len(sample)} files ({seconds / 60:.1f} min of audio)")
-
     staging = atomic.fresh_staging(out / "tokenizer")
     tok = Tokenizer.from_config(tcfg)
+    check_enough(tcfg, plan, mert_rate=tok.mert.frame_rate)
     tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
-    max_frames = max(1, math.ceil(fit.max_points / max(segments, 1)))
-    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed)
-    ds = _actor_pool(_decoded(ray, sample, corpus, tcfg, tok.sample_rates, frozenset()), ray, FitActor, kwargs, tcfg.batch_size, res)
-    feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": []}
+    mert_segments = sum(len(plan_segments(f.seconds, tcfg.audio.segment_seconds)) for f in plan.files if f.mert)
+    max_frames = max(1, math.ceil(fit.max_points / max(mert_segments, 1)))
+    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
+    t0 = time.time()
+    ds = _actor_pool(_decoded(ray, [f.rel for f in plan.files], corpus, tcfg, tok.sample_rates, frozenset()), ray, FitActor, kwargs, tcfg.batch_size, res)
+    heldout = frozenset(plan.heldout)
+    feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
     dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
-    for row in ds.iter_rows():
-        for name in feats:
-            if row[name]:
-                feats[name].append(np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name]))
-    if not feats["mert"]:
-        raise UserError(f"none of the {len(sample)} sampled files could be decoded to fit the tokenizer; see musiclm tokenize's errors")
+    with _fit_progress(console, len(plan.files)) as bar:
+        for row in ds.iter_rows():
+            bar.update(row["rel"])
+            for name in ("mert", "clap", "encodec"):
+                if row[name]:
+                    x = np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name])
+                    feats["heldout" if name == "clap" and row["rel"] in heldout else name].append(x)
+    if not feats["mert"] or not feats["clap"]:
+        raise UserError(f"none of the {len(plan.files)} sampled files could be decoded to fit the tokenizer; see musiclm tokenize's errors")
+    extract = time.time() - t0
     mert = np.concatenate(feats["mert"])
     clap = np.concatenate(feats["clap"])
+    t0 = time.time()
     centroids, norm = fit_semantic(mert, tcfg.mert.codebook_size, niter=fit.niter, seed=fit.seed)
     books = fit_residual(clap, tcfg.clap.levels, tcfg.clap.codebook_size, niter=fit.niter, seed=fit.seed, what="CLAP residual quantizer")
+    counts = {"clap": (len(clap), tcfg.clap.codebook_size), "semantic": (len(mert), tcfg.mert.codebook_size)}
     if feats["encodec"]:
-        init_encodec_codebooks(tok.encodec, np.concatenate(feats["encodec"]), niter=fit.niter, seed=fit.seed)
+        latents = np.concatenate(feats["encodec"])
+        init_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed)
+        counts["encodec"] = (len(latents), tok.encodec.codebook_size)
+    kmeans = time.time() - t0
     tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
-    tok.save(staging)
+    errors = {"fit_audio": residual_errors(clap, books), "text": residual_errors(tok.clap_text_embed(list(MUSIC_DESCRIPTIONS)), books)}
+    if feats["heldout"]:
+        errors["heldout_audio"] = residual_errors(np.concatenate(feats["heldout"]), books)
+    report = {
+        "files": len(plan.files),
+        "seconds": round(plan.seconds, 3),
+        "heldout_files": len(heldout),
+        "heldout_windows": int(sum(len(x) for x in feats["heldout"])),
+        "clap_hop_seconds": fit.clap_hop_seconds,
+        "min_points_per_code": fit.min_points_per_code,
+        "points": {name: {"points": int(n), "codes": int(k), "points_per_code": round(n / k, 2)} for name, (n, k) in counts.items()},
+        "clap_relative_error": {k: [round(e, 5) for e in v] for k, v in errors.items()},
+        "text_prompts": len(MUSIC_DESCRIPTIONS),
+        "seconds_taken": {"features": round(extract, 2), "kmeans": round(kmeans, 2)},
+    }
+    tok.save(staging, fit_report=report)
     atomic.replace_folder(staging, out / "tokenizer")
+    e = errors.get("heldout_audio", errors["fit_audio"])
+    console.print(
+        f"fitted in {extract:.0f} s of features + {kmeans:.0f} s of k-means: {len(clap):,} CLAP windows ({len(clap) / tcfg.clap.codebook_size:.1f} per code), "
+        f"{len(mert):,} MERT frames; CLAP relative error after {len(books)} levels {e[-1]:.3f} (held-out audio), {errors['text'][-1]:.3f} (text)"
+    )
+
+
+class _fit_progress:
+    """A rich progress line over the files of the fit sample."""
+
+    def __init__(self, console, files: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.p = Progress(SpinnerColumn(), TextColumn("fitting quantizers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+        self.files = files
+        self.seen: set[str] = set()
+
+    def __enter__(self):
+        self.p.__enter__()
+        self.task = self.p.add_task("fit", total=self.files)
+        return self
+
+    def update(self, rel: str) -> None:
+        self.seen.add(rel)
+        self.p.update(self.task, completed=len(self.seen))
+
+    def __exit__(self, *exc):
+        return self.p.__exit__(*exc)
 
 
 def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) -> dict | None:
@@ -508,11 +570,17 @@ def run_tokenize(
         finished = done_files(out).intersection(files)
         pending = [f for f in files if f not in finished]
         summary = TokenizeSummary(len(files), len(finished), 0, 0.0, 0, 0, 0.0, out)
+        plan = None
+        if pending and record is None:
+            from musiclm.pipeline.fit_plan import backbone_facts, check_backbones
+
+            check_backbones(cfg.tokenize, backbone_facts(cfg.tokenize))
+            plan = _fit_plan(console, files, corpus, cfg.tokenize)
         if pending:
             with _ray(address) as ray:
                 res = _resources(ray, workers, gpus_per_worker)
-                if record is None:
-                    _fit_tokenizer(ray, console, files, corpus, out, cfg.tokenize, res)
+                if plan is not None:
+                    _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res)
                 _tokenize_all(ray, console, pending, corpus, out, shard_size, res, summary)
     summary.elapsed = time.time() - t0
     _print_summary(console, summary)

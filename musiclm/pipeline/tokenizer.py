@@ -28,7 +28,7 @@ from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latent
 from musiclm.pipeline.quantizers import assign, residual_encode
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokenize.fit gained the dense CLAP fit and the per-code floor (fingerprints changed)
 QUANTIZER_FILES = {
     "semantic_centroids": "semantic_kmeans.npy",  # [K, D]
     "semantic_norm": "semantic_norm.npy",  # [2, D]: mean, std of MERT features
@@ -133,8 +133,11 @@ class Tokenizer:
                     shutil.rmtree(target)
                 bb.save(target)
 
-    def save(self, folder: str | Path) -> TokenInfo:
-        """Write quantizers, random backbones and tokenizer.json; returns the resulting TokenInfo."""
+    def save(self, folder: str | Path, fit_report: dict[str, Any] | None = None) -> TokenInfo:
+        """Write quantizers, random backbones and tokenizer.json; returns the resulting TokenInfo.
+
+        ``fit_report`` (sample sizes, points per code, reconstruction errors) is kept in the record
+        as ``fit``, outside the fingerprint: it describes the fit, it does not change token meaning."""
         if self.quantizers is None:
             raise RuntimeError("quantizers are not fitted")
         folder = Path(folder)
@@ -160,6 +163,8 @@ class Tokenizer:
             "streams": self.streams(),
         }
         record["fingerprint"] = fingerprint(record)
+        if fit_report is not None:
+            record["fit"] = fit_report
         atomic.write_text(folder / TOKENIZER_FILE, json.dumps(record, indent=2, sort_keys=True))
         self.record = record
         return TokenInfo.from_json(record)
@@ -205,11 +210,13 @@ class Tokenizer:
         return TokenInfo.from_json(self.record)
 
     # ---- backbone features ------------------------------------------------------
-    def clap_windows(self, audio: np.ndarray) -> np.ndarray:
-        """Windows of ``audio`` (at the CLAP rate) → [W, window samples]; at least one (repeat-padded)."""
+    def clap_windows(self, audio: np.ndarray, hop_seconds: float | None = None) -> np.ndarray:
+        """Windows of ``audio`` (at the CLAP rate) → [W, window samples]; at least one (repeat-padded).
+
+        The hop is ``tokenize.clap.hop_seconds`` unless ``hop_seconds`` is given (the fit's dense hop)."""
         sr = self.clap.sample_rate
         win = int(round(self.cfg.clap.window_seconds * sr))
-        hop = max(1, int(round(self.cfg.clap.hop_seconds * sr)))
+        hop = max(1, int(round((self.cfg.clap.hop_seconds if hop_seconds is None else hop_seconds) * sr)))
         if len(audio) <= win:
             return audio[None, :]
         starts = range(0, len(audio) - win + 1, hop)
@@ -302,15 +309,19 @@ class Tokenizer:
             "clap_emb": emb.cpu().numpy(),
         }
 
-    def fit_features(self, audio: dict[int, np.ndarray], max_frames: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """Features that quantizers are fitted on, for one clip: MERT frames (at most ``max_frames``,
-        sampled), CLAP window embeddings, and Encodec encoder outputs when Encodec is built offline."""
+    def fit_features(self, audio: dict[int, np.ndarray], max_frames: int, rng: np.random.Generator, frames: bool = True, chunk: int = 16) -> dict[str, np.ndarray]:
+        """Features that quantizers are fitted on, for one clip: CLAP window embeddings at the fit's
+        dense hop (``chunk`` windows per call, to bound memory) and, when ``frames``, MERT frames (at
+        most ``max_frames``, sampled) and Encodec encoder outputs when Encodec is built offline."""
 
         def at_most(frames: np.ndarray) -> np.ndarray:  # max_frames of them, drawn without replacement, in order
             return frames if len(frames) <= max_frames else frames[np.sort(rng.choice(len(frames), max_frames, replace=False))]
 
-        mert = at_most(self.mert_features(audio[self.mert.sample_rate])[0].cpu().numpy())
-        out = {"mert": mert, "clap": self.clap_audio_embed(self.clap_windows(audio[self.clap.sample_rate])).cpu().numpy()}
+        windows = self.clap_windows(audio[self.clap.sample_rate], self.cfg.fit.clap_hop_seconds)
+        out = {"clap": np.concatenate([self.clap_audio_embed(windows[a : a + chunk]).cpu().numpy() for a in range(0, len(windows), chunk)])}
+        if not frames:
+            return out
+        out["mert"] = at_most(self.mert_features(audio[self.mert.sample_rate])[0].cpu().numpy())
         if self.cfg.encodec.model == RANDOM:
             x = torch.from_numpy(audio[self.encodec.sample_rate][None]).to(self.device)
             out["encodec"] = at_most(encodec_latents(self.encodec, x)[0].cpu().numpy())
@@ -343,5 +354,8 @@ def read_record(folder: str | Path) -> dict[str, Any]:
     except (ValueError, KeyError) as e:
         raise UserError(f"{path} is not a musiclm tokenizer file ({e}); re-run musiclm tokenize") from None
     if record.get("format") != FORMAT_VERSION:
-        raise UserError(f"{path} has tokenizer format {record.get('format')}, this musiclm reads {FORMAT_VERSION}")
+        raise UserError(
+            f"{path} has tokenizer format {record.get('format')}, this musiclm reads {FORMAT_VERSION}: "
+            "re-run musiclm tokenize into a new --out (without --tokenizer) to fit a new tokenizer"
+        )
     return record

@@ -292,7 +292,14 @@ def _describe(stats: CorpusStats) -> dict[str, Any]:
             "clip_entropy_bits_mean": float(pc.mean(clips[f"{stream}_entropy_bits"]).as_py()) if n else None,
             "levels": [{"level": lv, **_level_summary(c, k)} for lv, c in enumerate(stats.counts[stream])],
         }
-    return {"data_dir": str(stats.data_dir), "tokenizer": stats.info.fingerprint, "totals": totals, "durations": duration, "streams": streams}
+    return {
+        "data_dir": str(stats.data_dir),
+        "tokenizer": stats.info.fingerprint,
+        "totals": totals,
+        "durations": duration,
+        "streams": streams,
+        "fit": stats.info.raw.get("fit"),  # how well the quantizers fit (tokenizer.json); None for a reused tokenizer record without one
+    }
 
 
 def summarize(data_dir: Path) -> dict[str, Any]:
@@ -382,6 +389,29 @@ def _print_tables(summary: dict[str, Any]) -> None:
                 " ".join(f"{c['code']}:{100 * c['share']:.1f}" for c in lv["top"]),
             )
     console.print(usage)
+    if summary.get("fit"):
+        _print_fit(console, summary["fit"])
+
+
+def _print_fit(console, fit: dict[str, Any]) -> None:
+    """The quantizer fit: sample sizes, points per code, CLAP relative reconstruction error per level."""
+    from rich.table import Table
+
+    points = ", ".join(f"{name} {p['points']:,} points ({p['points_per_code']:.1f} per code)" for name, p in fit["points"].items())
+    console.print(
+        f"quantizers fitted on {fit['files']} files ({fit['seconds'] / 3600:.2f} h; {fit['heldout_files']} held out, "
+        f"CLAP windows every {fit['clap_hop_seconds']:g} s): {points}"
+    )
+    errors = fit["clap_relative_error"]
+    names = {"fit_audio": "fit audio", "heldout_audio": "held-out audio", "text": f"text ({fit['text_prompts']} descriptions)"}
+    table = Table(title="CLAP quantizer: relative reconstruction error |x - x_hat|^2 / |x|^2 after each level")
+    table.add_column("embeddings")
+    for lv in range(len(errors["fit_audio"])):
+        table.add_column(f"L{lv}", justify="right")
+    for key, label in names.items():
+        if key in errors:
+            table.add_row(label, *(f"{e:.3f}" for e in errors[key]))
+    console.print(table)
 
 
 def _plot(stats: CorpusStats, summary: dict[str, Any], path: Path) -> None:
