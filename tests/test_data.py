@@ -322,3 +322,61 @@ def test_shard_entries_skip_held_out_positions():
     entries = [ShardEntry("a", 4, frozenset({1, 2})), ShardEntry("b", 3)]
     shard, pos = partition_items(entries, seed=0, epoch=0, part=0, parts=1)
     assert sorted(zip(shard.tolist(), pos.tolist())) == [(0, 0), (0, 3), (1, 0), (1, 1), (1, 2)]
+
+
+def timed_sample(info: TokenInfo, seconds: float, name: str) -> TokenSample:
+    """A clip whose codes are their own time: semantic[t] = t, acoustic[q, t] = t (75 Hz frames), clap[w] = w.
+
+    A window cut from it says where it was cut, in each stream separately.
+    """
+    t_s, t_a = int(seconds * info.semantic.frame_rate), int(seconds * info.acoustic.frame_rate)
+    w = max(1, int((seconds - info.clap_window_seconds) // info.clap_hop_seconds) + 1)
+    return TokenSample(
+        sample_key(name, 0),
+        np.arange(t_s, dtype=np.uint16),
+        np.tile(np.arange(t_a, dtype=np.uint16), (info.acoustic.levels, 1)),
+        np.repeat(np.arange(w, dtype=np.uint16)[:, None], info.clap.levels, axis=1),
+        np.zeros((w, info.clap_embed_dim), np.float16),
+        {"source": name, "start": 0.0, "duration": seconds, "sample_rate": 24000, "channels": 1, "segment": 0},
+    )
+
+
+def nearest_clap_windows(info: TokenInfo, n_windows: int, start: float, seconds: float) -> set[int]:
+    """Every CLAP window whose centre is nearest the centre of [start, start + seconds) (two on a tie)."""
+    centres = info.clap_window_seconds / 2 + info.clap_hop_seconds * np.arange(n_windows)
+    distance = np.abs(centres - (start + seconds / 2))
+    return set(np.flatnonzero(np.isclose(distance, distance.min())).tolist())
+
+
+def test_coarse_crops_align_the_75hz_acoustic_window_with_the_50hz_semantic_window(tmp_path):
+    """Decoded from the loader's token rows: each crop starts at semantic frame s and acoustic frame
+    exactly 3s/2 (the same instant), both windows are whole and contiguous, and the CLAP window
+    is the one nearest the crop."""
+    info_json = fake_info_json(sem_k=2048, ac_k=2048, clap_k=64)  # codes up to 20 s of 75 Hz frames
+    info = TokenInfo.from_json(info_json)
+    samples = [timed_sample(info, seconds, f"timed{i}.wav") for i, seconds in enumerate([2.0, 7.3, 13.0, 20.0])]
+    folder = write_corpus(tmp_path, info_json, samples, shard_size=2)
+    layout = layout_of("coarse", info)
+    n_sem, n_ac = layout.frames_of("semantic"), layout.frames_of("acoustic")
+    assert n_ac * 2 == n_sem * 3
+    sem_offset = layout.offsets[("semantic", 0)]
+    clap_offsets = np.array([layout.offsets[("clap", lv)] for lv in range(info.clap.levels)])
+    by_key = {s.key: s for s in samples}
+    stream = TrainStream(index_shards(list_shards(folder)), layout, 4, seed=5, cond_dropout=0.0)
+
+    starts = set()
+    for batch in take(iter(stream), 60):  # 60 epochs of the 4 clips: a fresh crop of each clip per epoch
+        for key, tokens in zip(batch["keys"], batch["tokens"].numpy()):
+            clip = by_key[key]
+            sem = tokens[layout.clap_len : layout.prefix_len] - sem_offset
+            acoustic = layout.decode_target(tokens[layout.prefix_len :])  # [3, n_ac]
+            s0, a0 = int(sem[0]), int(acoustic[0, 0])
+            np.testing.assert_array_equal(sem, np.arange(s0, s0 + n_sem))
+            np.testing.assert_array_equal(acoustic, np.tile(np.arange(a0, a0 + n_ac), (3, 1)))
+            assert a0 * 50 == s0 * 75, f"acoustic starts at frame {a0}, semantic at {s0}: not the same instant"
+            assert a0 + n_ac <= clip.acoustic.shape[1] and s0 + n_sem <= len(clip.semantic)
+            start = s0 / 50
+            w = tokens[: layout.clap_len] - clap_offsets
+            assert len(set(w.tolist())) == 1 and int(w[0]) in nearest_clap_windows(info, len(clip.clap), start, layout.window_seconds)
+            starts.add((key, s0))
+    assert len(starts) > 80  # many different offsets were checked, not one crop over and over
