@@ -19,14 +19,14 @@ from safetensors.torch import load_file
 
 from musiclm.cli import main
 from musiclm.config import load_config
-from musiclm.models.layout import layout_for
+from musiclm.models.layout import IGNORE, layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TokenInfo
 from musiclm.shards.stats import unigram_entropy
 from musiclm.shards.writer import ShardWriter
 from musiclm.training import checkpoint as ckpt
-from musiclm.training.data import split_data
-from musiclm.training.trainer import load_stage, lr_factor, param_groups, run_train
+from musiclm.training.data import collate, split_data
+from musiclm.training.trainer import LossModule, accumulate_gradients, load_stage, lr_factor, param_groups, run_train
 from tests.factories import fake_info_json, fake_sample, torch_threads, write_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +101,31 @@ def test_only_linear_weights_are_decayed():
     assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
     assert "embed.weight" in kept and "norm.weight" in kept and "blocks.0.attn_norm.weight" in kept
     assert "heads.0.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed and "blocks.1.mlp.down.weight" in decayed
+
+
+def test_accumulating_n_micro_batches_gives_the_gradient_of_one_batch_of_all_of_them(one_thread):
+    """Each micro-batch's loss is a mean over its labels; with equal label counts (whole windows,
+    no pads), n micro-batches of b, each loss divided by n, sum to the gradient of one batch of n*b."""
+    info = TokenInfo.from_json(fake_info_json())
+    layout = layout_for("coarse", info, CFG.stages.coarse)  # three target levels: every head gets a gradient
+    rng = np.random.default_rng(0)
+    windows = [layout.crop(fake_sample(info, 6.0, rng, name=f"c{i}.wav"), rng) for i in range(6)]
+    encoded = [layout.encode(w, drop_cond=bool(i % 3 == 0)) for i, w in enumerate(windows)]
+    assert len({int((e.labels != IGNORE).sum()) for e in encoded}) == 1  # equal label counts
+
+    def gradients(batches: list[dict]) -> tuple[dict[str, torch.Tensor], float]:
+        torch.manual_seed(0)
+        model = MusicTransformer.for_layout(CFG.model, layout).train()
+        losses = accumulate_gradients(LossModule(model), iter(batches), len(batches), torch.device("cpu"), distributed=False)
+        assert len(losses) == len(batches) and all(x.grad_fn is None for x in losses)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, float(sum(losses)) / len(losses)
+
+    one, one_loss = gradients([collate(encoded, [str(i) for i in range(6)])])
+    three, three_loss = gradients([collate(encoded[i : i + 2], ["a", "b"]) for i in range(0, 6, 2)])
+    assert three_loss == pytest.approx(one_loss, rel=1e-5)
+    for name, g in one.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(three[name], g, rtol=1e-4, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_checkpoints_are_pruned_to_keep_last_and_latest_names_the_newest(tmp_path):
@@ -255,10 +280,13 @@ def test_two_processes_train_on_disjoint_data_and_one_writes(tmp_path, one_threa
     keys.mkdir()
     args = ["train", "semantic", "--data", str(data), "--val-data", str(val), "--preset", "tiny",
             "--steps", "30", "--save-every", "10", "--eval-every", "10"]  # fmt: skip
-    env = {**ENV, "MUSICLM_DEBUG_KEYS": str(keys)}
+    # PYTHONFAULTHANDLER: a rank killed by a signal prints every thread's Python stack to its stderr
+    env = {**ENV, "MUSICLM_DEBUG_KEYS": str(keys), "PYTHONFAULTHANDLER": "1"}
     out = tmp_path / "ddp"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "musiclm", *args, "--out", str(out), "--batch-size", "4"],
-                   env=env, cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "musiclm", *args, "--out", str(out), "--batch-size", "4"],
+                          env=env, cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
+    # the ranks inherit torchrun's stderr: on failure show theirs and torchrun's summary
+    assert proc.returncode == 0, proc.stderr[-6000:]
 
     def epoch0(rank: int) -> list[str]:
         lines = (keys / f"keys-rank{rank}.txt").read_text().split("\n")

@@ -40,6 +40,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,27 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def accumulate_gradients(step_module: nn.Module, batches: Iterator[dict[str, Any]], n: int, device: torch.device, distributed: bool) -> list[torch.Tensor]:
+    """Forward and backward of the next ``n`` micro-batches of ``batches``, their gradients summed into ``.grad``.
+
+    ``step_module`` maps (tokens, labels, label_levels) to a mean loss. Each loss is
+    divided by ``n``, so the accumulated gradient is the mean of the micro-batches'
+    gradients: with equal label counts, the gradient of one batch of all of them.
+    Under DDP (``distributed``) gradients are all-reduced with the last micro-batch only.
+    Returns the ``n`` losses (0-dim, detached, undivided).
+    """
+    losses = []
+    for micro in range(n):
+        b = next(batches)
+        sync = micro == n - 1 or not distributed
+        with contextlib.nullcontext() if sync else step_module.no_sync():
+            with _autocast(device):
+                loss = step_module(b["tokens"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True), b["label_levels"].to(device, non_blocking=True))
+            (loss / n).backward()
+        losses.append(loss.detach())
+    return losses
 
 
 # ---- RNG states (plain data, so state.pt loads with weights_only) ---------------------------------------------------
@@ -455,6 +477,17 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
             }
             ckpt.save_checkpoint(out, step, model.state_dict(), state, tc.keep_last)
 
+    def micro_batches() -> Iterator[dict[str, Any]]:
+        nonlocal batches_done
+        while True:
+            b = next(batches)
+            batches_done += 1
+            if debug_keys:
+                with open(Path(debug_keys) / f"keys-rank{d.rank}.txt", "a") as f:
+                    f.write("".join(f"{step} {k}\n" for k in b["keys"]))
+            yield b
+
+    train_batches = micro_batches()  # counts batches_done and logs debug keys as each batch is taken
     tokens_per_batch = tc.batch_size * layout.seq_len
     model.train()
     t_window, steps_in_window = time.perf_counter(), 0
@@ -463,19 +496,8 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
     try:
         while step < tc.steps:
             grad_norm = None
-            for micro in range(tc.grad_accum):
-                b = next(batches)
-                batches_done += 1
-                if debug_keys:
-                    with open(Path(debug_keys) / f"keys-rank{d.rank}.txt", "a") as f:
-                        f.write("".join(f"{step} {k}\n" for k in b["keys"]))
-                sync = micro == tc.grad_accum - 1 or d.world_size == 1
-                ctx = contextlib.nullcontext() if sync else step_module.no_sync()
-                with ctx:
-                    with _autocast(d.device):
-                        loss = step_module(b["tokens"].to(d.device, non_blocking=True), b["labels"].to(d.device, non_blocking=True), b["label_levels"].to(d.device, non_blocking=True))
-                    (loss / tc.grad_accum).backward()
-                window_sum += loss.detach().double() / tc.grad_accum
+            for loss in accumulate_gradients(step_module, train_batches, tc.grad_accum, d.device, distributed=d.world_size > 1):
+                window_sum += loss.double() / tc.grad_accum
             if tc.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             lr_now = optimizer.param_groups[0]["lr"]
