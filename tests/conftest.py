@@ -62,3 +62,17 @@ def tokenized(audio_corpus, tmp_path_factory) -> tuple[Path, subprocess.Complete
     proc = run_cli("tokenize", root, "--out", out, "--preset", "tiny", "--shard-size", "6")
     assert proc.returncode == 0, proc.stderr
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def pretrained_standins(tmp_path_factory):
+    """The ``small`` preset's checkpoints (CLAP-large, MERT-v0, Encodec 24 kHz) rebuilt from their real
+    configs at random weights (tests/pretrained.py), saved once per session into a tmp folder.
+
+    ``pretrained_standins["clap"]`` (also "mert", "encodec", or the hub id) is a folder that loads as
+    ``model = str(folder)``; each is saved on first use only (CLAP ~780 MB, MERT ~380 MB, Encodec ~60 MB).
+    ``tests.pretrained.standin_config(pretrained_standins)`` is the small preset pointing at all three.
+    """
+    from tests.pretrained import StandinFolders
+
+    return StandinFolders(tmp_path_factory.mktemp("pretrained"))

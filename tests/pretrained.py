@@ -1,0 +1,147 @@
+"""Offline stand-ins for the pretrained checkpoints of the ``small`` preset.
+
+``tests/fixtures/pretrained/<org>--<name>/`` holds the real ``config.json`` and
+preprocessor settings of each checkpoint the ``small`` preset names (where each
+file comes from, and what in it is verbatim or rebuilt: ``SOURCES.md`` there).
+From them this module builds the very same architecture at random weights and
+saves a folder that this project loads through its own path: ``load_clap`` /
+``load_mert`` / ``load_encodec`` with ``model = "<folder>"``, i.e. the same
+``from_pretrained`` calls a hub id takes. No network is needed.
+
+What differs from the real checkpoints:
+
+- the weights are random (seeded);
+- CLAP's text tokenizer: RoBERTa's vocabulary is not available offline, so the
+  folder holds the project's byte-level tokenizer (``byte_text_tokenizer``), which
+  keeps RoBERTa's special-token ids and whose ids fit in RoBERTa's vocabulary;
+- Encodec's codebooks: a random ``EncodecModel`` has all-zero codebooks (every code
+  0), so the first ``num_quantizers`` levels are fitted (``init_encodec_codebooks``) on
+  the encoder outputs of 20 s of synthesised music and jittered copies of them; the
+  levels above stay zero.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "pretrained"
+CHECKPOINTS = {"clap": "laion/larger_clap_music", "mert": "m-a-p/MERT-v0", "encodec": "facebook/encodec_24khz"}
+
+# synthesised music the Encodec codebooks are fitted on: 5 x 4 s = 1500 frames at 75 Hz, enough for 1024 codes
+_CODEBOOK_CLIPS = (("mix", 0), ("chord", 1), ("drums", 2), ("melody", 3), ("arpeggio", 4))
+_CODEBOOK_CLIP_SECONDS = 4.0
+
+
+def hub_id(name: str) -> str:
+    """``"clap"``/``"mert"``/``"encodec"`` or a hub id of :data:`CHECKPOINTS` → the hub id."""
+    if name in CHECKPOINTS:
+        return CHECKPOINTS[name]
+    if name in CHECKPOINTS.values():
+        return name
+    raise ValueError(f"no fixture for {name!r}; one of {sorted(CHECKPOINTS)} or {sorted(CHECKPOINTS.values())}")
+
+
+def fixture_dir(name: str) -> Path:
+    """The fixture folder of a checkpoint: ``fixtures/pretrained/<org>--<name>``."""
+    return FIXTURES / hub_id(name).replace("/", "--")
+
+
+def fixture_json(name: str, filename: str = "config.json") -> dict:
+    """One fixture file of a checkpoint, parsed."""
+    return json.loads((fixture_dir(name) / filename).read_text())
+
+
+def save_random_pretrained(name: str, folder: str | Path, seed: int = 0, num_quantizers: int = 8) -> Path:
+    """Save checkpoint ``name`` (``"clap"``, ``"mert"``, ``"encodec"`` or its hub id) at random weights.
+
+    The folder gets what ``from_pretrained`` reads from the hub: the model (config.json +
+    weights) and its preprocessor (CLAP: feature extractor + a stand-in text tokenizer;
+    MERT: feature extractor). ``num_quantizers`` is how many Encodec levels get fitted
+    codebooks. Deterministic in ``seed``; the global torch RNG is left as it was.
+    Returns ``folder``.
+    """
+    key = next(k for k, v in CHECKPOINTS.items() if v == hub_id(name))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        {"clap": _save_clap, "mert": _save_mert, "encodec": _save_encodec}[key](folder, seed, num_quantizers)
+    return folder
+
+
+def _save_clap(folder: Path, seed: int, num_quantizers: int) -> None:
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
+
+    from musiclm.models.backbones import Clap, byte_text_tokenizer
+
+    src = fixture_dir("clap")
+    model = ClapModel(ClapConfig.from_pretrained(src))
+    features = ClapFeatureExtractor.from_pretrained(src)
+    # the real tokenizer is RoBERTa's BPE (vocab.json, merges.txt): not available offline
+    text = byte_text_tokenizer(fixture_json("clap", "tokenizer_config.json")["model_max_length"])
+    Clap(model, features, text).save(folder)
+
+
+def _save_mert(folder: Path, seed: int, num_quantizers: int) -> None:
+    from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+
+    from musiclm.models.backbones import Mert
+
+    src = fixture_dir("mert")
+    model = HubertModel(HubertConfig.from_pretrained(src))
+    Mert(model, Wav2Vec2FeatureExtractor.from_pretrained(src), layer=0).save(folder)
+
+
+def _save_encodec(folder: Path, seed: int, num_quantizers: int) -> None:
+    from transformers import EncodecConfig, EncodecModel
+
+    from musiclm.models.backbones import Encodec, encodec_latents, init_encodec_codebooks
+    from musiclm.pipeline.synth import synth_clip
+
+    model = EncodecModel(EncodecConfig.from_pretrained(fixture_dir("encodec"))).eval()
+    enc = Encodec(model, num_quantizers)
+    sr = enc.sample_rate
+    clips = [synth_clip(kind, _CODEBOOK_CLIP_SECONDS, sr, seed + s) for kind, s in _CODEBOOK_CLIPS]
+    latents = np.concatenate([encodec_latents(enc, torch.from_numpy(c)[None])[0].numpy() for c in clips])  # [1500, 128]
+    # 1500 frames for 1024 codes: level 0 would all but memorise them and leave the later levels
+    # nothing to split (one code each). Jittered copies give every level a residual to carve.
+    rng = np.random.default_rng(seed)
+    jitter = [latents + 0.5 * latents.std(0) * rng.standard_normal(latents.shape).astype(np.float32) for _ in range(4)]
+    init_encodec_codebooks(enc, np.concatenate([latents, *jitter]), niter=5, seed=seed)
+    enc.save(folder)
+
+
+def standin_config(folders, preset: str = "small"):
+    """Preset ``preset`` (a :class:`musiclm.config.Config`) with each backbone's ``model`` set to
+    the saved stand-in folder ``folders[name]`` (``name`` in :data:`CHECKPOINTS`)."""
+    from dataclasses import replace
+
+    from musiclm.config import load_config
+
+    cfg = load_config(preset)
+    t = cfg.tokenize
+    t = replace(
+        t,
+        clap=replace(t.clap, model=str(folders["clap"]), revision=None),
+        mert=replace(t.mert, model=str(folders["mert"]), revision=None),
+        encodec=replace(t.encodec, model=str(folders["encodec"]), revision=None),
+    )
+    return replace(cfg, tokenize=t)
+
+
+class StandinFolders:
+    """Stand-in checkpoint folders under ``root``, each saved on first use: ``folders["clap"]`` → Path."""
+
+    def __init__(self, root: Path, seed: int = 0):
+        self.root, self.seed = Path(root), seed
+        self._saved: dict[str, Path] = {}
+
+    def __getitem__(self, name: str) -> Path:
+        key = next(k for k, v in CHECKPOINTS.items() if v == hub_id(name))
+        if key not in self._saved:
+            self._saved[key] = save_random_pretrained(key, self.root / key, seed=self.seed)
+        return self._saved[key]
