@@ -70,7 +70,8 @@ def pretrained_standins(tmp_path_factory):
     configs at random weights (tests/pretrained.py), saved once per session into a tmp folder.
 
     ``pretrained_standins["clap"]`` (also "mert", "encodec", or the hub id) is a folder that loads as
-    ``model = str(folder)``; each is saved on first use only (CLAP ~780 MB, MERT ~380 MB, Encodec ~60 MB).
+    ``model = str(folder)``; each is saved on first use only (CLAP ~740 MB, MERT ~360 MB, Encodec ~90 MB; all three
+    about a minute on two CPU cores).
     ``tests.pretrained.standin_config(pretrained_standins)`` is the small preset pointing at all three.
     """
     from tests.pretrained import StandinFolders

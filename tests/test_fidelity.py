@@ -234,6 +234,13 @@ def test_encodec_keeps_the_readme_codebooks_at_the_readme_bandwidth_and_frame_ra
 
 
 @pytest.mark.slow
+def test_encodec_gets_mono_input_as_its_feature_extractor_gives_it(tok):
+    x = torch.from_numpy(clip(0.5, 24000))[None]  # [B, samples]
+    assert tok.encodec.model_input(x).shape == (1, ENCODEC_FEATURES["feature_size"], 12000)
+    assert ENCODEC_FEATURES["feature_size"] == ENCODEC_CONFIG["audio_channels"] == 1
+
+
+@pytest.mark.slow
 def test_encodec_codes_vary_at_every_level_and_decode_to_the_input_length(tok):
     codes = tok.encode_acoustic(clip(2.0, 24000, seed=5))[0]  # [Q, T_a]
     vocab = readme_number("acoustic", r"(\d+) per level")
