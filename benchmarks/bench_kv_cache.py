@@ -3,7 +3,8 @@
 Generates ``--seconds`` of coarse acoustic tokens (3 per 75 Hz frame) with
 random weights, the way generation does for audio longer than one window:
 the first window samples its 4 s whole; every next window advances 2 s and
-is primed with the previous window's last 2 s of coarse ids (``target_prompt``).
+is primed with the previous window's last 2 s of coarse ids (``target_prompt``);
+the last one advances less, on the 40 ms grid, so that it too spans 4 s.
 
 The cached run is timed whole. Recomputing the full sequence for every token
 is far too slow to run whole on a CPU, so for each window a few of its steps
@@ -77,16 +78,19 @@ def main(argv: list[str] | None = None) -> None:
     model = MusicTransformer.for_layout(cfg.model, layout).eval()
     levels = layout.target_levels
     rate = float(info.acoustic.frame_rate)
-    sample = fake_sample(info, args.seconds, np.random.default_rng(args.seed))
+    # a tick longer than the output: the last window ends on the grid, up to a tick past it
+    sample = fake_sample(info, args.seconds + float(layout.tick), np.random.default_rng(args.seed))
     total_frames = layout.frames_of("acoustic", args.seconds)
     window_frames = layout.target.frames
-    hop_frames = window_frames // 2
+    align = int(info.acoustic.frame_rate * layout.tick)  # frames per tick: window starts lie on the grid
+    hop_frames = window_frames // 2 // align * align  # as generation's _plan
     c = cfg.model
     print(f"KV-cache benchmark: coarse stage, preset small ({c.n_layers} layers x {c.d_model}, {c.n_heads} heads, "
           f"{model.num_parameters() / 1e6:.1f} M parameters), random weights, {torch.get_num_threads()} CPU threads")
     print(f"layout {layout.describe()}")
     print(f"audio {args.seconds:g} s = {total_frames} coarse frames = {total_frames * levels} coarse tokens x batch {args.batch}; "
-          f"windows of {window_frames / rate:g} s advancing {hop_frames / rate:g} s, primed with the previous {(window_frames - hop_frames) / rate:g} s")
+          f"windows of {window_frames / rate:g} s advancing {hop_frames / rate:g} s, primed with the previous {(window_frames - hop_frames) / rate:g} s "
+          f"(the last one advancing less, to stay whole)")
 
     # warm-up (allocator, thread pool), not timed
     warm_prefix = torch.from_numpy(layout.prefix(layout.window_at(sample, 0.0)))[None].repeat(args.batch, 1)
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     # Interleaving keeps both measurements of a window under the same load on a shared machine.
     gen = torch.Generator().manual_seed(args.seed)
     windows: list[Window] = []
-    for start, known, end in plan_windows(total_frames, 0, window_frames, hop_frames, align=1):  # generation's windows
+    for start, known, end in plan_windows(total_frames, 0, window_frames, hop_frames, align):  # generation's windows
         keep, new = known - start, end - known  # frames carried over from the previous window, frames sampled
         win = layout.window_at(sample, float(start / rate))
         prefix = torch.from_numpy(layout.prefix(win))[None].repeat(args.batch, 1)

@@ -13,13 +13,18 @@ windows of the stage's length:
   begin (:attr:`StageLayout.tick`, 40 ms at 50/75 Hz), so the coarse window over
   [t0, t1) is conditioned on exactly the semantic frames of [t0, t1), and the
   fine window on the coarse frames of the same span;
+- every window is as long as the layout's: the last one starts at most half a
+  window after the one before, so that it ends with the timeline, and is primed
+  with all it shares with what exists. Only a timeline shorter than a stage's
+  window gets a short one, whose conditioning prefix is padded with ``pad_id``
+  up to the target, as training does for clips shorter than a window;
 - the stages run one after the other over the whole duration (every semantic
-  window, then every coarse window, then every fine window); a last window
-  shorter than the layout pads its conditioning prefix with ``pad_id``, as
-  training does for short clips.
+  window, then every coarse window, then every fine window).
 
 ``seconds`` becomes ``round(seconds * frame_rate)`` acoustic frames, hence
-exactly that many codec hops of samples.
+exactly that many codec hops of samples. The stages sample the timeline rounded
+up to whole ticks (a window ends on the grid); the frames past the output, less
+than a tick, condition the next stage and are then dropped.
 
 **Guidance.** Stages conditioned on CLAP (semantic, coarse) sample with
 classifier-free guidance against the same prefix whose CLAP tokens are replaced
@@ -99,7 +104,8 @@ class StageSettings:
 class Window:
     """One sampling call of ``stage``: target frames [start, end) of its stream, of which [start, known)
     already existed and were fed as ``target_prompt``. ``prompt`` indexes the text prompt whose CLAP
-    tokens conditioned it (None for the fine stage, which has no CLAP prefix)."""
+    tokens conditioned it (None for the fine stage, which has no CLAP prefix). The last window's
+    ``end`` may pass the output's last frame by less than a tick (see the module docstring)."""
 
     stage: str
     start: int
@@ -135,16 +141,24 @@ class Generation:
 def plan_windows(total: int, known: int, window: int, hop: int, align: int) -> list[tuple[int, int, int]]:
     """Sampling calls that fill frames [known, total) of one stream: ``(start, known, end)`` per window.
 
-    A window spans at most ``window`` frames and is primed with [start, known), the frames it shares
-    with what exists; windows start ``hop`` frames apart on multiples of ``align``. The first window
-    starts as late as leaves it ``window - hop`` frames of context (0 when nothing exists yet).
+    Windows start ``hop`` frames apart on multiples of ``align`` and are primed with [start, known),
+    the frames they share with what exists; the first starts as late as leaves it ``window - hop``
+    frames of context (0 when nothing exists yet). When ``total >= window`` every window spans
+    exactly ``window`` frames: the last one starts further back (still on the grid) so that it ends
+    at ``total`` rounded up to a multiple of ``align``, and the caller must hold the frames up to
+    there. Only a stream shorter than one window gets a shorter one, ``(0, known, total)``.
     """
     if not 0 < align <= hop <= window:
         raise ValueError(f"need 0 < align <= hop <= window, got align={align}, hop={hop}, window={window}")
     out = []
     start = max(0, known - (window - hop)) // align * align
     while known < total:
-        end = min(start + window, total)
+        if start + window >= total:
+            # the last window: cut short at the stream's end, its conditioning would fill only part
+            # of the prefix and leave pad ids before the target, which training shows only for clips
+            # shorter than a window; moved back on the grid, it stays whole, primed with more context
+            start = max(0, -(-(total - window) // align) * align)
+        end = start + window if total >= window else total
         out.append((start, known, end))
         known, start = end, start + hop
     return out
@@ -256,6 +270,7 @@ class MusicLM:
         self.tokenizer = tokenizer
         self.tokenizer_path = tokenizer_path
         self.tick: Fraction = self.stages["coarse"].layout.tick  # seconds; semantic and acoustic frames both start on it
+        self.per_tick = {s: int(self.info.stream(s).frame_rate * self.tick) for s in ("semantic", "acoustic")}  # frames in one tick
         hop = Fraction(self.info.codec_sample_rate) / self.info.acoustic.frame_rate
         if hop.denominator != 1:
             raise UserError(f"the codec's frame rate {self.info.acoustic.frame_rate} does not divide its sample rate {self.info.codec_sample_rate}")
@@ -404,9 +419,13 @@ class MusicLM:
         p_ac = 0 if prompt_tokens is None else prompt_tokens["acoustic"].shape[-1]
         t_ac = p_ac + new_frames
         t_sem = p_sem + math.ceil(Fraction(new_frames) * self.info.semantic.frame_rate / self.info.acoustic.frame_rate)
+        # The stages sample whole ticks: a last window ends on the grid, up to a tick past the output,
+        # and the next stage's window over the same span needs those conditioning frames. The frames
+        # past t_sem / t_ac are dropped from the result.
+        ticks = -(-t_ac // self.per_tick["acoustic"])
         streams = {
-            "semantic": np.full((n, t_sem), -1, dtype=np.int64),
-            "acoustic": np.full((n, self.info.acoustic.levels, t_ac), -1, dtype=np.int64),
+            "semantic": np.full((n, ticks * self.per_tick["semantic"]), -1, dtype=np.int64),
+            "acoustic": np.full((n, self.info.acoustic.levels, ticks * self.per_tick["acoustic"]), -1, dtype=np.int64),
         }
         if prompt_tokens is not None:
             streams["semantic"][:, :p_sem] = prompt_tokens["semantic"]
@@ -426,7 +445,7 @@ class MusicLM:
 
         t0 = time.perf_counter()
         levels = self.info.coarse_levels if coarse_only else self.info.acoustic.levels
-        codes = streams["acoustic"][:, :levels]
+        codes = streams["acoustic"][:, :levels, :t_ac]
         first, length = p_ac * self.hop, new_frames * self.hop
         # one sample at a time: the decoder's activations grow with the duration times the batch
         audio = np.stack([self.tokenizer.decode_acoustic(codes[b : b + 1])[0][first : first + length] for b in range(n)])
@@ -441,7 +460,7 @@ class MusicLM:
             sample_rate=self.sample_rate,
             kept=kept,
             scores=scores,
-            semantic=streams["semantic"],
+            semantic=streams["semantic"][:, :t_sem],
             acoustic=codes,
             prompts=prompts,
             every=every,
@@ -487,9 +506,8 @@ class MusicLM:
         except AudioError as e:
             raise UserError(f"cannot read the prompt audio {path}: {e.reason}") from None
         tokens = self.tokenizer.tokenize(audio)
-        per_tick = {s: int(self.info.stream(s).frame_rate * self.tick) for s in ("semantic", "acoustic")}
-        ticks = min(tokens[s].shape[-1] // per_tick[s] for s in per_tick)
-        kept = {s: tokens[s][..., : ticks * per_tick[s]].astype(np.int64) for s in per_tick}
+        ticks = min(tokens[s].shape[-1] // n for s, n in self.per_tick.items())
+        kept = {s: tokens[s][..., : ticks * n].astype(np.int64) for s, n in self.per_tick.items()}
         return kept, ticks * self.tick, start
 
     def _plan(self, layout: StageLayout, total: int, known: int, n_prompts: int, every: float | None, prompt_seconds: Fraction) -> list[Window]:

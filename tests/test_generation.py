@@ -81,10 +81,35 @@ def test_windows_advance_by_half_a_window_and_are_primed_with_the_overlap():
     assert plan_windows(3, 0, 4, 2, 1) == [(0, 0, 3)]  # shorter than one window: one short window
 
 
+def test_the_last_window_moves_back_to_stay_whole():
+    # 11 is no multiple of the hop: the last window starts 1 frame after the one before, not 2
+    assert plan_windows(11, 0, 4, 2, 1) == [(0, 0, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10), (7, 10, 11)]
+    # on a grid of 3 it starts on the grid and ends on it, a frame past the stream's 20
+    assert plan_windows(20, 0, 12, 6, 3) == [(0, 0, 12), (6, 12, 18), (9, 18, 21)]
+
+
 def test_windows_after_a_prompt_keep_half_a_window_of_it_as_context():
-    assert plan_windows(12, 5, 4, 2, 1) == [(3, 5, 7), (5, 7, 9), (7, 9, 11), (9, 11, 12)]
+    assert plan_windows(12, 5, 4, 2, 1) == [(3, 5, 7), (5, 7, 9), (7, 9, 11), (8, 11, 12)]
     # starts stay on the grid: context grows to the grid line below
-    assert plan_windows(20, 7, 6, 3, 3) == [(3, 7, 9), (6, 9, 12), (9, 12, 15), (12, 15, 18), (15, 18, 20)]
+    assert plan_windows(20, 7, 6, 3, 3) == [(3, 7, 9), (6, 9, 12), (9, 12, 15), (12, 15, 18), (15, 18, 21)]
+    assert plan_windows(6, 5, 4, 2, 1) == [(2, 5, 6)]  # one new frame: a whole window, primed with 3
+
+
+@pytest.mark.parametrize("window, hop, align", [(4, 2, 1), (6, 3, 3), (200, 100, 2), (150, 75, 3), (75, 36, 3), (12, 6, 2)])
+def test_every_window_is_whole_on_the_grid_and_the_windows_tile_the_new_frames(window, hop, align):
+    for known in range(0, 2 * window, max(1, window // 7)):
+        for total in range(known + 1, known + 4 * window, max(1, window // 11)):
+            plan = plan_windows(total, known, window, hop, align)
+            assert plan[0][1] == known
+            assert all(b[1] == a[2] for a, b in zip(plan, plan[1:]))  # new frames: no gap, no overlap
+            assert all(a[0] < b[0] for a, b in zip(plan, plan[1:]))
+            for start, k, end in plan:
+                assert start % align == 0 and start <= k < end  # primed with all it shares with what exists
+            if total >= window:
+                assert all(end - start == window for start, _, end in plan), (total, known, plan)
+                assert plan[-1][2] == -(-total // align) * align  # ends on the grid, less than a step past the stream
+            else:  # nothing to shift: one window of the stream's length
+                assert plan == [(0, known, total)]
 
 
 def test_output_length_is_exact_to_the_codec_frame_beyond_every_window(lm):
@@ -96,12 +121,17 @@ def test_output_length_is_exact_to_the_codec_frame_beyond_every_window(lm):
             wins = [w for w in g.windows if w.stage == name]
             layout = lm.stages[name].layout
             total = (g.semantic if name == "semantic" else g.acoustic).shape[-1]
-            assert wins[0].known == 0 and wins[-1].end == total
-            assert all(b.known == a.end for a, b in zip(wins, wins[1:]))  # no gap, nothing sampled twice
-            assert all(w.end - w.start <= layout.target.frames for w in wins)
             grid = 2 if name == "semantic" else 3  # frames per 40 ms, where 50 Hz and 75 Hz frames both start
+            timeline = -(-total // grid) * grid  # the stages sample whole ticks; the output drops the rest
+            assert wins[0].known == 0 and wins[-1].end == timeline
+            assert all(b.known == a.end for a, b in zip(wins, wins[1:]))  # no gap, nothing sampled twice
+            if timeline >= layout.target.frames:
+                assert all(w.end - w.start == layout.target.frames for w in wins)
+            else:
+                assert len(wins) == 1
             half = layout.target.frames // 2 // grid * grid
-            assert all(b.start - a.start == half for a, b in zip(wins, wins[1:]))
+            assert all(b.start - a.start == half for a, b in zip(wins[:-1], wins[1:-1]))
+            assert all(0 < b.start - a.start <= half for a, b in zip(wins[-2:-1], wins[-1:]))  # the last: moved back to stay whole
         assert (g.semantic >= 0).all() and (g.acoustic >= 0).all()
     assert sum(w.stage == "semantic" for w in g.windows) >= 2  # the longest run slid every stage
 
@@ -119,6 +149,48 @@ def test_coarse_windows_are_conditioned_on_the_semantic_frames_of_their_span(lm,
         assert np.array_equal(sem_ids - sem_offset, g.semantic[0, a:e])
         if w.known > w.start:  # primed with the coarse ids of the overlap
             assert np.array_equal(c["target_prompt"][0].numpy(), layout.target_ids({"acoustic": g.acoustic[0, :, w.start : w.known]}))
+
+
+def pads_only_at_the_end(ids: np.ndarray, pad_id: int) -> bool:
+    """True when the pad ids of every row of ids [N, P] form its tail (no pad at all counts)."""
+    is_pad = ids == pad_id
+    return all(not row.any() or row[row.argmax() :].all() for row in is_pad)
+
+
+@pytest.mark.parametrize("seconds, continued", [(1.3, False), (4.5, False), (1.3, True)])
+def test_no_prefix_has_pad_ids_unless_the_output_is_shorter_than_the_window(lm, calls, tmp_path, seconds, continued):
+    """Lengths that are no multiple of any stage's hop: every window is whole, so its conditioning
+    streams fill the prefix; only a stage whose timeline is shorter than its window pads, at the end."""
+    prompt_audio = None
+    if continued:
+        from musiclm.pipeline.audio import write_audio
+        from musiclm.pipeline.synth import synth_clip
+
+        prompt_audio = tmp_path / "prompt.wav"
+        write_audio(prompt_audio, synth_clip("chord", 2.0, 24000, seed=5), 24000)
+    g = lm.generate_with_details("a calm piano", seconds, prompt_audio=prompt_audio, num_samples=2, cfg_scale=2.0, seed=0)
+    assert g.audio.shape == (1, samples_for(lm, seconds))
+    assert len(calls) == len(g.windows)
+    for c, w in zip(calls, g.windows):
+        layout = c["layout"]
+        frames, pad = layout.target.frames, layout.pad_id
+        assert c["stage"] == w.stage and c["n_target"] == (w.end - w.start) * layout.target_levels
+        prefixes = [c["prefix"]] + ([c["uncond_prefix"].numpy()] if c["uncond_prefix"] is not None else [])
+        alone = [x for x in g.windows if x.stage == w.stage] == [w]
+        if alone and w.end < frames:  # a true short output: its conditioning is padded up to the target
+            assert all(pads_only_at_the_end(p, pad) for p in prefixes)
+        else:
+            assert all((p != pad).all() for p in prefixes), f"pad ids inside the prefix of {w}"
+            assert w.end - w.start == frames
+        if w.known > w.start:  # primed with all of its span that existed
+            window = {"semantic": g.semantic[0, w.start : w.known], "acoustic": g.acoustic[0, :, w.start : w.known]}
+            assert np.array_equal(c["target_prompt"][0].numpy(), layout.target_ids(window))
+    moved = []
+    for name in STAGES:  # these lengths make a last window move back, less than a hop after the one before
+        starts = [w.start for w in g.windows if w.stage == name]
+        grid = 2 if name == "semantic" else 3
+        moved.append(len(starts) > 1 and starts[-1] - starts[-2] < lm.stages[name].layout.target.frames // 2 // grid * grid)
+    assert any(moved)
 
 
 # ---- seeds, samples, re-ranking --------------------------------------------------------------------------------------
