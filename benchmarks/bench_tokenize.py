@@ -45,7 +45,8 @@ def small_random_config(clap_codes: int):
         clap=replace(t.clap, model="random", arch={}, features={}, codebook_size=clap_codes),
         mert=replace(t.mert, model="random", arch={}),
         encodec=replace(t.encodec, model="random", arch={}),
-        fit=replace(t.fit, max_seconds=120.0, max_points=20000, niter=5),
+        # 2 minutes of fit audio: 4 points per code is all they can give 1024 MERT and Encodec codes
+        fit=replace(t.fit, max_seconds=120.0, mert_seconds=120.0, max_points=20000, niter=5, min_points_per_code=4),
         audio=replace(t.audio, segment_seconds=30.0),
         batch_size=1,
     )

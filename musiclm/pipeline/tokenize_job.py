@@ -560,6 +560,8 @@ def run_tokenize(
         raise UserError(f"--tokenizer folder not found: {tokenizer_dir}")
     abs_files = audio_files_in(corpus, "corpus")
     _check_out(out)
+    if address:
+        _check_reachable(address)  # a bad --address is told before the corpus is probed for the fit
     files = [p.relative_to(corpus).as_posix() for p in abs_files]
     t0 = time.time()
     with _lock(out):
