@@ -1,0 +1,194 @@
+"""The `small` recipe end to end at full architecture sizes, longer than the test: time per step,
+fit sample sizes, points per code, CLAP reconstruction errors, and what the shipped 12 x 1024
+vocabulary would need.
+
+    python benchmarks/recipe_small.py --minutes 72 --clap-codes 64       # about an hour of audio
+    python benchmarks/recipe_small.py --minutes 3 --clap-codes 8 --min-points 4 --steps 1 --seconds 1   # quick
+
+The backbones are the small preset's checkpoints rebuilt from their real configs at random
+weights (tests/pretrained.py: CLAP `laion/larger_clap_music`, MERT-v0, Encodec 24 kHz); the
+stages are the preset's 6 x 1024 transformers. The corpus is synthesised music in 60 s files.
+Every step runs through the command line, as a user runs it:
+
+1. tokenize (fits the quantizers, then tokenizes the corpus) with CLAP ``levels x --clap-codes``
+   codes and ``--min-points`` points per code (the shipped preset: 12 x 1024 at 50);
+2. stats;
+3. ``--steps`` of train for each stage;
+4. ``--seconds`` of generate.
+
+Then, in this process, the cost of one CLAP fit window, one second of MERT features and one
+level of CLAP k-means at the shipped size (51,200 points, 1024 codes, 512 dims) are measured, and
+the hours of audio and the fit time the shipped vocabulary needs are projected from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CONFIG = """\
+base = "small"
+
+[tokenize.clap]
+model = "{clap}"
+codebook_size = {clap_codes}
+
+[tokenize.mert]
+model = "{mert}"
+codebook_size = {mert_codes}
+
+[tokenize.encodec]
+model = "{encodec}"
+
+[tokenize.fit]
+min_points_per_code = {min_points}
+mert_seconds = {mert_seconds}
+
+[train]
+batch_size = {batch}
+warmup_steps = 1
+eval_every = {steps}
+eval_batches = 1
+save_every = {steps}
+num_workers = 0
+"""
+
+
+def cli(*args, log: Path) -> float:
+    """Run ``musiclm ARGS``; its output goes to ``log``. Returns wall seconds; stops the benchmark on failure."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "musiclm", *map(str, args)], stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "160"})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"musiclm {args[0]} failed (exit {proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
+    return wall
+
+
+def write_corpus(root: Path, minutes: float, seed: int = 0) -> int:
+    """``minutes`` of synthesised music in 60 s wav files at 44.1 kHz; returns the file count."""
+    from musiclm.pipeline.audio import write_audio
+    from musiclm.pipeline.synth import KINDS, synth_clip
+
+    root.mkdir(parents=True, exist_ok=True)
+    n = max(1, round(minutes))
+    for i in range(n):
+        seconds = min(60.0, minutes * 60 - 60 * i) if i == n - 1 else 60.0
+        write_audio(root / f"track_{i:04d}.wav", synth_clip(KINDS[i % len(KINDS)], max(seconds, 1.0), 44100, seed + i), 44100)
+    return n
+
+
+def unit_costs(folder: Path, threads: int) -> dict[str, float]:
+    """Seconds per CLAP fit window, per second of MERT features, and per level of shipped-size CLAP k-means."""
+    import numpy as np
+    import torch
+
+    from musiclm.pipeline.quantizers import fit_kmeans
+    from musiclm.pipeline.synth import synth_clip
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    torch.set_num_threads(threads)
+    tok = Tokenizer.load(folder)
+    audio = {sr: synth_clip("mix", 30.0, sr, 7) for sr in tok.sample_rates}
+    windows = tok.clap_windows(audio[tok.clap.sample_rate], 1.0)  # 21 windows of 10 s
+    tok.clap_audio_embed(windows[:2])  # warm-up
+    t0 = time.perf_counter()
+    for a in range(0, len(windows), 16):
+        tok.clap_audio_embed(windows[a : a + 16])
+    clap = (time.perf_counter() - t0) / len(windows)
+    t0 = time.perf_counter()
+    tok.mert_features(audio[tok.mert.sample_rate])
+    mert = (time.perf_counter() - t0) / 30.0
+    x = np.random.default_rng(0).standard_normal((51_200, tok.clap.embed_dim)).astype(np.float32)
+    t0 = time.perf_counter()
+    fit_kmeans(x, 1024, niter=20, seed=0)
+    return {"clap_window": clap, "mert_second": mert, "kmeans_level": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=72.0, help="minutes of synthesised audio")
+    ap.add_argument("--clap-codes", type=int, default=64)
+    ap.add_argument("--mert-codes", type=int, default=1024)
+    ap.add_argument("--min-points", type=int, default=50, help="tokenize.fit.min_points_per_code")
+    ap.add_argument("--mert-seconds", type=float, default=3600.0, help="tokenize.fit.mert_seconds")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=2.0, help="seconds to generate")
+    ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
+    args = ap.parse_args()
+
+    from tests.pretrained import StandinFolders
+
+    from musiclm.config import load_config
+    from musiclm.pipeline.fit_plan import hours_needed
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="recipe-small-"))
+    work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    folders = StandinFolders(work / "backbones")
+    paths = {name: folders[name].as_posix() for name in ("clap", "mert", "encodec")}
+    times["save stand-in backbones"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_files = write_corpus(work / "music", args.minutes)
+    times["synthesise corpus"] = time.perf_counter() - t0
+    config = work / "recipe.toml"
+    config.write_text(
+        CONFIG.format(
+            **paths, clap_codes=args.clap_codes, mert_codes=args.mert_codes, min_points=args.min_points,
+            mert_seconds=args.mert_seconds, steps=args.steps, batch=args.batch,
+        )
+    )  # fmt: skip
+    print(f"work folder {work}: {n_files} files, {args.minutes:g} min of audio; config {config}", flush=True)
+
+    data, runs = work / "data", work / "runs"
+    times["tokenize (fit + pass)"] = cli("tokenize", work / "music", "--out", data, "--config", config, log=work / "tokenize.log")
+    times["stats"] = cli("stats", data, log=work / "stats.log")
+    for stage in ("semantic", "coarse", "fine"):
+        times[f"train {stage} ({args.steps} steps)"] = cli("train", stage, "--data", data, "--out", runs / stage, "--config", config, "--steps", args.steps, log=work / f"train-{stage}.log")
+    times[f"generate {args.seconds:g} s"] = cli("generate", "a calm piano over soft rain", "--model", runs, "--seconds", args.seconds, "--out", work / "out.wav", log=work / "generate.log")
+
+    record = json.loads((data / "tokenizer" / "tokenizer.json").read_text())
+    fit = record["fit"]
+    cfg = load_config(path=config)
+    print("\n== time per step (wall seconds, 2 torch threads per process) ==")
+    for name, seconds in times.items():
+        print(f"  {name:32s} {seconds:8.1f}")
+    print(f"  fit inside tokenize: features {fit['seconds_taken']['features']:.1f} s, k-means {fit['seconds_taken']['kmeans']:.1f} s")
+    print("\n== fit sample ==")
+    print(f"  {fit['files']} files, {fit['seconds'] / 3600:.2f} h, {fit['heldout_files']} held out ({fit['heldout_windows']} windows); CLAP hop {fit['clap_hop_seconds']:g} s")
+    for name, p in fit["points"].items():
+        print(f"  {name:9s} {p['points']:>8,} points for {p['codes']:>5} codes: {p['points_per_code']:.1f} per code")
+    print(f"\n== CLAP {cfg.tokenize.clap.levels} x {args.clap_codes}: relative reconstruction error after each level ==")
+    for name, errors in fit["clap_relative_error"].items():
+        print(f"  {name:14s} " + " ".join(f"{e:.3f}" for e in errors))
+
+    costs = unit_costs(data / "tokenizer", threads=2)
+    shipped = load_config("small").tokenize
+    windows = shipped.clap.codebook_size * shipped.fit.min_points_per_code / (1 - shipped.fit.heldout_fraction)
+    frames_seconds = shipped.fit.mert_seconds
+    features = windows * costs["clap_window"] + frames_seconds * costs["mert_second"]
+    # k-means costs N x K x D per iteration: semantic k-means scaled from the measured CLAP level
+    mert_points = min(shipped.fit.max_points, shipped.fit.mert_seconds * 50)
+    kmeans = shipped.clap.levels * costs["kmeans_level"] + costs["kmeans_level"] * mert_points * 768 / (51_200 * 512)
+    print("\n== the shipped vocabulary (CLAP 12 x 1024, semantic 1024, 50 points per code) on this machine ==")
+    print(f"  measured: {costs['clap_window']:.3f} s per CLAP fit window, {costs['mert_second']:.3f} s per second of MERT features, "
+          f"{costs['kmeans_level']:.1f} s per level of CLAP k-means (51,200 x 512, 1024 codes, 20 iterations)")  # fmt: skip
+    print(f"  needs {hours_needed(shipped):.1f} h of audio ({windows:,.0f} windows at a 1 s hop, held-out files included)")
+    print(f"  projected fit time: {features / 3600:.2f} h of features ({windows:,.0f} windows + {frames_seconds:g} s of MERT) + {kmeans / 60:.1f} min of k-means "
+          f"(12 CLAP levels measured, semantic {mert_points:,.0f} x 768 scaled from them)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
