@@ -198,7 +198,7 @@ def needs_line(t: TokenizeConfig, plan: FitPlan) -> str:
         f"the vocabularies need about {duration_text(plan.hours_need * 3600)} of audio to fit: CLAP {c.levels} x {c.codebook_size} codes "
         f"x {f.min_points_per_code} points = {plan.clap_need:,} windows of {c.window_seconds:g} s at a {f.clap_hop_seconds:g} s hop; "
         f"semantic {t.mert.codebook_size} codes = {plan.mert_need:,} MERT frames. "
-        f"Fitting on {len(plan.files)} files, {duration_text(plan.seconds)}: {plan.clap_windows:,} windows "
+        f"The fit sample: {len(plan.files)} files, {duration_text(plan.seconds)}: {plan.clap_windows:,} windows "
         f"({plan.clap_windows / c.codebook_size:.0f} per code), {len(plan.heldout)} files held out"
     )
 
