@@ -26,7 +26,8 @@ data.py), so a resumed run computes the same steps as an uninterrupted one.
 Several processes: under ``torchrun`` (``WORLD_SIZE > 1``) each rank reads a
 disjoint part of the data, gradients are averaged by DistributedDataParallel
 (gloo on CPU, nccl on CUDA), logged losses are averaged over ranks, and only
-rank 0 writes the run folder.
+rank 0 writes the run folder. A rank's process ends as soon as its training
+has (see :func:`end_worker_process`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -108,6 +109,23 @@ def setup_distributed(device: str | None) -> Dist:
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Dist(rank, world, local_rank, dev)
+
+
+def end_worker_process() -> NoReturn:
+    """End this torchrun worker with exit status 0, skipping the interpreter's teardown.
+
+    DDP keeps references to its gloo process group that outlive ``destroy_process_group``,
+    so gloo's worker threads are still running while Python finalizes. The last collective
+    (``all_gather_object`` in a checkpoint save) leaves its output tensors to such a thread
+    to free; on a busy machine the thread runs late, after finalization began, and freeing
+    a tensor that Python already dropped takes the GIL. Python then ends the thread with
+    ``pthread_exit``, which unwinds through a noexcept destructor: std::terminate, SIGABRT,
+    and torchrun stops every other rank. The run folder is complete and closed by now, so
+    the process only has to flush its output and leave.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _all_sum(values: list[float], d: Dist) -> list[float]:
@@ -355,6 +373,7 @@ def run_train(
     run continues from its latest checkpoint (or starts, when it has none);
     without it, a run folder that already has checkpoints is refused. ``cfg``
     None means the run's own config when resuming, else the ``small`` preset.
+    Under torchrun (``WORLD_SIZE > 1``) a finished run ends the process instead of returning.
     """
     if cfg is None:
         run_file = Path(out) / RUN_FILE
@@ -384,10 +403,13 @@ def run_train(
 
     d = setup_distributed(device)
     try:
-        return _train(stage, data, out, cfg, layout, info, split, val_data, latest if resume else None, d)
+        _train(stage, data, out, cfg, layout, info, split, val_data, latest if resume else None, d)
     finally:
         if d.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+    if d.world_size > 1:
+        end_worker_process()
+    return out
 
 
 def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, val_data, latest: Path | None, d: Dist) -> Path:
