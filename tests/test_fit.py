@@ -149,6 +149,21 @@ def test_fit_windows_count_what_the_tokenizer_cuts(tmp_path):
         assert fit_windows(seconds, cfg) == cut, seconds
 
 
+def test_fit_features_take_clap_windows_at_the_fit_hop(tmp_path):
+    """The fit embeds a window every clap_hop_seconds (not the tokens' hop); MERT frames only when asked."""
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    cfg = load_config("tiny").tokenize
+    assert cfg.fit.clap_hop_seconds < cfg.clap.hop_seconds
+    tok = Tokenizer.from_config(cfg)
+    audio = load_for_rates(tone_file(tmp_path / "a.wav", 7.0, sr=16000), 0.0, None, tok.sample_rates)
+    rng = np.random.default_rng(0)
+    feats = tok.fit_features(audio, max_frames=50, rng=rng, chunk=3)
+    assert feats["clap"].shape == (fit_windows(7.0, cfg), tok.clap.embed_dim) == (4, tok.clap.embed_dim)
+    assert feats["mert"].shape[0] == 50
+    assert set(tok.fit_features(audio, max_frames=50, rng=rng, frames=False)) == {"clap"}
+
+
 def test_plan_holds_out_every_twentieth_file_and_stops_at_the_budget():
     cfg = load_config("tiny").tokenize
     cfg = replace(cfg, fit=replace(cfg.fit, max_seconds=300.0, mert_seconds=60.0))
