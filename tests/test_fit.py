@@ -207,6 +207,16 @@ def test_the_semantic_floor_is_checked_once_the_mert_rate_is_known():
         check_enough(cfg, plan, mert_rate=50.0)
 
 
+def test_a_corpus_too_small_for_the_semantic_codebook_is_refused_before_ray(capsys, tmp_path):
+    """A random MERT's frame rate is known from its config: its floor is checked with CLAP's, up front."""
+    bad = write_config(tmp_path / "bad.toml", 'base = "tiny"\n[tokenize.clap]\ncodebook_size = 2\n[tokenize.mert]\ncodebook_size = 4096\n[tokenize.fit]\nmax_points = 20000\n')
+    for i in range(3):
+        tone_file(tmp_path / "music" / f"{i}.wav", 20.0)
+    code, err = run(capsys, "tokenize", tmp_path / "music", "--out", tmp_path / "out", "--config", bad)
+    assert code == 2 and "semantic 4096 codes need 12,288 MERT frames (3 per code) but the corpus gives 3,000; use tokenize.mert.codebook_size = 512 or less" in err.splitlines()[-1]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".musiclm.lock"], "refused before a tokenizer was started"
+
+
 def test_largest_codebook_is_a_power_of_two_the_points_can_feed():
     assert largest_codebook(3060, 50) == 32
     assert largest_codebook(3200, 50) == 64
@@ -224,7 +234,7 @@ def test_one_hour_with_the_shipped_vocabularies_is_refused_up_front(tmp_path):
     assert "Traceback" not in proc.stderr
     assert lines[-1].startswith("error: not enough audio to fit the tokenizer: CLAP 12 x 1024 codes need 51,200 windows")
     assert "the vocabularies need about 17.6 h of audio" in proc.stderr  # printed first, before the refusal
-    assert not (tmp_path / "out" / "tokenizer").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".musiclm.lock"], "refused before a tokenizer was started"
 
 
 # ---- the fit report -------------------------------------------------------------------------------

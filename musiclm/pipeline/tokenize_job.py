@@ -397,8 +397,9 @@ def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
     return all(da[k] == db[k] for k in MEANING_KEYS)
 
 
-def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig):
-    """Probe files for the fit sample and refuse, before any backbone runs, a corpus too small for the vocabularies."""
+def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mert_rate: float | None):
+    """Probe files for the fit sample and refuse, before any backbone runs, a corpus too small for the vocabularies
+    (the MERT floor too when ``mert_rate`` is known from the backbone's config; else once it has loaded)."""
     from musiclm.pipeline.fit_plan import check_enough, needs_line, plan_fit
 
     def duration(rel: str) -> float | None:
@@ -412,7 +413,7 @@ def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig):
     if not plan.files:
         raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
     console.print(needs_line(tcfg, plan))
-    check_enough(tcfg, plan, mert_rate=None)  # MERT's rate is checked once its config is read
+    check_enough(tcfg, plan, mert_rate)
     return plan
 
 
@@ -576,8 +577,9 @@ def run_tokenize(
         if pending and record is None:
             from musiclm.pipeline.fit_plan import backbone_facts, check_backbones
 
-            check_backbones(cfg.tokenize, backbone_facts(cfg.tokenize))
-            plan = _fit_plan(console, files, corpus, cfg.tokenize)
+            facts = backbone_facts(cfg.tokenize)
+            check_backbones(cfg.tokenize, facts)
+            plan = _fit_plan(console, files, corpus, cfg.tokenize, facts.mert_frame_rate)
         if pending:
             with _ray(address) as ray:
                 res = _resources(ray, workers, gpus_per_worker)
