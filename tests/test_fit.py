@@ -113,6 +113,15 @@ def test_a_config_that_disagrees_with_its_backbones_is_refused_before_ray(capsys
     assert not (tmp_path / "out" / "tokenizer").exists()
 
 
+def test_a_loaded_clap_whose_window_differs_is_refused():
+    """The same check once the backbone is loaded (a hub id's extractor is known only then)."""
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    cfg = load_config("tiny").tokenize
+    with pytest.raises(UserError, match="tokenize.clap.window_seconds = 3 but the CLAP feature extractor of 'random' takes 4 s windows"):
+        Tokenizer.from_config(replace(cfg, clap=replace(cfg.clap, window_seconds=3.0)))
+
+
 def test_backbone_settings_are_read_from_a_local_folder_without_loading_weights(tmp_path):
     from musiclm.pipeline.tokenizer import Tokenizer
 

@@ -81,13 +81,19 @@ def backbone_facts(t: TokenizeConfig) -> BackboneFacts:
     )
 
 
-def check_backbones(t: TokenizeConfig, facts: BackboneFacts) -> None:
-    """One-line errors for a tokenize config that disagrees with its backbones or cannot feed their codebooks."""
-    if facts.clap_window_seconds is not None and abs(facts.clap_window_seconds - t.clap.window_seconds) > 1e-3:
+def check_clap_window(t: TokenizeConfig, extractor_seconds: float) -> None:
+    """The CLAP window of the config must be its feature extractor's: a longer one would be cut, a shorter padded."""
+    if abs(extractor_seconds - t.clap.window_seconds) > 1e-3:
         raise UserError(
             f"tokenize.clap.window_seconds = {t.clap.window_seconds:g} but the CLAP feature extractor of '{t.clap.model}' "
-            f"takes {facts.clap_window_seconds:g} s windows: make them equal"
+            f"takes {extractor_seconds:g} s windows: make them equal"
         )
+
+
+def check_backbones(t: TokenizeConfig, facts: BackboneFacts) -> None:
+    """One-line errors for a tokenize config that disagrees with its backbones or cannot feed their codebooks."""
+    if facts.clap_window_seconds is not None:
+        check_clap_window(t, facts.clap_window_seconds)
     if facts.mert_layers is not None and not 0 <= t.mert.layer <= facts.mert_layers:
         raise UserError(f"tokenize.mert.layer = {t.mert.layer} but the MERT model has {facts.mert_layers} layers (use 0..{facts.mert_layers})")
     f = t.fit

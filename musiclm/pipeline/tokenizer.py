@@ -25,6 +25,7 @@ from musiclm import atomic
 from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
 from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
+from musiclm.pipeline.fit_plan import check_clap_window
 from musiclm.pipeline.quantizers import assign, residual_encode
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
 
@@ -73,12 +74,8 @@ class Tokenizer:
             torch.backends.cuda.matmul.allow_tf32 = False
         for m in (clap.model, mert.model, encodec.model):
             m.to(self.device)
-        win = cfg.clap.window_seconds * clap.sample_rate
-        if abs(clap.features.nb_max_samples - win) > 1:
-            raise UserError(
-                f"tokenize.clap.window_seconds = {cfg.clap.window_seconds} but the CLAP feature extractor takes "
-                f"{clap.features.nb_max_samples / clap.sample_rate:g} s windows: make them equal"
-            )
+        # again here: a hub backbone's extractor is known only once it has loaded
+        check_clap_window(cfg, clap.features.nb_max_samples / clap.sample_rate)
 
     # ---- construction --------------------------------------------------------
     @classmethod
