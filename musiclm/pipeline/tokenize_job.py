@@ -124,8 +124,8 @@ def _token_auth_for_clients() -> None:
 
 @contextmanager
 def _ray(address: str | None) -> Iterator[Any]:
+    """A Ray instance for the job; ``address`` was checked reachable by run_tokenize, before the fit plan."""
     if address:
-        _check_reachable(address)
         _token_auth_for_clients()  # before Ray is imported: it reads RAY_AUTH_MODE once
     import ray
     import ray.data
