@@ -293,6 +293,13 @@ def clap_windows_per_segment(seconds: float, window: float, hop: float) -> int:
     return int(math.floor((seconds - window) / hop + 1e-9)) + 1
 
 
+def fitted_clap_windows_per_second(t: TokenizeConfig) -> float:
+    """CLAP windows the fit gets per second of audio in full segments, held-out files excluded."""
+    seg = t.audio.segment_seconds
+    per_segment = clap_windows_per_segment(seg, t.clap.window_seconds, t.fit.clap_hop_seconds)
+    return per_segment / seg * (1 - t.fit.heldout_fraction)
+
+
 def check_config(cfg: Config) -> None:
     """Refuse, in one line each, a config whose parts cannot work together.
 
@@ -324,13 +331,13 @@ def check_config(cfg: Config) -> None:
             "0 <= heldout_fraction < 0.5 and mert_seconds <= max_seconds"
         )
     clap_need = t.clap.codebook_size * f.min_points_per_code
-    per_second = clap_windows_per_segment(seg, t.clap.window_seconds, f.clap_hop_seconds) / seg
-    clap_budget = int(f.max_seconds * per_second * (1 - f.heldout_fraction) + 1e-6)
+    rate = fitted_clap_windows_per_second(t)
+    clap_budget = int(f.max_seconds * rate + 1e-6)
     if clap_budget < clap_need:
         raise UserError(
             f"config '{cfg.name}': tokenize.fit.max_seconds = {f.max_seconds:g} gives at most {clap_budget} CLAP windows to fit on, but "
             f"{t.clap.codebook_size} codes x {f.min_points_per_code} points need {clap_need}: raise max_seconds to at least "
-            f"{math.ceil(clap_need / per_second / (1 - f.heldout_fraction))}, or use a smaller tokenize.clap.codebook_size"
+            f"{math.ceil(clap_need / rate)}, or use a smaller tokenize.clap.codebook_size"
         )
     k = t.mert.codebook_size
     if f.max_points < k * f.min_points_per_code:

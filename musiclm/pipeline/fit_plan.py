@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from musiclm.config import TokenizeConfig, clap_windows_per_segment
+from musiclm.config import TokenizeConfig, clap_windows_per_segment, fitted_clap_windows_per_second
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import plan_segments
 
@@ -158,9 +158,7 @@ def fit_windows(seconds: float, t: TokenizeConfig) -> int:
 
 def hours_needed(t: TokenizeConfig) -> float:
     """Hours of audio (in files of at least one segment) that give the CLAP codebooks their floor."""
-    seg = t.audio.segment_seconds
-    per_second = clap_windows_per_segment(seg, t.clap.window_seconds, t.fit.clap_hop_seconds) / seg
-    return t.clap.codebook_size * t.fit.min_points_per_code / per_second / (1 - t.fit.heldout_fraction) / 3600
+    return t.clap.codebook_size * t.fit.min_points_per_code / fitted_clap_windows_per_second(t) / 3600
 
 
 def plan_fit(files: list[str], durations: Callable[[str], float | None], t: TokenizeConfig) -> FitPlan:
