@@ -49,6 +49,9 @@ def tokenize(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Backbone actors (default: 1 per GPU, else 1)."),
     gpus_per_worker: float = typer.Option(-1.0, "--gpus-per-worker", help="GPUs per actor (default: 1 when GPUs exist, else 0)."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Clips per shard (default from the config)."),
+    batch_seconds: Optional[float] = typer.Option(
+        None, "--batch-seconds", min=1.0, help="Audio per backbone batch, whole files (default from the config; kept for a resumed run)."
+    ),
 ) -> None:
     """Turn a folder of music into integer-token shards, once."""
     from musiclm.pipeline.tokenize_job import run_tokenize
@@ -63,6 +66,7 @@ def tokenize(
         workers=workers,
         gpus_per_worker=None if gpus_per_worker < 0 else gpus_per_worker,
         shard_size=shard_size,
+        batch_seconds=batch_seconds,
     )
 
 

@@ -25,6 +25,7 @@ from musiclm.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("semantic", "coarse", "fine")
+PRECISIONS = ("fp32", "bf16", "fp16")  # tokenize.precision: the backbones' arithmetic
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ class TokenizeConfig:
     encodec: EncodecConfig = field(default_factory=EncodecConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     shard_size: int = 256  # clips per shard
-    batch_size: int = 4  # segments handed to an actor at once (each still gets its own backbone calls)
+    batch_seconds: float = 240.0  # audio per planned batch: whole files, their segments through the backbones together
+    precision: str = "fp32"  # backbone arithmetic: fp32, bf16 or fp16 (autocast); part of what tokens mean
 
 
 @dataclass(frozen=True)
@@ -324,6 +326,10 @@ def check_config(cfg: Config) -> None:
                 f"config '{cfg.name}': stages.{stage}.window_seconds = {w:g} does not fit whole in every segment: files are split into "
                 f"equal segments longer than half of tokenize.audio.segment_seconds = {seg:g}; raise segment_seconds to at least {2 * w:g}"
             )
+    if t.precision not in PRECISIONS:
+        raise UserError(f"config '{cfg.name}': tokenize.precision = '{t.precision}' is not one of {', '.join(PRECISIONS)}")
+    if t.batch_seconds <= 0:
+        raise UserError(f"config '{cfg.name}': tokenize.batch_seconds must be positive")
     f = t.fit
     if f.min_points_per_code < 1 or f.clap_hop_seconds <= 0 or not 0 <= f.heldout_fraction < 0.5 or f.mert_seconds > f.max_seconds:
         raise UserError(

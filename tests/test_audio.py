@@ -160,21 +160,28 @@ def test_streamed_wav_with_placeholder_size_is_not_truncated(tmp_path):
     assert len(read_mono(path)[0]) == 800
 
 
-@pytest.mark.parametrize("duration", [0.5, 29.9, 30.0, 30.000001, 61.0, 90.0, 95.3, 3600.0])
-def test_plan_segments_splits_into_equal_segments_no_longer_than_max(duration):
+@pytest.mark.parametrize("duration", [0.5, 29.9, 30.0, 30.000001, 44.9, 45.0, 61.0, 90.0, 95.3, 3600.0, 3614.0])
+def test_plan_segments_cuts_full_segments_and_a_tail_of_at_least_half(duration):
     segments = plan_segments(duration, 30.0)
-    assert len(segments) == math.ceil(duration / 30.0 - 1e-9)
     lengths = [seconds for _, seconds in segments]
-    assert max(lengths) <= 30.0 and max(lengths) - min(lengths) < 1e-9
     assert segments[0][0] == 0.0
     for (start, seconds), (next_start, _) in zip(segments, segments[1:]):
         assert next_start == pytest.approx(start + seconds)
     assert segments[-1][0] + segments[-1][1] == pytest.approx(duration)
+    assert max(lengths) <= 30.0
+    if duration > 30.0:
+        assert min(lengths) >= 15.0 - 1e-9
+    # every segment but the last two is exactly full length: segments of a corpus batch together
+    assert all(x == 30.0 for x in lengths[:-2])
+    assert len(segments) == math.ceil(duration / 30.0 - 1e-9)
 
 
-def test_plan_segments_leaves_no_tiny_tail():
+def test_plan_segments_splits_a_short_tail_with_the_last_full_segment():
     starts, lengths = zip(*plan_segments(61.0, 30.0))
-    assert starts == pytest.approx((0.0, 61 / 3, 122 / 3)) and lengths == pytest.approx((61 / 3,) * 3)
+    assert starts == pytest.approx((0.0, 30.0, 45.5)) and lengths == pytest.approx((30.0, 15.5, 15.5))
+    starts, lengths = zip(*plan_segments(80.0, 30.0))
+    assert starts == pytest.approx((0.0, 30.0, 60.0)) and lengths == pytest.approx((30.0, 30.0, 20.0))
+    assert plan_segments(90.0, 30.0) == [(0.0, 30.0), (30.0, 30.0), (60.0, 30.0)]
 
 
 def test_plan_segments_of_nothing_is_empty_and_max_must_be_positive():

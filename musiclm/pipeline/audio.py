@@ -135,20 +135,34 @@ def probe(path: Path | str) -> AudioInfo:
 
 
 def plan_segments(duration: float, max_seconds: float) -> list[tuple[float, float]]:
-    """Split ``duration`` seconds into ``ceil(duration / max_seconds)`` equal segments.
+    """Split ``duration`` seconds into segments of exactly ``max_seconds``, with a tail that is never tiny.
 
-    Returns ``[(start, seconds), ...]`` covering ``[0, duration]`` without gaps;
-    equal lengths so that no tiny tail is left. A file of at most
-    ``max_seconds`` is one segment; ``duration <= 0`` gives none.
+    Returns ``[(start, seconds), ...]`` covering ``[0, duration]`` without gaps. A tail of at
+    least half of ``max_seconds`` is a segment of its own; a shorter one is split equally with
+    the last full segment, so that every segment of a file longer than ``max_seconds`` is at
+    least half of it long. Most segments of a corpus then share one length and go through the
+    backbones in one batch. A file of at most ``max_seconds`` is one segment; ``duration <= 0``
+    gives none.
     """
     if max_seconds <= 0:
         raise ValueError(f"max_seconds must be positive, got {max_seconds}")
     if duration <= 0:
         return []
-    # The tolerance keeps 90 / 30 from becoming 3.0000000000000004 -> 4 segments.
-    n = max(1, math.ceil(duration / max_seconds - 1e-9))
-    length = duration / n
-    return [(duration * i / n, length) for i in range(n)]
+    # The tolerance keeps 90 / 30 from leaving a tail of 1e-14 s.
+    full = max(0, math.floor(duration / max_seconds + 1e-9))
+    tail = duration - full * max_seconds
+    if tail <= 1e-9 * max(1.0, duration):
+        tail = 0.0
+    if full == 0:
+        return [(0.0, duration)]
+    segments = [(i * max_seconds, max_seconds) for i in range(full)]
+    if tail >= max_seconds / 2:
+        segments.append((full * max_seconds, tail))
+    elif tail > 0:
+        start = (full - 1) * max_seconds
+        half = (max_seconds + tail) / 2
+        segments[-1:] = [(start, half), (start + half, half)]
+    return segments
 
 
 def read_mono(path: Path | str, start: float = 0.0, seconds: float | None = None) -> tuple[np.ndarray, int]:

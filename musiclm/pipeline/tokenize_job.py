@@ -2,26 +2,34 @@
 
 ::
 
-    list files (driver)
-      → plan segments, decode, resample        CPU tasks (flat_map)
-      → tokenize                               actor pool holding the Tokenizer (1 GPU each if any)
-      → ShardWriter (driver)                   shards/, stats/, errors/
+    list files, probe durations (tasks), plan batches   driver; the plan is kept in plan.parquet
+      → decode, segment, resample a planned batch        CPU tasks (one row per batch)
+      → tokenize the batch                               actor pool holding the Tokenizer (1 GPU each if any)
+      → ShardWriter (driver)                             shards/, stats/, errors/
+
+The batch plan is the driver's: whole files, in listing order, up to
+``tokenize.batch_seconds`` of audio per batch (a longer file is a batch of its
+own). Ray Data would regroup rows in arrival order, so each planned batch
+travels as one row and tokens do not depend on scheduling.
 
 Without ``--tokenizer`` the quantizers are fitted first, on a sample of the
 corpus, by the same decode stage feeding a feature-extracting actor pool.
 
-Resume: finished shards and errors files name the keys that are done
-(:func:`~musiclm.shards.writer.done_keys`); the decode stage skips them, so a
-rerun of the same command continues where a killed run stopped. A lock file
+Resume: finished shards and errors files name the files that are done
+(:func:`~musiclm.shards.writer.done_files`); shards close only between batches,
+so a batch is either all done or not started, and a rerun of the same command
+runs the same batches that are left, which give the same tokens. A lock file
 keeps a second run out of the same folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,8 +47,9 @@ from musiclm.shards.format import TokenSample, file_key, sample_key
 from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, done_keys, next_shard_index
 
 LOCK_FILE = ".musiclm.lock"
+PLAN_FILE = "plan.parquet"
 # tokenizer config keys that change what tokens mean or which clips exist
-MEANING_KEYS = ("audio", "clap", "mert", "encodec")
+MEANING_KEYS = ("audio", "clap", "mert", "encodec", "precision")
 
 
 @dataclass
@@ -173,7 +182,9 @@ def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> Resou
         raise UserError(f"--gpus-per-worker {gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs")
     if workers is None:
         workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
-    return Resources(workers, gpus_per_worker, 1.0, actor_threads(cpus, workers, gpus_per_worker > 0))
+    threads = actor_threads(cpus, workers, gpus_per_worker > 0)
+    # an actor reserves the cores its torch threads use, so decode tasks do not crowd them
+    return Resources(workers, gpus_per_worker, float(min(threads, max(1, cpus - 1))), threads)
 
 
 def actor_threads(cpus: int, workers: int, gpu: bool) -> int:
@@ -185,8 +196,9 @@ def actor_threads(cpus: int, workers: int, gpu: bool) -> int:
 
 
 # ---- decode stage (Ray tasks) ------------------------------------------------------------
-def _error_row(key: str, rel: str, step: str, reason: str) -> dict[str, Any]:
-    return {"key": key, "rel": rel, "segment": -1, "segments": 0, "start": 0.0, "seconds": 0.0, "sample_rate": 0, "channels": 0, "error": reason, "step": step}
+def _error_row(key: str, rel: str, step: str, reason: str, seconds: float = 0.0) -> dict[str, Any]:
+    """A failed file or segment; ``seconds`` is its planned audio (for the progress line)."""
+    return {"key": key, "rel": rel, "segment": -1, "segments": 0, "start": 0.0, "seconds": float(seconds), "sample_rate": 0, "channels": 0, "error": reason, "step": step}
 
 
 def _reason(e: Exception) -> str:
@@ -194,49 +206,36 @@ def _reason(e: Exception) -> str:
     return e.reason if isinstance(e, AudioError) else f"{type(e).__name__}: {e}"
 
 
-def _decode_file(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], segment_seconds: float, min_seconds: float, done: frozenset) -> Iterator[dict[str, Any]]:
-    """One file → one row per segment still to do, with the audio at each rate as float32 bytes."""
-    rel = row["rel"]
-    fkey = file_key(rel)
-    if fkey in done:
-        return
-    path = Path(corpus) / rel
-    empty = {f"a{sr}": b"" for sr in rates}
-    try:
-        info = probe(path)
-        if info.duration < min_seconds:
-            yield {**_error_row(fkey, rel, "decode", f"too short: {info.duration:.2f} s (minimum {min_seconds:g} s)"), **empty}
-            return
-        segments = plan_segments(info.duration, segment_seconds)
-    except Exception as e:  # noqa: BLE001 - any failure is recorded, never fatal for the run
-        yield {**_error_row(fkey, rel, "decode", _reason(e)), **empty}
-        return
-    for i, (start, seconds) in enumerate(segments):
-        key = sample_key(rel, i)
-        if key in done:
-            continue
+def _decode_batch(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], segment_seconds: float, done: frozenset) -> dict[str, Any]:
+    """One planned batch → one row: its number and its segments still to do, pickled.
+
+    A segment is a dict of the meta data of a shard sample, ``error``/``step`` (empty when it
+    decoded) and ``audio``, {sample rate: float32 samples}."""
+    segments: list[dict[str, Any]] = []
+    for rel, seconds in json.loads(row["files"]):
+        path = Path(corpus) / rel
         try:
-            audio = load_for_rates(path, start, seconds, rates)
-        except Exception as e:  # noqa: BLE001
-            yield {**_error_row(key, rel, "decode", _reason(e)), **empty}
+            info = probe(path)
+            spans = plan_segments(seconds, segment_seconds)
+        except Exception as e:  # noqa: BLE001 - any failure is recorded, never fatal for the run
+            segments.append(_error_row(file_key(rel), rel, "decode", _reason(e), seconds))
             continue
-        yield {
-            "key": key,
-            "rel": rel,
-            "segment": i,
-            "segments": len(segments),
-            "start": float(start),
-            "seconds": float(seconds),
-            "sample_rate": int(info.sample_rate),
-            "channels": int(info.channels),
-            "error": "",
-            "step": "",
-            **{f"a{sr}": np.ascontiguousarray(audio[sr], dtype=np.float32).tobytes() for sr in rates},
-        }
+        for i, (start, length) in enumerate(spans):
+            key = sample_key(rel, i)
+            if key in done:
+                continue
+            try:
+                audio = load_for_rates(path, start, length, rates)
+            except Exception as e:  # noqa: BLE001
+                segments.append(_error_row(key, rel, "decode", _reason(e), length))
+                continue
+            meta = dict(segment=i, segments=len(spans), start=float(start), seconds=float(length), sample_rate=int(info.sample_rate), channels=int(info.channels))
+            segments.append({"key": key, "rel": rel, **meta, "error": "", "step": "", "audio": {sr: np.ascontiguousarray(audio[sr], dtype=np.float32) for sr in rates}})
+    return {"batch": int(row["batch"]), "payload": pickle.dumps(segments, protocol=5)}
 
 
-def _actor_pool(ds, ray, actor: type, kwargs: dict[str, Any], batch_size: int, res: Resources) -> Any:
-    """``ds`` through an actor pool of ``actor``. A crashed actor fails the run loudly (rerunning
+def _actor_pool(ds, ray, actor: type, kwargs: dict[str, Any], res: Resources) -> Any:
+    """``ds`` (one row per planned batch) through an actor pool of ``actor``. A crashed actor fails the run loudly (rerunning
     resumes it) instead of being restarted with constructor arguments Ray may have lost."""
     import warnings
 
@@ -246,7 +245,7 @@ def _actor_pool(ds, ray, actor: type, kwargs: dict[str, Any], batch_size: int, r
             actor,
             fn_constructor_kwargs=kwargs,
             compute=ray.data.ActorPoolStrategy(size=res.workers),
-            batch_size=batch_size,
+            batch_size=1,  # one planned batch per call
             num_gpus=res.gpus,
             num_cpus=res.cpus,
             batch_format="numpy",
@@ -267,56 +266,58 @@ def _load_tokenizer(tokenizer_dir: str | None, cfg_dict: dict | None, backbone_d
     return Tokenizer.from_config(tokenize_config_from_dict(cfg_dict), device=device, folders=Path(backbone_dir))
 
 
-def _clip(batch: dict[str, np.ndarray], i: int, rates: tuple[int, ...]) -> dict[int, np.ndarray]:
-    """Row ``i``'s decoded audio: {sample rate: float32 samples}."""
-    return {sr: np.frombuffer(batch[f"a{sr}"][i], dtype=np.float32) for sr in rates}
+def _gpu_utilization() -> float:
+    """The busy percentage of this process's GPU as NVML reports it; -1 where it cannot."""
+    import torch
+
+    try:
+        return float(torch.cuda.utilization()) if torch.cuda.is_available() else -1.0
+    except Exception:  # noqa: BLE001 - pynvml missing or NVML unavailable
+        return -1.0
 
 
 class TokenizeActor:
-    """Holds the tokenizer; turns decoded segments into the members of shard samples."""
+    """Holds the tokenizer; turns the decoded segments of a planned batch into shard samples."""
 
     def __init__(self, tokenizer_dir: str, threads: int):
         self.tok = _load_tokenizer(tokenizer_dir, None, None, threads)
         self.rates = self.tok.sample_rates
+        self.told = 0  # back-off lines already passed on
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        n = len(batch["key"])
-        good = [i for i in range(n) if not batch["error"][i]]
-        results: dict[int, Any] = {}
-        compute: dict[int, float] = {}
-        for i in good:
+        out: dict[str, list] = {k: [] for k in ("batch", "rows", "key", "rel", "error", "step", "seconds", "good", "compute", "gpu", "note", "sample")}
+        for number, payload in zip(batch["batch"], batch["payload"]):
+            segments = pickle.loads(payload)
+            good = [s for s in segments if not s["error"]]
             t0 = time.perf_counter()
-            try:
-                results[i] = self.tok.tokenize(_clip(batch, i, self.rates))
-            except Exception as e:  # noqa: BLE001 - a clip that fails is recorded; its neighbours go on
-                results[i] = f"{type(e).__name__}: {e}"
-            compute[i] = time.perf_counter() - t0
-        out: dict[str, list] = {k: [] for k in ("key", "rel", "error", "step", "seconds", "compute", "sample")}
-        for i in range(n):
-            key, rel = str(batch["key"][i]), str(batch["rel"][i])
-            r = results.get(i)
-            error, step = str(batch["error"][i]), str(batch["step"][i])
-            sample = b""
-            if isinstance(r, str):
-                error, step = r, "tokenize"
-            elif r is not None:
-                meta = {
-                    "source": rel,
-                    "segment": int(batch["segment"][i]),
-                    "segments": int(batch["segments"][i]),
-                    "start": float(batch["start"][i]),
-                    "duration": float(batch["seconds"][i]),
-                    "sample_rate": int(batch["sample_rate"][i]),
-                    "channels": int(batch["channels"][i]),
-                }
-                sample = _pack(TokenSample(key, r["semantic"], r["acoustic"], r["clap"], r["clap_emb"], meta))
-            out["key"].append(key)
-            out["rel"].append(rel)
-            out["error"].append(error)
-            out["step"].append(step)
-            out["seconds"].append(float(batch["seconds"][i]))
-            out["compute"].append(compute.get(i, 0.0))
-            out["sample"].append(sample)
+            results = self.tok.tokenize_batch([s["audio"] for s in good]) if good else []
+            compute = time.perf_counter() - t0
+            by_key = {s["key"]: r for s, r in zip(good, results)}
+            note = "; ".join(self.tok.backoffs[self.told :])
+            self.told = len(self.tok.backoffs)
+            total = sum(s["seconds"] for s in good) or 1.0
+            gpu = _gpu_utilization()
+            for s in segments:
+                r = by_key.get(s["key"])
+                error, step, sample = s["error"], s["step"], b""
+                if isinstance(r, Exception):
+                    error, step = f"{type(r).__name__}: {r}", "tokenize"
+                elif r is not None:
+                    meta = {"source": s["rel"], **{k: s[k] for k in ("segment", "segments", "start", "sample_rate", "channels")}, "duration": s["seconds"]}
+                    sample = _pack(TokenSample(s["key"], r["semantic"], r["acoustic"], r["clap"], r["clap_emb"], meta))
+                out["batch"].append(int(number))
+                out["rows"].append(len(segments))
+                out["key"].append(s["key"])
+                out["rel"].append(s["rel"])
+                out["error"].append(error)
+                out["step"].append(step)
+                out["seconds"].append(float(s["seconds"]))
+                out["good"].append(not error)
+                out["compute"].append(compute * s["seconds"] / total if r is not None else 0.0)
+                out["gpu"].append(gpu)
+                out["note"].append(note)
+                note = ""
+                out["sample"].append(sample)
         return out
 
 
@@ -351,17 +352,17 @@ class FitActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"rel": [], "mert": [], "clap": [], "encodec": []}
-        for i in range(len(batch["key"])):
-            if batch["error"][i]:
-                continue
-            rel = str(batch["rel"][i])
-            # seeded per clip so the fitted quantizers do not depend on how clips were batched
-            rng = np.random.default_rng([self.seed, int(str(batch["key"][i])[:8], 16)])
-            feats = self.tok.fit_features(_clip(batch, i, self.rates), self.max_frames, rng, frames=rel in self.mert_files)
-            out["rel"].append(rel)
-            for name in ("mert", "clap", "encodec"):
-                f = feats.get(name)
-                out[name].append(b"" if f is None else np.ascontiguousarray(f, dtype=np.float32).tobytes())
+        for payload in batch["payload"]:
+            for s in pickle.loads(payload):
+                if s["error"]:
+                    continue
+                # seeded per clip so the fitted quantizers do not depend on how clips were batched
+                rng = np.random.default_rng([self.seed, int(s["key"][:8], 16)])
+                feats = self.tok.fit_features(s["audio"], self.max_frames, rng, frames=s["rel"] in self.mert_files)
+                out["rel"].append(s["rel"])
+                for name in ("mert", "clap", "encodec"):
+                    f = feats.get(name)
+                    out[name].append(b"" if f is None else np.ascontiguousarray(f, dtype=np.float32).tobytes())
         return out
 
 
@@ -383,13 +384,83 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 # ---- driver ----------------------------------------------------------------------------------
-def _decoded(ray, files: list[str], corpus: Path, tcfg: TokenizeConfig, rates: tuple[int, ...], done: frozenset):
-    ds = ray.data.from_items([{"rel": r} for r in files], override_num_blocks=max(1, min(len(files), 2048)))
-    return ds.flat_map(
-        _decode_file,
-        fn_kwargs=dict(corpus=str(corpus), rates=rates, segment_seconds=tcfg.audio.segment_seconds, min_seconds=tcfg.audio.min_seconds, done=done),
-        num_cpus=1,
-    )
+def plan_batches(files: list[tuple[str, float]], batch_seconds: float, first: int = 0) -> list[tuple[int, list[tuple[str, float]]]]:
+    """Whole files ``(rel, seconds)``, in order, into numbered batches of at most ``batch_seconds``
+    of audio; a longer file is a batch of its own. Numbers start at ``first``."""
+    batches: list[tuple[int, list[tuple[str, float]]]] = []
+    current: list[tuple[str, float]] = []
+    total = 0.0
+    for rel, seconds in files:
+        if current and total + seconds > batch_seconds:
+            batches.append((first + len(batches), current))
+            current, total = [], 0.0
+        current.append((rel, seconds))
+        total += seconds
+    if current:
+        batches.append((first + len(batches), current))
+    return batches
+
+
+def _probe_rows(batch: dict[str, np.ndarray], *, corpus: str, min_seconds: float) -> dict[str, list]:
+    """Probe a block of files: their duration, or why they cannot be tokenized."""
+    out: dict[str, list] = {"rel": [], "seconds": [], "error": []}
+    with _quiet_stderr():
+        for rel in batch["rel"]:
+            rel = str(rel)
+            seconds, error = 0.0, ""
+            try:
+                seconds = probe(Path(corpus) / rel).duration
+                if seconds < min_seconds:
+                    error = f"too short: {seconds:.2f} s (minimum {min_seconds:g} s)"
+            except Exception as e:  # noqa: BLE001 - recorded in errors/, never fatal for the run
+                error = _reason(e)
+            out["rel"].append(rel)
+            out["seconds"].append(float(seconds))
+            out["error"].append(error)
+    return out
+
+
+def _plan_schema():
+    import pyarrow as pa
+
+    return pa.schema([("rel", pa.string()), ("seconds", pa.float64()), ("error", pa.string()), ("batch", pa.int64())])
+
+
+def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig) -> dict[str, tuple[float, str, int]]:
+    """{rel: (seconds, error, batch)} for every file of ``files``; batch -1 for a file that cannot
+    be tokenized. Files planned by an earlier run keep their batches (``out/plan.parquet``), so a
+    resumed run runs the same batches; new files are probed (Ray tasks) and planned after them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = out / PLAN_FILE
+    planned: dict[str, tuple[float, str, int]] = {}
+    if path.is_file():
+        t = pq.read_table(path)
+        planned = {r: (s, e, b) for r, s, e, b in zip(*(t.column(c).to_pylist() for c in ("rel", "seconds", "error", "batch")))}
+    new = [f for f in files if f not in planned]
+    if new:
+        ds = ray.data.from_items([{"rel": r} for r in new], override_num_blocks=max(1, min(len(new) // 64, 512)))
+        probed = ds.map_batches(_probe_rows, fn_kwargs=dict(corpus=str(corpus), min_seconds=tcfg.audio.min_seconds), batch_size=64, num_cpus=1, batch_format="numpy")
+        found = {row["rel"]: (row["seconds"], row["error"]) for row in probed.iter_rows()}
+        first = max((b for _, _, b in planned.values()), default=-1) + 1
+        good = [(r, found[r][0]) for r in new if not found[r][1]]
+        for number, members in plan_batches(good, tcfg.batch_seconds, first):
+            for rel, seconds in members:
+                planned[rel] = (seconds, "", number)
+        for r in new:
+            if found[r][1]:
+                planned[r] = (found[r][0], found[r][1], -1)
+        rows = {"rel": list(planned), "seconds": [v[0] for v in planned.values()], "error": [v[1] for v in planned.values()], "batch": [v[2] for v in planned.values()]}
+        atomic.write_parquet(pa.Table.from_pydict(rows, schema=_plan_schema()), path)
+    return {f: planned[f] for f in files}
+
+
+def _decoded(ray, batches: dict[int, list[tuple[str, float]]], corpus: Path, tcfg: TokenizeConfig, rates: tuple[int, ...], done: frozenset):
+    """One row per planned batch: its decoded segments (``_decode_batch``)."""
+    items = [{"batch": b, "files": json.dumps(members)} for b, members in sorted(batches.items())]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2048)))
+    return ds.map(_decode_batch, fn_kwargs=dict(corpus=str(corpus), rates=rates, segment_seconds=tcfg.audio.segment_seconds, done=done), num_cpus=1)
 
 
 def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
@@ -434,7 +505,8 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     max_frames = max(1, math.ceil(fit.max_points / max(mert_segments, 1)))
     kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
     t0 = time.time()
-    ds = _actor_pool(_decoded(ray, [f.rel for f in plan.files], corpus, tcfg, tok.sample_rates, frozenset()), ray, FitActor, kwargs, tcfg.batch_size, res)
+    batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
+    ds = _actor_pool(_decoded(ray, batches, corpus, tcfg, tok.sample_rates, frozenset()), ray, FitActor, kwargs, res)
     heldout = frozenset(plan.heldout)
     feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
     dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
@@ -546,6 +618,7 @@ def run_tokenize(
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     shard_size: int | None = None,
+    batch_seconds: float | None = None,
     console=None,
 ) -> TokenizeSummary:
     """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring)."""
@@ -585,28 +658,50 @@ def run_tokenize(
                 res = _resources(ray, workers, gpus_per_worker)
                 if plan is not None:
                     _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res)
-                _tokenize_all(ray, console, pending, corpus, out, shard_size, res, summary)
+                _tokenize_all(ray, console, files, pending, corpus, out, dict(shard_size=shard_size, batch_seconds=batch_seconds), res, summary)
     summary.elapsed = time.time() - t0
     _print_summary(console, summary)
     return summary
 
 
-def _tokenize_all(ray, console, files: list[str], corpus: Path, out: Path, shard_size: int | None, res: Resources, summary: TokenizeSummary) -> None:
-    """The main pass: every segment of ``files`` not yet done → shards; counts go into ``summary``."""
+def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Path, out: Path, opts: dict[str, Any], res: Resources, summary: TokenizeSummary) -> None:
+    """The main pass: every segment of ``pending`` not yet done → shards; counts go into ``summary``.
+
+    Shards close only between planned batches, so that a batch is either all written or not at all."""
     from musiclm.pipeline.tokenizer import read_record
     from musiclm.shards.format import TokenInfo
 
     tcfg = tokenize_config_from_dict(read_record(out / "tokenizer")["config"])
     info = TokenInfo.load(out / "tokenizer")
-    done = frozenset(done_keys(out))
+    shard_size = opts.get("shard_size") or tcfg.shard_size
+    if opts.get("batch_seconds"):
+        tcfg = dataclasses.replace(tcfg, batch_seconds=opts["batch_seconds"])
+    plan = _batch_plan(ray, files, corpus, out, tcfg)
     rates = tuple(sorted({int(s["sample_rate"]) for s in info.raw["streams"].values()}))
-    writer = ShardWriter(out, info, shard_size or tcfg.shard_size, next_shard_index(out))
+    writer = ShardWriter(out, info, 1 << 62, next_shard_index(out))  # closed here, between batches
+    batches: dict[int, list[tuple[str, float]]] = {}
+    for rel in pending:
+        seconds, error, number = plan[rel]
+        if error:
+            writer.add_error(file_key(rel), rel, "decode", error)
+            summary.failed += 1
+        else:
+            batches.setdefault(number, []).append((rel, seconds))
+    done = frozenset(_partial_keys(out, pending))
     t_run = time.time()
     try:
         kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res.threads)
-        ds = _actor_pool(_decoded(ray, files, corpus, tcfg, rates, done), ray, TokenizeActor, kwargs, tcfg.batch_size, res)
-        with _progress(console, len(files)) as bar:
+        ds = _actor_pool(_decoded(ray, batches, corpus, tcfg, rates, done), ray, TokenizeActor, kwargs, res)
+        open_rows: dict[int, int] = {}  # batch -> rows still to come
+        total = sum(seconds for members in batches.values() for _, seconds in members)
+        with _progress(console, total, res.workers) as bar:
             for row in ds.iter_rows():
+                left = open_rows.setdefault(row["batch"], row["rows"]) - 1
+                open_rows[row["batch"]] = left
+                if not left:
+                    del open_rows[row["batch"]]
+                if row["note"]:
+                    console.print(f"tokenize: {row['note']}; carrying on")
                 if row["error"]:
                     writer.add_error(row["key"], row["rel"], row["step"], row["error"])
                     summary.failed += 1
@@ -615,33 +710,49 @@ def _tokenize_all(ray, console, files: list[str], corpus: Path, out: Path, shard
                     summary.clips += 1
                     summary.seconds += row["seconds"]
                     summary.compute += row["compute"]
-                bar.update(row["rel"], summary.clips, summary.failed, summary.seconds, time.time() - t_run)
+                bar.update(row["seconds"], summary, time.time() - t_run, row["gpu"])
+                if not open_rows and len(writer.samples) >= shard_size:
+                    writer.flush()
     finally:
         writer.close()  # whatever was tokenized before a crash or Ctrl-C is kept
         summary.shards = writer.shards_written
 
 
+def _partial_keys(out: Path, pending: list[str]) -> set[str]:
+    """Finished keys of the files in ``pending`` (files partly done: some segments failed)."""
+    return done_keys(out)
+
+
 class _progress:
-    """A rich progress line: clips, hours of audio, audio-seconds per second, failures."""
+    """A rich progress line over the planned audio: hours done, audio-seconds per second, ETA,
+    how busy the actors are (and the GPU, where NVML reports it), clips and failures."""
 
-    def __init__(self, console, files: int):
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    def __init__(self, console, total_seconds: float, workers: int):
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.p = Progress(SpinnerColumn(), TextColumn("tokenizing"), BarColumn(), TextColumn("{task.fields[text]}"), TimeElapsedColumn(), console=console, transient=False)
-        self.files = files
-        self.seen: set[str] = set()
+        self.p = Progress(
+            SpinnerColumn(), TextColumn("tokenizing"), BarColumn(), TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )
+        self.total = total_seconds
+        self.workers = workers
+        self.done = 0.0
         self.task = None
 
     def __enter__(self):
         self.p.__enter__()
-        self.task = self.p.add_task("tokenize", total=self.files, text=f"0/{self.files} files")
+        self.task = self.p.add_task("tokenize", total=max(self.total, 1e-9), text=f"0/{self.total / 3600:.2f} h")
         return self
 
-    def update(self, rel: str, clips: int, failed: int, seconds: float, elapsed: float) -> None:
-        self.seen.add(rel)
-        rate = seconds / elapsed if elapsed > 0 else 0.0
-        text = f"{len(self.seen)}/{self.files} files, {clips} clips, {seconds / 3600:.2f} h audio, {rate:.1f} audio-s/s, {failed} failed"
-        self.p.update(self.task, completed=len(self.seen), text=text)
+    def update(self, seconds: float, s: TokenizeSummary, elapsed: float, gpu: float) -> None:
+        self.done += seconds
+        rate = s.seconds / elapsed if elapsed > 0 else 0.0
+        busy = min(1.0, s.compute / (elapsed * self.workers)) if elapsed > 0 else 0.0
+        text = f"{self.done / 3600:.2f}/{self.total / 3600:.2f} h, {rate:.1f} audio-s/s, actors {busy:.0%} busy"
+        if gpu >= 0:
+            text += f", GPU {gpu:.0f}%"
+        text += f", {s.clips} clips, {s.failed} failed"
+        self.p.update(self.task, completed=self.done, text=text)
 
     def __exit__(self, *exc):
         return self.p.__exit__(*exc)

@@ -15,6 +15,8 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +70,8 @@ class Tokenizer:
         self.quantizers = quantizers
         self.device = torch.device(device)
         self.record = record  # the parsed tokenizer.json when loaded from a folder
-        if self.device.type == "cuda":
-            # TF32 convolutions flip ~5% of Encodec codes against the CPU; tokens must not depend on the device
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
+        self.backoffs: list[str] = []  # batch-size back-offs after CUDA out-of-memory, one line each
+        self._max_rows: dict[str, int] = {}  # backbone -> rows per call after a back-off
         for m in (clap.model, mert.model, encodec.model):
             m.to(self.device)
         # again here: a hub backbone's extractor is known only once it has loaded
@@ -207,6 +207,25 @@ class Tokenizer:
         return TokenInfo.from_json(self.record)
 
     # ---- backbone features ------------------------------------------------------
+    @contextmanager
+    def precision(self) -> Iterator[None]:
+        """The backbones' arithmetic, ``tokenize.precision``, for the calls inside only.
+
+        fp32 is plain fp32 on every device: TF32 flips ~5% of Encodec codes against the CPU, so
+        it is off inside (and restored after, so training or generation in the same process keep
+        their own setting). bf16 and fp16 run under autocast on the tokenizer's device."""
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.precision]
+        cuda = self.device.type == "cuda"
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if cuda else None
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                yield
+        finally:
+            if saved is not None:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
     def clap_windows(self, audio: np.ndarray, hop_seconds: float | None = None) -> np.ndarray:
         """Windows of ``audio`` (at the CLAP rate) → [W, window samples]; at least one (repeat-padded).
 
@@ -225,16 +244,18 @@ class Tokenizer:
         feats = self.clap.features(
             list(windows), sampling_rate=self.clap.sample_rate, return_tensors="pt", truncation=self.clap.truncation, padding="repeatpad"
         )
-        out = self.clap.model.get_audio_features(
-            input_features=feats["input_features"].to(self.device), is_longer=feats["is_longer"].to(self.device)
-        )
+        with self.precision():
+            out = self.clap.model.get_audio_features(
+                input_features=feats["input_features"].to(self.device), is_longer=feats["is_longer"].to(self.device)
+            )
         return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
 
     @torch.inference_mode()
     def clap_text_embed(self, texts: list[str]) -> torch.Tensor:
         """Normalised CLAP text embeddings [B, D]."""
         tok = self.clap.text_tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        out = self.clap.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
+        with self.precision():
+            out = self.clap.model.get_text_features(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
         return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
 
     @torch.inference_mode()
@@ -245,14 +266,16 @@ class Tokenizer:
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).to(self.device)
         if getattr(fe, "do_normalize", False):
             x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
-        out = self.mert.model(x, output_hidden_states=True)
+        with self.precision():
+            out = self.mert.model(x, output_hidden_states=True)
         return out.hidden_states[self.mert.layer].float()
 
     @torch.inference_mode()
     def encode_acoustic(self, audio: np.ndarray) -> torch.Tensor:
         """Encodec codes: [B, samples] or [samples] at the codec rate → [B, Q, T_a] int64."""
         x = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)).to(self.device)
-        out = self.encodec.model.encode(self.encodec.model_input(x), bandwidth=self.encodec.bandwidth)
+        with self.precision():
+            out = self.encodec.model.encode(self.encodec.model_input(x), bandwidth=self.encodec.bandwidth)
         return out.audio_codes[0][:, : self.encodec.num_quantizers]
 
     @torch.inference_mode()
@@ -289,22 +312,99 @@ class Tokenizer:
         return self.clap_codes(emb).cpu().numpy().astype(np.uint16), emb.cpu().numpy()
 
     def tokenize(self, audio: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-        """One clip, ``{sample_rate: mono float32}`` → the arrays of a shard sample.
+        """One clip, ``{sample_rate: mono float32}`` → the arrays of a shard sample."""
+        (out,) = self.tokenize_batch([audio])
+        if isinstance(out, Exception):
+            raise out
+        return out
 
-        Each clip gets backbone calls of its own: batching clips together changes float
-        reductions and so, now and then, a code. A file then gets the same tokens whether it
-        is tokenized alone, in a resumed run or beside other files.
+    def tokenize_batch(self, clips: list[dict[int, np.ndarray]], clap_rows: int = 64) -> list[dict[str, np.ndarray] | Exception]:
+        """Clips, each ``{sample_rate: mono float32}`` → the arrays of a shard sample each, or the
+        exception that clip raised (its neighbours go on).
+
+        MERT and Encodec take clips of equal length together, never padded: MERT normalises each
+        row and attends over all of it, so padding would change its features. CLAP windows all
+        have one length and go ``clap_rows`` at a time. Batching changes float reductions and so,
+        now and then, a code against batch-1 calls (README: how often, as measured); a batch
+        plan that is the same gives the same tokens.
         """
-        sem = self.semantic_codes(self.mert_features(audio[self.mert.sample_rate]))[0]
-        ac = self.encode_acoustic(audio[self.encodec.sample_rate])[0]
-        # codes come from the float16 embedding that is stored, so that they are a function of it alone
-        emb = self.clap_audio_embed(self.clap_windows(audio[self.clap.sample_rate])).half()
-        return {
-            "semantic": sem.cpu().numpy().astype(np.uint16),
-            "acoustic": ac.cpu().numpy().astype(np.uint16),
-            "clap": self.clap_codes(emb.float()).cpu().numpy().astype(np.uint16),
-            "clap_emb": emb.cpu().numpy(),
-        }
+        out: list[dict[str, np.ndarray] | Exception] = [{} for _ in clips]
+
+        def by_length(rate: int) -> list[list[int]]:
+            groups: dict[int, list[int]] = {}
+            for i, clip in enumerate(clips):
+                groups.setdefault(len(clip[rate]), []).append(i)
+            return list(groups.values())
+
+        def run(name: str, rows: list[int], call) -> list:
+            """``call(rows)`` → one result per row, or the exception of the row that raised it.
+            After CUDA out-of-memory the calls take fewer rows, for the rest of the run."""
+            results: list = []
+            step = min(len(rows), self._max_rows.get(name, len(rows)))
+            while len(results) < len(rows):
+                part = rows[len(results) : len(results) + step]
+                try:
+                    results.extend(call(part))
+                except torch.cuda.OutOfMemoryError as e:
+                    if step == 1:
+                        results.append(e)
+                        continue
+                    step = max(1, step // 2)
+                    self._max_rows[name] = step
+                    self.backoffs.append(f"{name}: CUDA out of memory, now {step} rows per call")
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                except Exception as e:  # noqa: BLE001 - find the row that fails; the others go on
+                    if len(part) == 1:
+                        results.append(e)
+                        continue
+                    for i in part:
+                        try:
+                            results.extend(call([i]))
+                        except Exception as e:  # noqa: BLE001
+                            results.append(e)
+            return results
+
+        def merge(rows: list[int], results: list) -> None:
+            for i, r in zip(rows, results):
+                if isinstance(r, Exception):
+                    out[i] = r
+                elif not isinstance(out[i], Exception):
+                    out[i].update(r)
+
+        def semantic(rows: list[int]) -> list[dict]:
+            codes = self.semantic_codes(self.mert_features(np.stack([clips[i][self.mert.sample_rate] for i in rows])))
+            return [{"semantic": c.cpu().numpy().astype(np.uint16)} for c in codes]
+
+        def acoustic(rows: list[int]) -> list[dict]:
+            codes = self.encode_acoustic(np.stack([clips[i][self.encodec.sample_rate] for i in rows]))
+            return [{"acoustic": c.cpu().numpy().astype(np.uint16)} for c in codes]
+
+        for rows in by_length(self.mert.sample_rate):
+            merge(rows, run("MERT", rows, semantic))
+        for rows in by_length(self.encodec.sample_rate):
+            merge(rows, run("Encodec", rows, acoustic))
+        windows = [self.clap_windows(clip[self.clap.sample_rate]) for clip in clips]
+        owner = np.concatenate([np.full(len(w), i) for i, w in enumerate(windows)])
+        flat = [w for ws in windows for w in ws]  # a clip shorter than a window gives one shorter window
+        emb = torch.zeros(len(flat), self.clap.embed_dim, dtype=torch.float16)
+
+        def embed(rows: list[int]) -> list[None]:
+            # codes come from the float16 embedding that is stored, so that they are a function of it alone
+            emb[rows] = self.clap_audio_embed([flat[w] for w in rows]).half().cpu()
+            return [None] * len(rows)
+
+        for a in range(0, len(flat), clap_rows):
+            rows = list(range(a, min(a + clap_rows, len(flat))))
+            for w, r in zip(rows, run("CLAP", rows, embed)):
+                if isinstance(r, Exception):
+                    out[int(owner[w])] = r
+        codes = self.clap_codes(emb.float().to(self.device)).cpu().numpy().astype(np.uint16)
+        for i in range(len(clips)):
+            if not isinstance(out[i], Exception):
+                mine = owner == i
+                out[i].update(clap=codes[mine], clap_emb=emb[mine].numpy())
+        return out
 
     def fit_features(self, audio: dict[int, np.ndarray], max_frames: int, rng: np.random.Generator, frames: bool = True, chunk: int = 16) -> dict[str, np.ndarray]:
         """Features that quantizers are fitted on, for one clip: CLAP window embeddings at the fit's
