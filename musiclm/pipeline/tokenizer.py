@@ -31,7 +31,7 @@ from musiclm.pipeline.fit_plan import check_clap_window
 from musiclm.pipeline.quantizers import assign, residual_encode
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
 
-FORMAT_VERSION = 2  # 2: tokenize.fit gained the dense CLAP fit and the per-code floor (fingerprints changed)
+FORMAT_VERSION = 3  # 3: full-length segments, batched backbones, tokenize.precision; 2: the dense CLAP fit
 QUANTIZER_FILES = {
     "semantic_centroids": "semantic_kmeans.npy",  # [K, D]
     "semantic_norm": "semantic_norm.npy",  # [2, D]: mean, std of MERT features
