@@ -183,11 +183,13 @@ def evaluate(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per generated file (sorted by name), for the CLAP score."),
     embedding: str = typer.Option("clap", "--embedding", help="clap or mert."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result as JSON here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (auto: cuda if available)."),
+    batch_windows: Optional[int] = typer.Option(None, "--batch-windows", min=1, help="Audio windows per backbone call (default 64; lower it if the GPU runs out of memory)."),
 ) -> None:
     """Fréchet Audio Distance and CLAP text-audio score."""
     from musiclm.metrics import run_eval
 
-    run_eval(generated, reference, tokenizer=tokenizer, prompts=prompts, embedding=embedding, out=out)
+    run_eval(generated, reference, tokenizer=tokenizer, prompts=prompts, embedding=embedding, out=out, device=device, batch_windows=batch_windows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,23 +10,36 @@ per CLAP window, as tokenize cuts them) or MERT layer features (the mean over
 frames of each window-long chunk). The CLAP score is the cosine similarity of a
 file's CLAP audio embedding (normalised mean over its windows) with its
 prompt's CLAP text embedding; generation ranks samples with the same function.
+
+Folders are embedded in batches of windows from many files (:func:`embed_files`):
+a few threads decode and resample the next files while the backbone runs, and
+the windows go through it ``batch_windows`` at a time. Each window's embedding
+does not depend on its batch (no layer mixes the rows of a batch), so the FAD
+equals the file-by-file one (:func:`embed_file`) up to float rounding.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 
 from musiclm.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from musiclm.pipeline.tokenizer import Tokenizer
 
 EMBEDDINGS = ("clap", "mert")
+BATCH_WINDOWS = 64  # windows per backbone call (64 CLAP windows of 10 s at 48 kHz: 123 MB of audio)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
@@ -101,6 +114,41 @@ def _read(path: Path, rate: int) -> np.ndarray:
     return resample(x, sr, rate)
 
 
+def _file_windows(path: Path, tokenizer: Tokenizer, kind: str) -> np.ndarray:
+    """The windows of one file that :func:`embed_file` embeds: [W, samples] at the backbone's rate.
+
+    clap: the tokenizer's CLAP windows. mert: chunks of one CLAP window's length (no overlap; a
+    tail shorter than a chunk is dropped unless the file is shorter, then it is the one chunk)."""
+    if kind == "clap":
+        return tokenizer.clap_windows(_read(path, tokenizer.clap.sample_rate))
+    sr = tokenizer.mert.sample_rate
+    x = _read(path, sr)
+    chunk = round(tokenizer.cfg.clap.window_seconds * sr)
+    n = len(x) // chunk
+    return x[: n * chunk].reshape(n, chunk) if n else x[None]
+
+
+def _embed_windows(tokenizer: Tokenizer, kind: str, windows: Sequence[np.ndarray]) -> np.ndarray:
+    """Embeddings [N, D] float32 of N windows [samples] in one backbone call (MERT: one per run of equal lengths).
+
+    clap: normalised CLAP audio embeddings. mert: the MERT layer features averaged over frames."""
+    if kind == "clap":
+        return tokenizer.clap_audio_embed(list(windows)).cpu().numpy()
+    out, a = [], 0
+    while a < len(windows):  # MERT takes a rectangular batch: a short file's one chunk goes alone
+        b = a + 1
+        while b < len(windows) and len(windows[b]) == len(windows[a]):
+            b += 1
+        out.append(tokenizer.mert_features(np.stack(windows[a:b])).mean(1).cpu().numpy())  # [n, T, D] -> [n, D]
+        a = b
+    return np.concatenate(out)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in EMBEDDINGS:
+        raise UserError(f"--embedding must be one of {', '.join(EMBEDDINGS)}, got '{kind}'")
+
+
 def embed_file(path: str | Path, tokenizer: Tokenizer, kind: str = "clap") -> np.ndarray:
     """Window embeddings of one audio file: [W, D] float32.
 
@@ -108,24 +156,123 @@ def embed_file(path: str | Path, tokenizer: Tokenizer, kind: str = "clap") -> np
     mert: the MERT layer features averaged over each chunk of one CLAP window's length
     (chunks do not overlap; a tail shorter than a chunk is dropped unless the file is shorter).
     """
-    if kind == "clap":
-        x = _read(Path(path), tokenizer.clap.sample_rate)
-        return tokenizer.clap_audio_embed(tokenizer.clap_windows(x)).cpu().numpy()
-    if kind == "mert":
-        sr = tokenizer.mert.sample_rate
-        x = _read(Path(path), sr)
-        chunk = round(tokenizer.cfg.clap.window_seconds * sr)
-        n = len(x) // chunk
-        chunks = x[: n * chunk].reshape(n, chunk) if n else x[None]
-        return tokenizer.mert_features(chunks).mean(1).cpu().numpy()  # [W, T, D] -> [W, D]
-    raise UserError(f"--embedding must be one of {', '.join(EMBEDDINGS)}, got '{kind}'")
+    _check_kind(kind)
+    return _embed_windows(tokenizer, kind, _file_windows(Path(path), tokenizer, kind))
 
 
-def embed_folder(folder: str | Path, tokenizer: Tokenizer, kind: str = "clap") -> np.ndarray:
+def _prefetched(fn: Callable[[Path], np.ndarray], files: Sequence[Path], workers: int) -> Iterator[np.ndarray]:
+    """``fn(file)`` for each file, in order, computed by ``workers`` threads at most ``2 * workers``
+    files ahead of the consumer (decoding and resampling release the GIL, so they overlap with the model)."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="eval-decode") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for p in files:
+                ahead.append(pool.submit(fn, p))
+                if len(ahead) >= 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:  # an error or an early stop: do not decode the rest
+            for f in ahead:
+                f.cancel()
+
+
+def embed_files(
+    files: Sequence[str | Path],
+    tokenizer: Tokenizer,
+    kind: str = "clap",
+    batch_windows: int = BATCH_WINDOWS,
+    on_file: Callable[[], None] | None = None,
+    workers: int | None = None,
+) -> list[np.ndarray]:
+    """Window embeddings of each file, as :func:`embed_file` gives them: a list of [W_i, D] float32.
+
+    The windows of consecutive files go through the backbone together, ``batch_windows`` at a time
+    (a file may span two batches); ``workers`` threads (default: up to 4) decode the next files
+    meanwhile. Memory holds the windows of at most ``2 * workers`` decoded files plus one batch.
+    ``on_file()`` is called as each file's embeddings are complete, in file order.
+    """
+    _check_kind(kind)
+    if batch_windows < 1:
+        raise UserError(f"--batch-windows must be at least 1, got {batch_windows}")
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    parts: list[list[np.ndarray]] = [[] for _ in files]
+    left = [0] * len(files)  # windows of each file not embedded yet
+    queue: list[np.ndarray] = []  # windows waiting for a batch, in file order
+    owner: list[int] = []  # the file of each queued window
+    done = 0  # files whose embeddings are complete
+
+    def run_batch(n: int) -> None:
+        nonlocal done
+        emb = _embed_windows(tokenizer, kind, queue[:n])  # [n, D]
+        who = np.asarray(owner[:n])
+        del queue[:n], owner[:n]
+        for i in dict.fromkeys(who.tolist()):
+            rows = emb[who == i]
+            parts[i].append(rows)
+            left[i] -= len(rows)
+        while done < len(files) and left[done] == 0 and parts[done]:
+            done += 1
+            if on_file is not None:
+                on_file()
+
+    def read(path: str | Path) -> np.ndarray:
+        return _file_windows(Path(path), tokenizer, kind)
+
+    with closing(_prefetched(read, list(files), workers)) as decoded:
+        for i, windows in enumerate(decoded):
+            queue.extend(windows)
+            owner.extend([i] * len(windows))
+            left[i] = len(windows)
+            while len(queue) >= batch_windows:
+                run_batch(batch_windows)
+    if queue:
+        run_batch(len(queue))
+    return [np.concatenate(p) for p in parts]
+
+
+def embed_folder(folder: str | Path, tokenizer: Tokenizer, kind: str = "clap", batch_windows: int = BATCH_WINDOWS) -> np.ndarray:
     """Window embeddings of every audio file under ``folder`` (sorted by path): [N, D] float32."""
     from musiclm.pipeline.audio import audio_files_in
 
-    return np.concatenate([embed_file(p, tokenizer, kind) for p in audio_files_in(folder, "audio")])
+    return np.concatenate(embed_files(audio_files_in(folder, "audio"), tokenizer, kind, batch_windows))
+
+
+def eval_device(device: str | None) -> torch.device:
+    """The device for ``--device``: auto (or None) is cuda when available, else cpu; cpu, cuda, cuda:N
+    are checked to exist (a :class:`UserError` otherwise), as for musiclm train and generate."""
+    from musiclm.training.trainer import _pick_device
+
+    return _pick_device(None if device in (None, "auto") else device, local_rank=0)
+
+
+class _FileProgress:
+    """A rich progress bar per folder on a terminal (stderr, so stdout keeps only the result); nothing otherwise."""
+
+    def __enter__(self) -> Self:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TextColumn("files"), TimeElapsedColumn(), TimeRemainingColumn(), console=console
+            )
+            self.bar.start()
+        return self
+
+    def task(self, name: str, files: int) -> Callable[[], None] | None:
+        """A callback advancing a new bar ``name`` of ``files`` steps by one; None without a terminal."""
+        if self.bar is None:
+            return None
+        bar, task = self.bar, self.bar.add_task(name, total=files)
+        return lambda: bar.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def run_eval(
@@ -135,18 +282,25 @@ def run_eval(
     prompts: str | Path | None = None,
     embedding: str = "clap",
     out: str | Path | None = None,
+    device: str | None = "auto",
+    batch_windows: int | None = None,
 ) -> dict:
     """``musiclm eval``: FAD between two folders and, with ``prompts``, the CLAP text-audio score.
 
     ``prompts`` is a text file with one prompt per generated file (blank lines ignored), in the
-    order of the generated files sorted by path. Prints the result and writes it as JSON to
-    ``out``; returns it as a dict.
+    order of the generated files sorted by path. ``device`` (auto, cpu, cuda, cuda:N; see
+    :func:`eval_device`) is where a tokenizer loaded from a folder runs; a :class:`Tokenizer`
+    object runs where it is. ``batch_windows``: windows per backbone call (:func:`embed_files`;
+    None: ``BATCH_WINDOWS``).
+    Prints the result (a progress bar per folder goes to stderr on a terminal) and writes it as
+    JSON to ``out``; returns it as a dict.
     """
     from musiclm.pipeline.audio import audio_files_in
     from musiclm.pipeline.tokenizer import Tokenizer
 
-    if embedding not in EMBEDDINGS:
-        raise UserError(f"--embedding must be one of {', '.join(EMBEDDINGS)}, got '{embedding}'")
+    _check_kind(embedding)
+    batch_windows = BATCH_WINDOWS if batch_windows is None else batch_windows
+    dev = eval_device(device)  # refused before any file is read
     gen_files = audio_files_in(generated, "generated")
     ref_files = audio_files_in(reference, "reference")
     texts = None
@@ -157,26 +311,27 @@ def run_eval(
             raise UserError(f"cannot read the prompts file {prompts}: {e.strerror}") from None
         if len(texts) != len(gen_files):
             raise UserError(f"{prompts} has {len(texts)} prompts for {len(gen_files)} generated files: give one prompt per file, in file-name order")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer, device=str(dev))
 
-    gen_emb = [embed_file(p, tok, embedding) for p in gen_files]
-    ref_emb = [embed_file(p, tok, embedding) for p in ref_files]
+    with _FileProgress() as progress:
+        gen_emb = embed_files(gen_files, tok, embedding, batch_windows, progress.task("generated", len(gen_files)))
+        ref_emb = embed_files(ref_files, tok, embedding, batch_windows, progress.task("reference", len(ref_files)))
+        clap_emb = None
+        if texts is not None:  # CLAP windows per generated file, for the text-audio score
+            clap_emb = gen_emb if embedding == "clap" else embed_files(gen_files, tok, "clap", batch_windows, progress.task("CLAP score", len(gen_files)))
     g, r = np.concatenate(gen_emb), np.concatenate(ref_emb)
     fad = frechet_distance(*embedding_stats(g), *embedding_stats(r))
     result: dict = {
         "fad": fad,
         "embedding": embedding,
+        "device": str(tok.device),
         "generated": {"folder": str(generated), "files": len(gen_files), "windows": len(g)},
         "reference": {"folder": str(reference), "files": len(ref_files), "windows": len(r)},
         "clap_score": None,
         "clap_scores": None,
     }
     if texts is not None:
-        if embedding == "clap":  # the windows are already embedded: average them per file
-            audio = np.stack([_normalised_mean(e) for e in gen_emb])
-        else:
-            rate = tok.clap.sample_rate
-            audio = clap_audio_embeddings(tok, [_read(p, rate) for p in gen_files], rate)
+        audio = np.stack([_normalised_mean(e) for e in clap_emb])  # as clap_audio_embeddings averages them
         text = tok.clap_text_embed(texts).cpu().numpy()
         scores = (audio * text).sum(-1)
         result["clap_score"] = float(scores.mean())

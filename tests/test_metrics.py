@@ -10,7 +10,7 @@ import pytest
 
 from musiclm.cli import main
 from musiclm.errors import UserError
-from musiclm.metrics import embed_file, embed_folder, embedding_stats, frechet_distance, run_eval
+from musiclm.metrics import embed_file, embed_files, embed_folder, embedding_stats, frechet_distance, run_eval
 from tests.test_generation import one_thread  # noqa: F401  (autouse: the backbones run faster on one thread here)
 
 
@@ -157,3 +157,93 @@ def test_eval_errors_are_one_line(capsys, folders, tmp_path, tokenized):
     prompts.write_text("only one\n")
     assert "1 prompts for 3 generated files" in one_line_error(capsys, *base, "--generated", gen, "--reference", ref, "--prompts", prompts)
     assert "--embedding" in one_line_error(capsys, *base, "--generated", gen, "--reference", ref, "--embedding", "vggish")
+
+
+def test_eval_errors_on_a_device_that_is_not_there(capsys, monkeypatch, folders, tokenized):
+    import torch
+
+    gen, ref = folders
+    data, _ = tokenized
+    base = ["eval", "--tokenizer", data / "tokenizer", "--generated", gen, "--reference", ref]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "CUDA is not available" in one_line_error(capsys, *base, "--device", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert "1 CUDA device(s)" in one_line_error(capsys, *base, "--device", "cuda:7")
+    assert "unknown device 'tpu:x'" in one_line_error(capsys, *base, "--device", "tpu:x")
+
+
+def test_eval_on_the_cpu_loads_the_tokenizer_there(folders, tokenized, capsys):
+    gen, ref = folders
+    data, _ = tokenized
+    result = run_eval(gen, ref, data / "tokenizer", device="cpu")
+    assert result["device"] == "cpu" and np.isfinite(result["fad"])
+
+
+def test_auto_is_the_cpu_without_cuda(monkeypatch):
+    import torch
+
+    from musiclm.metrics import eval_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_device("auto") == eval_device(None) == torch.device("cpu")
+
+
+# tiny CLAP on fp32 CPU: batched and file-by-file window embeddings agree to ~1e-6; the FAD to ~1e-6 relative
+@pytest.mark.parametrize("kind", ["clap", "mert"])
+def test_batched_windows_give_the_file_by_file_embeddings_and_fad(tokenizer, folders, kind, tmp_path):
+    gen, ref = folders
+    short = write_folder(tmp_path / "short", [("tone", 2.5)], seed=20)  # shorter than a window: one short window
+    files = sorted(gen.glob("*.wav")) + sorted(short.glob("*.wav")) + sorted(ref.glob("*.wav"))
+    one_by_one = [embed_file(f, tokenizer, kind) for f in files]
+    for batch in (1, 4, 64):  # one window per call; batches cutting through files; every file in one call
+        batched = embed_files(files, tokenizer, kind, batch_windows=batch, workers=2)
+        assert [b.shape for b in batched] == [e.shape for e in one_by_one]
+        for b, e in zip(batched, one_by_one):
+            np.testing.assert_allclose(b, e, rtol=1e-4, atol=1e-5)
+    per_file = run_eval(gen, ref, tokenizer, embedding=kind, batch_windows=1)["fad"]
+    batched = run_eval(gen, ref, tokenizer, embedding=kind, batch_windows=64)["fad"]
+    gen_emb, ref_emb = np.concatenate(one_by_one[:3]), np.concatenate(one_by_one[4:])
+    reference = frechet_distance(*embedding_stats(gen_emb), *embedding_stats(ref_emb))
+    assert batched == pytest.approx(per_file, rel=1e-4)
+    assert batched == pytest.approx(reference, rel=1e-4)
+
+
+def test_files_are_reported_done_in_order_once_each(tokenizer, folders):
+    gen, ref = folders
+    files = sorted(gen.glob("*.wav")) + sorted(ref.glob("*.wav"))
+    done: list[int] = []
+    embs = embed_files(files, tokenizer, batch_windows=4, on_file=lambda: done.append(len(done)))
+    assert done == list(range(len(files))) and len(embs) == len(files)
+
+
+def test_an_unreadable_file_stops_the_batches_with_a_user_error(tokenizer, folders, tmp_path):
+    gen, _ = folders
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all")
+    with pytest.raises(UserError, match="cannot read .*bad.wav"):
+        embed_files([*sorted(gen.glob("*.wav")), bad], tokenizer, batch_windows=2)
+
+
+def test_progress_goes_to_stderr_and_stdout_keeps_the_result(folders, tokenized, tmp_path, capsys, monkeypatch):
+    gen, ref = folders
+    data, _ = tokenized
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich draws its bar as on a terminal
+    out = tmp_path / "result.json"
+    main(["eval", "--tokenizer", str(data / "tokenizer"), "--generated", str(gen), "--reference", str(ref), "--out", str(out), "--device", "cpu", "--batch-windows", "2"])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("FAD (clap): ") and lines[1] == f"wrote {out}"
+    assert "reference" in captured.err and "3/3" in captured.err  # the bar, drawn on stderr
+    assert json.loads(out.read_text())["generated"]["files"] == 3
+
+
+def test_eval_prints_only_the_result_without_a_terminal(folders, tokenized):
+    from tests.conftest import run_cli
+
+    gen, ref = folders
+    data, _ = tokenized
+    proc = run_cli("eval", "--tokenizer", data / "tokenizer", "--generated", gen, "--reference", ref, "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("FAD (clap): ") and len(proc.stdout.splitlines()) == 1
+    assert "━" not in proc.stderr and "3/3" not in proc.stderr  # no bar when stderr is a pipe
