@@ -230,6 +230,11 @@ def test_tokenizer_of_another_config_is_refused(tokenized, audio_corpus, tmp_pat
     assert proc.stderr.count("\n") == 1 and "use a new --out" in proc.stderr
     proc = run_cli("tokenize", root, "--out", out, "--preset", "small")
     assert proc.returncode == 2 and "another tokenize config" in proc.stderr
+    # precision changes what tokens mean: another one into the same folder is refused too
+    bf16 = tmp_path / "bf16.toml"
+    bf16.write_text('base = "tiny"\n[tokenize]\nprecision = "bf16"\n')
+    proc = run_cli("tokenize", root, "--out", out, "--config", bf16)
+    assert proc.returncode == 2 and "another tokenize config" in proc.stderr
 
 
 def _shard_digests(out: Path) -> dict[str, str]:
@@ -252,9 +257,10 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 300) -> None:
 def test_killed_run_resumes_without_loss_or_duplication(tokenized, tmp_path):
     out0, _ = tokenized
     root = tmp_path / "corpus"
-    files = make_test_corpus(root, n_files=16, seed=7)
+    files = make_test_corpus(root, n_files=24, seed=7)
     out = tmp_path / "tokens"
-    args = ["tokenize", root, "--out", out, "--tokenizer", out0 / "tokenizer", "--shard-size", "2"]
+    # a batch per file: many small batches keep the first run going while the test acts on it
+    args = ["tokenize", root, "--out", out, "--tokenizer", out0 / "tokenizer", "--shard-size", "2", "--batch-seconds", "1"]
 
     # 1. kill -9 once a few shards are finished
     first = _start(args, tmp_path / "run1.log")
@@ -290,6 +296,15 @@ def test_killed_run_resumes_without_loss_or_duplication(tokenized, tmp_path):
     errors = pd.read_parquet(out / "errors")
     assert sorted(errors["source"]) == files["bad"], "failed files lost or listed twice"
     assert not list(out.glob("**/.*.tmp"))
+
+    # the resumed runs ran the batches of the first run's plan: tokens equal an uninterrupted run's, exactly
+    whole = tmp_path / "whole"
+    proc = run_cli(*args[:3], whole, *args[4:])
+    assert proc.returncode == 0, proc.stderr
+    uninterrupted = {s.key: s for s in read_samples(whole)}
+    for s in samples:
+        for name in ("semantic", "acoustic", "clap", "clap_emb"):
+            np.testing.assert_array_equal(getattr(s, name), getattr(uninterrupted[s.key], name))
 
 
 def test_joins_an_existing_ray_cluster_with_address(tokenized, tmp_path):

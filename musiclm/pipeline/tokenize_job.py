@@ -351,8 +351,9 @@ class FitActor:
         self.mert_files = frozenset(mert_files)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"rel": [], "mert": [], "clap": [], "encodec": []}
+        out: dict[str, list] = {"rel": [], "mert": [], "clap": [], "encodec": [], "cpu": []}
         for payload in batch["payload"]:
+            cpu = time.process_time()
             for s in pickle.loads(payload):
                 if s["error"]:
                     continue
@@ -363,6 +364,8 @@ class FitActor:
                 for name in ("mert", "clap", "encodec"):
                     f = feats.get(name)
                     out[name].append(b"" if f is None else np.ascontiguousarray(f, dtype=np.float32).tobytes())
+                out["cpu"].append(time.process_time() - cpu)  # CPU seconds of this actor process, all its threads
+                cpu = time.process_time()
         return out
 
 
@@ -503,6 +506,9 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
     mert_segments = sum(len(plan_segments(f.seconds, tcfg.audio.segment_seconds)) for f in plan.files if f.mert)
     max_frames = max(1, math.ceil(fit.max_points / max(mert_segments, 1)))
+    if not res.gpus:
+        # decoding the fit sample is light next to dense CLAP windows: the actors get every core
+        res = res._replace(threads=max(res.threads, (os.cpu_count() or 1) // res.workers))
     kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
     t0 = time.time()
     batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
@@ -510,9 +516,11 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     heldout = frozenset(plan.heldout)
     feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
     dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
+    cpu_seconds = 0.0
     with _fit_progress(console, len(plan.files)) as bar:
         for row in ds.iter_rows():
             bar.update(row["rel"])
+            cpu_seconds += row["cpu"]
             for name in ("mert", "clap", "encodec"):
                 if row[name]:
                     x = np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name])
@@ -546,12 +554,13 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
         "clap_relative_error": {k: [round(e, 5) for e in v] for k, v in errors.items()},
         "text_prompts": len(MUSIC_DESCRIPTIONS),
         "seconds_taken": {"features": round(extract, 2), "kmeans": round(kmeans, 2)},
+        "feature_cores": round(cpu_seconds / max(extract, 1e-9), 2),  # the actors' CPU seconds per wall second
     }
     tok.save(staging, fit_report=report)
     atomic.replace_folder(staging, out / "tokenizer")
     e = errors.get("heldout_audio", errors["fit_audio"])
     console.print(
-        f"fitted in {extract:.0f} s of features + {kmeans:.0f} s of k-means: {len(clap):,} CLAP windows ({len(clap) / tcfg.clap.codebook_size:.1f} per code), "
+        f"fitted in {extract:.0f} s of features ({report['feature_cores']:.1f} cores busy) + {kmeans:.0f} s of k-means: {len(clap):,} CLAP windows ({len(clap) / tcfg.clap.codebook_size:.1f} per code), "
         f"{len(mert):,} MERT frames; CLAP relative error after {len(books)} levels {e[-1]:.3f} (held-out audio), {errors['text'][-1]:.3f} (text)"
     )
 

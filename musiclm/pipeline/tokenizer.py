@@ -349,9 +349,10 @@ class Tokenizer:
                     if step == 1:
                         results.append(e)
                         continue
+                    if name not in self._max_rows:  # said once per backbone; smaller steps follow silently
+                        self.backoffs.append(f"{name}: CUDA out of memory at {step} rows per call, fewer from now on")
                     step = max(1, step // 2)
                     self._max_rows[name] = step
-                    self.backoffs.append(f"{name}: CUDA out of memory, now {step} rows per call")
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                 except Exception as e:  # noqa: BLE001 - find the row that fails; the others go on
