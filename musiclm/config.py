@@ -30,7 +30,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # tokenize.precision: the backbones' arit
 
 @dataclass(frozen=True)
 class AudioConfig:
-    segment_seconds: float = 30.0  # longer files are split into equal segments no longer than this
+    segment_seconds: float = 30.0  # longer files are split into segments of this length (audio.plan_segments)
     min_seconds: float = 1.0  # shorter files are reported in errors/, not tokenized
 
 
@@ -306,8 +306,8 @@ def check_config(cfg: Config) -> None:
     """Refuse, in one line each, a config whose parts cannot work together.
 
     - every stage window sits on the 40 ms grid and fits whole, with room to crop, in every
-      segment: files are split into equal segments, which are longer than half of
-      ``segment_seconds`` once a file is longer than it, so a window must be at most half of it;
+      segment: a file longer than ``segment_seconds`` is split into segments no shorter than half
+      of it (audio.plan_segments), so a window must be at most half of it;
     - the fit budget can feed every vocabulary ``min_points_per_code`` points per code.
 
     Checks that need a backbone's own settings (the CLAP window of its feature extractor, MERT's
