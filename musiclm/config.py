@@ -324,7 +324,7 @@ def check_config(cfg: Config) -> None:
         if w > seg / 2 + 1e-9:
             raise UserError(
                 f"config '{cfg.name}': stages.{stage}.window_seconds = {w:g} does not fit whole in every segment: files are split into "
-                f"equal segments longer than half of tokenize.audio.segment_seconds = {seg:g}; raise segment_seconds to at least {2 * w:g}"
+                f"segments no shorter than half of tokenize.audio.segment_seconds = {seg:g}; raise segment_seconds to at least {2 * w:g}"
             )
     if t.precision not in PRECISIONS:
         raise UserError(f"config '{cfg.name}': tokenize.precision = '{t.precision}' is not one of {', '.join(PRECISIONS)}")
