@@ -13,15 +13,18 @@ their names start with ``_`` (``.``). Every file carries the same explicit
 schema, so a shard of one clip reads like any other.
 
 :func:`summarize` answers "what do the tokens look like" from these files only
-(plus ``errors/`` and ``tokenizer.json``), never from the shards, so it stays
-fast for a corpus of 100k clips.
+(plus ``errors/`` and ``tokenizer.json``), never from the shards, and reduces
+them one file at a time, so it stays fast for a corpus of a million clips and
+its memory grows only by each clip's duration (8 bytes) and each file's key
+(10 bytes). The training loader reads clip counts and keys of a shard from here
+(:func:`shard_clip_count`, :func:`shard_keys`) instead of scanning its tar.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +32,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from musiclm import atomic
 from musiclm.errors import UserError
-from musiclm.shards.format import TokenInfo, TokenSample
+from musiclm.shards.format import TokenInfo, TokenSample, file_key
 
 STREAMS = ("semantic", "acoustic", "clap")
 CODES_DIR = "_codes"
@@ -42,7 +45,7 @@ HISTOGRAM_BINS = 20
 
 CLIP_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False),  # writer.done_keys reads it
+        pa.field("key", pa.string(), nullable=False),  # read by resume (writer.done_keys, partial_keys) and shard_keys
         ("shard", pa.string()),
         ("source", pa.string()),  # path relative to the corpus root
         ("segment", pa.int32()),
@@ -159,15 +162,37 @@ def write_shard_stats(stats_dir: Path, name: str, samples: list[TokenSample], in
 # reading
 
 
+MEAN_COLUMNS = tuple(f"{s}_{m}" for s in STREAMS for m in ("unique", "entropy_bits"))
+
+
+@dataclass
+class ClipTotals:
+    """The clip table reduced file by file (:func:`_reduce_clips`): what the summary reports, without the table."""
+
+    clips: int
+    files: int  # distinct sources
+    shards: int  # distinct shard names
+    durations: np.ndarray  # [clips with a duration] float64 seconds in file order, kept whole for the exact median
+    means: dict[str, float | None]  # MEAN_COLUMNS -> mean over the clips; None without clips
+
+
+@dataclass
+class ErrorTotals:
+    """The errors files reduced file by file (:func:`_reduce_errors`)."""
+
+    files: int  # distinct sources that failed, wholly or in part
+    by_step: dict[str, int]  # step -> rows, in order of first appearance
+
+
 @dataclass
 class CorpusStats:
     """Everything :func:`summarize` and the plot need, read from the Parquet files of one corpus."""
 
     data_dir: Path
     info: TokenInfo
-    clips: pa.Table  # CLIP_SCHEMA, one row per clip
+    clips: ClipTotals
     counts: dict[str, np.ndarray]  # stream -> [levels, codebook_size] int64 code counts over the corpus
-    errors: pa.Table | None  # writer.ERROR_SCHEMA rows, None when no errors file exists
+    errors: ErrorTotals
 
 
 def _parquet_files(folder: Path, finished: set[str] | None = None) -> list[str]:
@@ -182,9 +207,38 @@ def _finished_shards(data_dir: Path) -> set[str]:
     return {p.stem for p in (Path(data_dir) / "shards").glob("shard-*.tar")}
 
 
-def _read(files: list[str], schema: pa.Schema) -> pa.Table:
-    """The rows of ``files`` as one table of ``schema`` (empty, not an error, when there are none)."""
-    return pads.dataset(files, schema=schema, format="parquet").to_table() if files else schema.empty_table()
+def _batches(files: list[str], columns: list[str], schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
+    """``columns`` of the rows of ``files``, one file at a time, as record batches in file order.
+
+    Reducing file by file keeps memory flat however many files a corpus has (a
+    dataset scanner over all of them reads ahead without bound when the
+    consumer is slower); the batches are the chunks that reading the files as
+    one table would give.
+    """
+    for path in files:
+        yield from pq.read_table(path, columns=columns, schema=schema).to_batches()
+
+
+def clip_stats_file(shard: str | Path) -> Path:
+    """``DIR/stats/shard-N.parquet``, the clip rows of the shard ``DIR/shards/shard-N.tar``."""
+    shard = Path(shard)
+    return shard.parent.parent / "stats" / f"{shard.stem}.parquet"
+
+
+def shard_clip_count(shard: str | Path) -> int | None:
+    """Clips of a finished shard from its stats file's footer (no row is read); None when it has no stats file."""
+    path = clip_stats_file(shard)
+    return pq.read_metadata(path).num_rows if path.is_file() else None
+
+
+def shard_keys(shard: str | Path) -> list[str] | None:
+    """Clip keys of a finished shard in tar order, from its stats file; None when it has none.
+
+    :class:`~musiclm.shards.writer.ShardWriter` writes the tar members and the
+    stats rows from one list of samples, so the orders agree.
+    """
+    path = clip_stats_file(shard)
+    return pq.read_table(path, columns=["key"]).column("key").to_pylist() if path.is_file() else None
 
 
 def _check_corpus(data_dir: Path) -> TokenInfo:
@@ -201,31 +255,74 @@ def _check_corpus(data_dir: Path) -> TokenInfo:
 
 def _stream_counts(data_dir: Path, info: TokenInfo, shards: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """stream -> [levels, K] code counts summed over the finished shards (or the named ones);
-    K = codebook size, or more if a code exceeds it."""
+    K = codebook size, or more if a code exceeds it. Reads one file of code counts at a time."""
     names = _finished_shards(data_dir) if shards is None else _finished_shards(data_dir) & set(shards)
-    codes = _read(_parquet_files(Path(data_dir) / "stats" / CODES_DIR, names), CODES_SCHEMA)
-    out = {}
-    for stream in STREAMS:
-        sinfo = info.stream(stream)
-        rows = codes.filter(pc.equal(codes["stream"], stream))
-        level = rows["level"].to_numpy().astype(np.int64)
-        code = rows["code"].to_numpy().astype(np.int64)
-        count = rows["count"].to_numpy().astype(np.int64)
-        n_levels = max(sinfo.levels, int(level.max()) + 1 if len(level) else 0)
-        k = max(sinfo.codebook_size, int(code.max()) + 1 if len(code) else 0)
-        # float weights hold integer counts exactly up to 2**53 tokens
-        total = np.bincount(level * k + code, weights=count, minlength=n_levels * k)
-        out[stream] = np.rint(total).astype(np.int64).reshape(n_levels, k)
+    files = _parquet_files(Path(data_dir) / "stats" / CODES_DIR, names)
+    out = {s: np.zeros((info.stream(s).levels, info.stream(s).codebook_size), np.int64) for s in STREAMS}
+    for batch in _batches(files, ["stream", "level", "code", "count"], CODES_SCHEMA):
+        for stream in STREAMS:
+            rows = batch.filter(pc.equal(batch.column("stream"), stream))
+            if not rows.num_rows:
+                continue
+            level = rows.column("level").to_numpy().astype(np.int64)
+            code = rows.column("code").to_numpy().astype(np.int64)
+            total = out[stream]
+            grow = (max(0, int(level.max()) + 1 - total.shape[0]), max(0, int(code.max()) + 1 - total.shape[1]))
+            if any(grow):
+                total = out[stream] = np.pad(total, ((0, grow[0]), (0, grow[1])))
+            np.add.at(total, (level, code), rows.column("count").to_numpy())
     return out
+
+
+def _reduce_clips(files: list[str]) -> ClipTotals:
+    """Totals of the clip rows of ``files``, read one file at a time.
+
+    Sources are told apart by their 10-byte file key (the key prefix resume
+    uses), not their paths, so a corpus of many files holds 10 bytes per file.
+    Means add per-batch sums in file order, as Arrow's mean over the whole
+    column does, so they are the same to the last bit.
+    """
+    clips, shards = 0, set()
+    sources: list[np.ndarray] = []  # [distinct sources of a batch] file keys as void10
+    durations: list[np.ndarray] = []
+    sums, counts = dict.fromkeys(MEAN_COLUMNS, 0.0), dict.fromkeys(MEAN_COLUMNS, 0)
+    for batch in _batches(files, ["source", "shard", "duration", *MEAN_COLUMNS], CLIP_SCHEMA):
+        clips += batch.num_rows
+        shards.update(pc.unique(batch.column("shard")).drop_null().to_pylist())
+        keys = "".join(file_key(s) for s in pc.unique(batch.column("source")).drop_null().to_pylist())
+        sources.append(np.frombuffer(bytes.fromhex(keys), dtype="V10"))
+        d = batch.column("duration").to_numpy(zero_copy_only=False).astype(np.float64)
+        durations.append(d[~np.isnan(d)])
+        for col in MEAN_COLUMNS:
+            sums[col] += pc.sum(batch.column(col)).as_py() or 0.0
+            counts[col] += pc.count(batch.column(col)).as_py()
+    return ClipTotals(
+        clips=clips,
+        files=len(np.unique(np.concatenate(sources))) if sources else 0,
+        shards=len(shards),
+        durations=np.concatenate(durations) if durations else np.zeros(0),
+        means={col: sums[col] / counts[col] if counts[col] else None for col in MEAN_COLUMNS},
+    )
+
+
+def _reduce_errors(files: list[str]) -> ErrorTotals:
+    """Failed sources and rows per step over the errors files, read one file at a time."""
+    sources: set[str] = set()
+    by_step: dict[str, int] = {}
+    for batch in _batches(files, ["source", "step"]):
+        sources.update(pc.unique(batch.column("source")).drop_null().to_pylist())
+        for s in batch.column("step").value_counts():
+            step = s["values"].as_py()
+            by_step[step] = by_step.get(step, 0) + int(s["counts"].as_py())
+    return ErrorTotals(len(sources), by_step)
 
 
 def read_corpus_stats(data_dir: Path) -> CorpusStats:
     """Read the Parquet statistics of a tokenized corpus folder; :class:`UserError` if it is not one."""
     data_dir = Path(data_dir)
     info = _check_corpus(data_dir)
-    clips = _read(_parquet_files(data_dir / "stats", _finished_shards(data_dir)), CLIP_SCHEMA)
-    error_files = _parquet_files(data_dir / "errors")
-    errors = pads.dataset(error_files, format="parquet").to_table() if error_files else None
+    clips = _reduce_clips(_parquet_files(data_dir / "stats", _finished_shards(data_dir)))
+    errors = _reduce_errors(_parquet_files(data_dir / "errors"))
     return CorpusStats(data_dir, info, clips, _stream_counts(data_dir, info), errors)
 
 
@@ -255,22 +352,14 @@ def _level_summary(counts: np.ndarray, codebook_size: int) -> dict[str, Any]:
 
 def _describe(stats: CorpusStats) -> dict[str, Any]:
     clips = stats.clips
-    n = clips.num_rows
-    durations = clips["duration"].to_numpy(zero_copy_only=False).astype(np.float64)
-    durations = durations[~np.isnan(durations)]
-    if stats.errors is not None and stats.errors.num_rows:
-        failed_files = int(pc.count_distinct(stats.errors["source"]).as_py())
-        steps = stats.errors["step"].value_counts()
-        failed_by_step = {s["values"].as_py(): int(s["counts"].as_py()) for s in steps}
-    else:
-        failed_files, failed_by_step = 0, {}
+    durations = clips.durations
     totals = {
-        "clips": n,
-        "files": int(pc.count_distinct(clips["source"]).as_py()) if n else 0,
+        "clips": clips.clips,
+        "files": clips.files,
         "hours": float(durations.sum() / 3600.0),
-        "shards": int(pc.count_distinct(clips["shard"]).as_py()) if n else 0,
-        "failed_files": failed_files,
-        "failed_by_step": failed_by_step,
+        "shards": clips.shards,
+        "failed_files": stats.errors.files,
+        "failed_by_step": stats.errors.by_step,
         "errors_dir": str(stats.data_dir / "errors"),
     }
     if len(durations):
@@ -288,8 +377,8 @@ def _describe(stats: CorpusStats) -> dict[str, Any]:
     for stream in STREAMS:
         k = stats.info.stream(stream).codebook_size
         streams[stream] = {
-            "clip_unique_mean": float(pc.mean(clips[f"{stream}_unique"]).as_py()) if n else None,
-            "clip_entropy_bits_mean": float(pc.mean(clips[f"{stream}_entropy_bits"]).as_py()) if n else None,
+            "clip_unique_mean": clips.means[f"{stream}_unique"],
+            "clip_entropy_bits_mean": clips.means[f"{stream}_entropy_bits"],
             "levels": [{"level": lv, **_level_summary(c, k)} for lv, c in enumerate(stats.counts[stream])],
         }
     return {
