@@ -25,7 +25,8 @@ corpus:
   the corpus was split.
 
 The emission order of an epoch is computed from per-shard clip counts alone
-(a header scan at start-up), before any data is read. Skipping ``b`` batches
+(read at start-up from the Parquet footers in ``stats/``, see
+:func:`index_shards`), before any shard is opened. Skipping ``b`` batches
 (exact resume) therefore costs nothing for whole epochs, and within an epoch
 it never decodes an array and never reads a clip that was already emitted.
 Batching happens inside the worker, and PyTorch's DataLoader takes batches
@@ -61,6 +62,7 @@ from webdataset.tariterators import base_plus_ext
 from musiclm.errors import UserError
 from musiclm.models.layout import IGNORE, StageLayout
 from musiclm.shards.format import ARRAY_MEMBERS, TokenInfo, TokenSample, list_shards
+from musiclm.shards.stats import shard_clip_count, shard_keys
 
 DEFAULT_SHUFFLE_BUFFER = 1000  # clips held (undecoded) for shuffling; ~45 KB each for 30 s clips of the small preset
 _VAL_SEED = 0x7661_6C  # validation crops depend on the clip key only, never on the training seed
@@ -228,9 +230,23 @@ def key_hash(key: str) -> int:
 
 
 def index_shards(paths: Sequence[str | Path]) -> list[ShardEntry]:
-    """Count the clips of each shard (a header scan); empty shards are left out."""
-    entries = [ShardEntry(str(p), len(scan_keys(p))) for p in paths]
+    """Count the clips of each shard; empty shards are left out.
+
+    A shard's count comes from the footer of its stats file, so start-up reads
+    one small Parquet footer per shard and opens no tar; a shard without a
+    stats file (copied without ``stats/``) is counted by a header scan.
+    """
+    entries = []
+    for p in paths:
+        count = shard_clip_count(p)
+        entries.append(ShardEntry(str(p), len(scan_keys(p)) if count is None else count))
     return [e for e in entries if e.count > 0]
+
+
+def _keys_of(shard: Path) -> list[str]:
+    """Clip keys of one shard in tar order: from its stats file, or a header scan without one."""
+    keys = shard_keys(shard)
+    return scan_keys(shard) if keys is None else keys
 
 
 def _shards_or_error(data_dir: Path, what: str) -> list[Path]:
@@ -278,7 +294,7 @@ def split_data(data_dir: str | Path, info: TokenInfo, val_data: str | Path | Non
         val = index_shards([p for p in shards if p in held])
         train = index_shards([p for p in shards if p not in held])
         return DataSplit(train, val, f"validation: {k} of {len(shards)} shards held out ({sum(e.used for e in val)} clips)")
-    keys = scan_keys(shards[0])
+    keys = _keys_of(shards[0])
     n_val = min(int(np.ceil(val_fraction * len(keys))), len(keys) - 1)
     ranked = sorted(range(len(keys)), key=lambda i: key_hash(keys[i]))
     val_pos = frozenset(ranked[:n_val])
