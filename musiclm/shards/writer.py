@@ -15,11 +15,13 @@ then the tar. So
 from __future__ import annotations
 
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import webdataset as wds
 
 from musiclm import atomic
@@ -147,4 +149,27 @@ def done_keys(out_dir: str | Path) -> set[str]:
         table = _read_columns(folder, ["key"])
         if table is not None:
             keys.update(table.column("key").to_pylist())
+    return keys
+
+
+def partial_keys(out_dir: str | Path, done: AbstractSet[str]) -> set[str]:
+    """The keys of :func:`done_keys` whose source is not in ``done``: the settled segments of files
+    that are only partly finished.
+
+    ``done`` is what :func:`done_files` returned, all of it (a finished file
+    left out of it, say one no longer in the corpus, would have its keys
+    returned too). Resume skips those files whole, so only these keys need to
+    reach the decode stage: a handful instead of every key of the corpus.
+    Reads the key and source columns one file at a time; call
+    :func:`clean_unfinished` first.
+    """
+    out = Path(out_dir)
+    keys: set[str] = set()
+    for folder in (out / "stats", out / "errors"):
+        for path in sorted(folder.glob("shard-*.parquet")):
+            t = pq.read_table(path, columns=["key", "source"])
+            open_sources = [s for s in pc.unique(t.column("source")).to_pylist() if s not in done]
+            if open_sources:
+                rows = t.filter(pc.is_in(t.column("source"), value_set=pa.array(open_sources, pa.string())))
+                keys.update(rows.column("key").to_pylist())
     return keys
