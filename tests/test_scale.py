@@ -22,16 +22,27 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
 from musiclm import atomic
-from musiclm.shards.format import TokenInfo, TokenSample, file_key, list_shards, sample_key
+from musiclm.shards.format import (
+    TokenInfo,
+    TokenSample,
+    file_key,
+    list_shards,
+    sample_key,
+)
 from musiclm.shards.stats import CLIP_SCHEMA, shard_keys, summarize
-from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, done_keys, partial_keys
+from musiclm.shards.writer import (
+    ShardWriter,
+    clean_unfinished,
+    done_files,
+    done_keys,
+    partial_keys,
+)
 from musiclm.training import data as data_mod
 from musiclm.training.data import ShardEntry, index_shards, scan_keys, split_data
 from tests.factories import fake_info_json, write_tokenizer_json
@@ -238,7 +249,6 @@ def test_summary_equals_the_whole_table_computation_bit_for_bit(small):
 MEASURE = """
 import json, sys, tracemalloc
 from pathlib import Path
-import pyarrow as pa
 
 folder, what = Path(sys.argv[1]), sys.argv[2]
 if what == "index":
