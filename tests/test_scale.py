@@ -249,6 +249,7 @@ def test_summary_equals_the_whole_table_computation_bit_for_bit(small):
 MEASURE = """
 import json, sys, tracemalloc
 from pathlib import Path
+import pyarrow as pa
 
 folder, what = Path(sys.argv[1]), sys.argv[2]
 if what == "index":
