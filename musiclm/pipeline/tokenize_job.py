@@ -44,7 +44,7 @@ from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
 from musiclm.shards.format import TokenSample, file_key, sample_key
-from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, done_keys, next_shard_index
+from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, next_shard_index, partial_keys
 
 LOCK_FILE = ".musiclm.lock"
 PLAN_FILE = "plan.parquet"
@@ -652,7 +652,8 @@ def run_tokenize(
         if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
             atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
         clean_unfinished(out)
-        finished = done_files(out).intersection(files)
+        settled = done_files(out)
+        finished = settled.intersection(files)
         pending = [f for f in files if f not in finished]
         summary = TokenizeSummary(len(files), len(finished), 0, 0.0, 0, 0, 0.0, out)
         plan = None
@@ -667,7 +668,7 @@ def run_tokenize(
                 res = _resources(ray, workers, gpus_per_worker)
                 if plan is not None:
                     _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res)
-                _tokenize_all(ray, console, files, pending, corpus, out, dict(shard_size=shard_size, batch_seconds=batch_seconds), res, summary)
+                _tokenize_all(ray, console, files, pending, corpus, out, dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled), res, summary)
     summary.elapsed = time.time() - t0
     _print_summary(console, summary)
     return summary
@@ -696,7 +697,7 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
             summary.failed += 1
         else:
             batches.setdefault(number, []).append((rel, seconds))
-    done = frozenset(_partial_keys(out, pending))
+    done = frozenset(partial_keys(out, opts["settled"]))  # keys of partly finished files only
     t_run = time.time()
     try:
         kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res.threads)
@@ -725,11 +726,6 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     finally:
         writer.close()  # whatever was tokenized before a crash or Ctrl-C is kept
         summary.shards = writer.shards_written
-
-
-def _partial_keys(out: Path, pending: list[str]) -> set[str]:
-    """Finished keys of the files in ``pending`` (files partly done: some segments failed)."""
-    return done_keys(out)
 
 
 class _progress:
