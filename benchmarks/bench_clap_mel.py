@@ -7,7 +7,10 @@ fixture), synthesised music. Both sides get the windows the way
 CUDA time (when a GPU is present) starts with the windows already on the GPU and
 ends after a synchronize. Each time is the median of ``--repeats`` runs after one
 warm-up run: wall seconds, and the process's CPU seconds (all threads), which a
-machine shared with other jobs inflates less than the wall time.
+machine shared with other jobs inflates less than the wall time. On an
+oversubscribed machine torch's OpenMP threads spin-wait at each of ClapMel's
+small per-window ops and can burn 10-20x the CPU time (counted in both columns);
+``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1`` shows the compute itself.
 
     python benchmarks/bench_clap_mel.py --windows 64 --threads 2
 """
