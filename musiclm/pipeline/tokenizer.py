@@ -26,6 +26,7 @@ import torch
 from musiclm import atomic
 from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
+from musiclm.models.clap_mel import ClapMel
 from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
 from musiclm.pipeline.fit_plan import check_clap_window
 from musiclm.pipeline.quantizers import assign, residual_encode
@@ -240,14 +241,15 @@ class Tokenizer:
 
     @torch.inference_mode()
     def clap_audio_embed(self, windows: list[np.ndarray] | np.ndarray) -> torch.Tensor:
-        """Normalised CLAP audio embeddings [W, D] of windows at the CLAP rate."""
-        feats = self.clap.features(
-            list(windows), sampling_rate=self.clap.sample_rate, return_tensors="pt", truncation=self.clap.truncation, padding="repeatpad"
-        )
+        """Normalised CLAP audio embeddings [W, D] of windows at the CLAP rate.
+
+        The log-mel features are computed on the tokenizer's device (:class:`ClapMel`, the feature
+        extractor's own computation in torch), so that a GPU is not kept waiting on numpy."""
+        if not hasattr(self, "_clap_mel"):
+            self._clap_mel = ClapMel(self.clap.features, self.clap.truncation)
+        feats = self._clap_mel([torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.device) for w in windows])
         with self.precision():
-            out = self.clap.model.get_audio_features(
-                input_features=feats["input_features"].to(self.device), is_longer=feats["is_longer"].to(self.device)
-            )
+            out = self.clap.model.get_audio_features(**feats)
         return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
 
     @torch.inference_mode()
