@@ -7,7 +7,9 @@ FOLDER a few audio files. Each part is timed and reported even if another fails:
 
 1. tokenize on the GPU: the tiny tokenizer on cuda against the same tokenizer on
    the CPU (agreement of codes), and the `small` backbone architectures at random
-   weights on cuda: audio-seconds per second of MERT + Encodec + CLAP;
+   weights on cuda: audio-seconds per second of MERT + Encodec + CLAP, batch 1 and
+   batched as the tokenize actor calls them, per precision (fp32, bf16, fp16), with
+   the code agreement of each against fp32 and of batch 1 against batched;
 2. training: `musiclm train` on cuda (bf16 autocast) for a few tiny steps, and the
    `small` transformer's training step in bf16 against fp32 (tokens/s);
 3. generation: tiny stages trained on cuda, then `MusicLM.generate` on cuda
@@ -117,6 +119,99 @@ def tokenize_small(audio: Path) -> dict:
     }
 
 
+def synthetic_clips(tok, n: int, seconds: float) -> list[dict[int, np.ndarray]]:
+    """``n`` clips of chords over noise at every backbone rate, made with numpy alone (the GPU
+    machine has no soundfile or soxr)."""
+    rng = np.random.default_rng(0)
+    clips = []
+    for i in range(n):
+        freqs = 110 * 2 ** (rng.integers(0, 24, 3) / 12)
+        clip = {}
+        for sr in tok.sample_rates:
+            t = np.arange(int(seconds * sr)) / sr
+            x = sum(np.sin(2 * np.pi * f * t) for f in freqs) / 4 + 0.02 * np.random.default_rng(i).standard_normal(len(t))
+            clip[sr] = x.astype(np.float32)
+        clips.append(clip)
+    return clips
+
+
+def encodec_codebooks_from_frames(tok, clips) -> None:
+    """Give a random Encodec codebooks drawn from its own encoder frames (a random one has all-zero
+    codebooks: every code 0, and agreement would be 1 trivially). No k-means: faiss is not there."""
+    from musiclm.models.backbones import encodec_latents
+
+    x = torch.from_numpy(np.stack([c[tok.encodec.sample_rate] for c in clips])).to(DEVICE)
+    frames = encodec_latents(tok.encodec, x).reshape(-1, tok.encodec.model.config.codebook_dim)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for level in range(tok.encodec.num_quantizers):
+        cb = tok.encodec.model.quantizer.layers[level].codebook
+        pick = torch.randint(0, len(frames), (tok.encodec.codebook_size,), generator=g).to(frames.device)
+        cb.embed.copy_(frames[pick] * 0.5**level)
+        cb.inited.fill_(1.0)
+
+
+@part("tokenize_small_batched")
+def tokenize_small_batched() -> dict:
+    """The small backbones batched as the tokenize actor calls them (equal-length segments), per
+    precision: audio-seconds per second of each backbone and of tokenize_batch, against batch-1
+    calls, and code agreement of bf16 and fp16 against fp32."""
+    from dataclasses import replace
+
+    from bench_tokenize import small_random_config
+    from bench_train_vs_onthefly import random_quantizers
+
+    from musiclm.pipeline.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_config(small_random_config(1024).tokenize, device=DEVICE)
+    tok.quantizers = random_quantizers(tok)
+    base = tok.cfg
+    seconds = 10.0 if QUICK else 30.0
+    clips = synthetic_clips(tok, 2 if QUICK else 8, seconds)
+    encodec_codebooks_from_frames(tok, clips)
+    audio = seconds * len(clips)
+
+    def timed(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    stack = {sr: np.stack([c[sr] for c in clips]) for sr in tok.sample_rates}
+    windows = [w for c in clips for w in tok.clap_windows(c[tok.clap.sample_rate])]
+    out: dict = {"audio_s": audio, "clips": len(clips)}
+    codes = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        tok.cfg = replace(base, precision=precision)
+        try:
+            tok.tokenize_batch(clips[:1])  # warm-up
+            row = {
+                "mert": audio / timed(lambda: tok.mert_features(stack[tok.mert.sample_rate])),
+                "encodec": audio / timed(lambda: tok.encode_acoustic(stack[tok.encodec.sample_rate])),
+                "clap": audio / timed(lambda: tok.clap_audio_embed(windows)),
+            }
+            result: list = []
+            row["tokenize_batch"] = audio / timed(lambda: result.extend(tok.tokenize_batch(clips)))
+            codes[precision] = result
+            out[precision] = {k: round(v, 1) for k, v in row.items()}
+        except Exception as e:  # noqa: BLE001 - a precision the device cannot run is reported, not fatal
+            out[precision] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    tok.cfg = base
+    batch1 = timed(lambda: [tok.tokenize(c) for c in clips])
+    out["fp32_batch1_tokenize"] = round(audio / batch1, 1)
+    out["agreement_batch1_vs_batched_fp32"] = {}
+    alone = [tok.tokenize(c) for c in clips]
+    for name in ("semantic", "acoustic", "clap"):
+        out["agreement_batch1_vs_batched_fp32"][name] = round(float(np.mean([np.mean(a[name] == b[name]) for a, b in zip(alone, codes["fp32"])])), 4)
+    for precision in ("bf16", "fp16"):
+        if precision in codes:
+            out[f"agreement_{precision}_vs_fp32"] = {
+                name: round(float(np.mean([np.mean(a[name] == b[name]) for a, b in zip(codes["fp32"], codes[precision]) if not isinstance(b, Exception)])), 4)
+                for name in ("semantic", "acoustic", "clap")
+            }
+    return out
+
+
 @part("train_tiny_cuda_bf16")
 def train_tiny(data: Path, work: Path) -> dict:
     from musiclm.config import load_config
@@ -217,6 +312,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     tokenize_tiny(args.data, args.audio)
     tokenize_small(args.audio)
+    tokenize_small_batched()
     train_tiny(args.data, work)
     train_small()
     generate(work)
