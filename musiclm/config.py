@@ -93,7 +93,7 @@ class TokenizeConfig:
     mert: MertConfig = field(default_factory=MertConfig)
     encodec: EncodecConfig = field(default_factory=EncodecConfig)
     fit: FitConfig = field(default_factory=FitConfig)
-    shard_size: int = 256  # clips per shard
+    shard_size: int = 256  # clips per shard, at least: a shard closes at the end of the batch that fills it
     batch_seconds: float = 240.0  # audio per planned batch: whole files, their segments through the backbones together
     precision: str = "fp32"  # backbone arithmetic: fp32, bf16 or fp16 (autocast); part of what tokens mean
 
