@@ -1,14 +1,23 @@
-"""Tokenize throughput against bare backbone compute, and peak memory against corpus size.
+"""Tokenize throughput against bare batched compute, and peak memory against corpus size.
 
     python benchmarks/bench_tokenize.py speed    # small architectures at random weights
     python benchmarks/bench_tokenize.py memory   # tiny preset, corpus 1x vs 4x
 
 speed: a corpus of synthesised 30 s clips is tokenized by the Ray job (with a
-tokenizer fitted beforehand, so only the main pass is timed). In the same
-process, the three backbones' bare forward passes run on the same audio, at the
-same torch thread count the actors use. Efficiency = pipeline audio-seconds per
-wall-second / bare audio-seconds per compute-second. Reported twice: end to end
-(Ray start-up and actor loading included) and steady state (first to last clip).
+tokenizer fitted beforehand, so only the main pass is timed). Then, in the same
+process, on the same decoded audio and at the torch thread count the actors use:
+
+- bare batched: ``Tokenizer.tokenize_batch`` over the batches the job planned
+  (read back from its plan.parquet), as the actor calls it;
+- bare batch-1: ``Tokenizer.tokenize`` clip by clip.
+
+Efficiency = pipeline audio-seconds per wall-second / bare batched audio-seconds
+per compute-second; the goal is 0.9 or more. Reported end to end (Ray start-up,
+probing, planning and actor loading included) and in steady state (from the
+first planned batch whole at the driver to the last but one: the rows of a batch
+reach the driver together, possibly one batch after the actor finished it).
+The pipeline's shards are also compared with the bare batched tokens (same
+batches, same thread count: they should be equal).
 
 memory: the tiny preset tokenizes a corpus, then one 4x larger, in fresh
 processes; the peak of the summed proportional set size (PSS) of the command's
@@ -27,6 +36,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,7 +58,6 @@ def small_random_config(clap_codes: int):
         # 2 minutes of fit audio: 4 points per code is all they can give 1024 MERT and Encodec codes
         fit=replace(t.fit, max_seconds=120.0, mert_seconds=120.0, max_points=20000, niter=5, min_points_per_code=4),
         audio=replace(t.audio, segment_seconds=30.0),
-        batch_size=1,
     )
     return replace(cfg, tokenize=t)
 
@@ -62,28 +71,39 @@ def write_corpus(root: Path, n: int, seconds: float, seed: int = 0) -> None:
         write_audio(root / f"clip_{i:04d}.wav", synth_clip(KINDS[i % len(KINDS)], seconds, 44100, seed + i), 44100)
 
 
-def bare_compute(tok, files: list[Path], threads: int) -> float:
-    """Seconds the three backbones take on ``files`` (forward passes only, decoded audio given)."""
-    import torch
+def planned_clips(out: Path, corpus: Path, segment_seconds: float, rates: tuple[int, ...]) -> list[list[dict]]:
+    """The segments of each batch the job planned (``out/plan.parquet``), decoded as the job decodes them."""
+    import pyarrow.parquet as pq
 
-    from musiclm.pipeline.audio import load_for_rates
+    from musiclm.pipeline.audio import load_for_rates, plan_segments
 
-    torch.set_num_threads(threads)
-    clips = [load_for_rates(f, 0.0, None, tok.sample_rates) for f in files]
-    tok.mert_features(clips[0][tok.mert.sample_rate][: tok.mert.sample_rate])  # warm-up
-    total = 0.0
-    for c in clips:
-        t0 = time.perf_counter()
-        tok.mert_features(c[tok.mert.sample_rate])
-        tok.encode_acoustic(c[tok.encodec.sample_rate])
-        tok.clap_audio_embed(tok.clap_windows(c[tok.clap.sample_rate]))
-        total += time.perf_counter() - t0
-    return total
+    plan = pq.read_table(out / "plan.parquet").to_pylist()
+    batches: dict[int, list[dict]] = {}
+    for row in plan:
+        if row["batch"] >= 0:
+            batches.setdefault(row["batch"], []).append(row)
+    clips = []
+    for number in sorted(batches):
+        clips.append([])
+        for row in batches[number]:
+            for i, (start, seconds) in enumerate(plan_segments(row["seconds"], segment_seconds)):
+                clips[-1].append({"rel": row["rel"], "segment": i, "seconds": seconds, "audio": load_for_rates(corpus / row["rel"], start, seconds, rates)})
+    return clips
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
 
 
 def speed(args) -> None:
+    import torch
+    import webdataset as wds
+
     import musiclm.pipeline.tokenize_job as job
     from musiclm.pipeline.tokenizer import Tokenizer
+    from musiclm.shards.format import TokenSample, list_shards, sample_key
 
     work = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     fit_corpus, corpus = work / "fit", work / "corpus"
@@ -93,37 +113,61 @@ def speed(args) -> None:
     print(f"fitting a tokenizer (small architectures, random weights) on {fit_corpus} ...", flush=True)
     job.run_tokenize(fit_corpus, work / "fit_tokens", cfg)
 
-    stamps: list[tuple[float, float]] = []  # (time, audio seconds so far) per clip
+    stamps: list[tuple[float, float]] = []  # (time, audio seconds tokenized so far) per row
     base = job._progress
 
     class Recorder(base):
-        def update(self, rel, clips, failed, seconds, elapsed):
-            stamps.append((time.perf_counter(), seconds))
-            super().update(rel, clips, failed, seconds, elapsed)
+        def update(self, seconds, summary, elapsed, gpu):
+            stamps.append((time.perf_counter(), summary.seconds))
+            super().update(seconds, summary, elapsed, gpu)
 
     job._progress = Recorder
     t0 = time.perf_counter()
-    summary = job.run_tokenize(corpus, work / "tokens", None, tokenizer_dir=work / "fit_tokens" / "tokenizer")
-    wall = time.perf_counter() - t0
-    job._progress = base
+    try:
+        wall, summary = timed(lambda: job.run_tokenize(corpus, work / "tokens", None, tokenizer_dir=work / "fit_tokens" / "tokenizer"))
+    finally:
+        job._progress = base
     audio = summary.seconds
 
     threads = job.actor_threads(os.cpu_count() or 1, 1, gpu=False)
+    torch.set_num_threads(threads)
     tok = Tokenizer.load(work / "fit_tokens" / "tokenizer")
-    bare = bare_compute(tok, sorted(corpus.glob("*.wav")), threads)
-    bare_rate = audio / bare
+    batches = planned_clips(work / "tokens", corpus, tok.cfg.audio.segment_seconds, tok.sample_rates)
+    clips = [c for b in batches for c in b]
+    tok.tokenize({sr: a[: 5 * sr] for sr, a in clips[0]["audio"].items()})  # warm-up
+    batched, results = timed(lambda: [r for b in batches for r in tok.tokenize_batch([c["audio"] for c in b])])
+    single, _ = timed(lambda: [tok.tokenize(c["audio"]) for c in clips])
+    bare_rate = audio / batched
+
+    shards = {s.key: s for s in (TokenSample.from_wds(x) for x in wds.WebDataset([str(p) for p in list_shards(work / "tokens")], shardshuffle=False, empty_check=False))}
+    same = sum(
+        all(np.array_equal(r[name], getattr(shards[sample_key(c["rel"], c["segment"])], name)) for name in ("semantic", "acoustic", "clap"))
+        for c, r in zip(clips, results)
+    )
+    # when each planned batch had reached the driver whole (one actor: in order)
+    ends = np.cumsum([sum(c["seconds"] for c in b) for b in batches])
+    arrived = [next(t for t, a in stamps if a >= end - 1e-3) - t0 for end in ends]
+    # steady state from the first batch to the last but one: robust to a lag of one batch between an
+    # actor finishing a batch and its rows reaching the driver (the last two then arrive together)
+    if len(batches) >= 3:
+        steady_span = arrived[-2] - arrived[0]
+        steady_rate = (ends[-2] - ends[0]) / steady_span
+    else:
+        steady_span, steady_rate = float("nan"), float("nan")
     e2e_rate = audio / wall
-    # rows of one actor batch arrive together: the steady state starts once the first batch is in
-    t_first = stamps[0][0]
-    a_first = max(a for t, a in stamps if t - t_first < 0.5)
-    t_last, a_last = stamps[-1]
-    steady_rate = (a_last - a_first) / (t_last - t_first)
+    sizes = [len(b) for b in batches]
     print()
-    print(f"corpus: {args.clips} clips x 30 s = {audio:.0f} s of audio; torch threads per actor / bare: {threads}")
-    print(f"bare backbone compute:  {bare:7.1f} s  -> {bare_rate:6.2f} audio-s/s")
-    print(f"pipeline end to end:    {wall:7.1f} s  -> {e2e_rate:6.2f} audio-s/s   efficiency {e2e_rate / bare_rate:.2f}")
-    print(f"pipeline steady state:  {t_last - t_first:7.1f} s  -> {steady_rate:6.2f} audio-s/s   efficiency {steady_rate / bare_rate:.2f}")
-    print(f"inside the actors:      {summary.compute:7.1f} s in the tokenizer -> {audio / summary.compute:6.2f} audio-s/s   ({summary.compute / bare:.2f} x bare)")
+    print(
+        f"corpus: {args.clips} clips x 30 s = {audio:.0f} s of audio in {len(batches)} planned batches of {min(sizes)}-{max(sizes)} clips "
+        f"(tokenize.batch_seconds = {tok.cfg.batch_seconds:g}); torch threads per actor and bare: {threads}"
+    )
+    print(f"bare batch-1 (tokenize):        {single:7.1f} s  -> {audio / single:6.2f} audio-s/s")
+    print(f"bare batched (tokenize_batch):  {batched:7.1f} s  -> {bare_rate:6.2f} audio-s/s   ({single / batched:.2f}x batch-1)")
+    print(f"pipeline end to end:            {wall:7.1f} s  -> {e2e_rate:6.2f} audio-s/s   efficiency {e2e_rate / bare_rate:.2f}")
+    print(f"pipeline steady state:          {steady_span:7.1f} s  -> {steady_rate:6.2f} audio-s/s   efficiency {steady_rate / bare_rate:.2f}   (batches 2 to {len(batches) - 1})")
+    print(f"inside the actors:              {summary.compute:7.1f} s in the tokenizer -> {audio / summary.compute:6.2f} audio-s/s   ({summary.compute / batched:.2f} x bare batched)")
+    print(f"planned batches whole at the driver, s after the start: {', '.join(f'{t:.0f}' for t in arrived)}")
+    print(f"pipeline shards equal to bare batched tokens: {same}/{len(clips)} clips")
 
 
 def peak_pss(cmd: list[str]) -> tuple[float, float, int, list[float]]:
@@ -162,8 +206,6 @@ def peak_pss(cmd: list[str]) -> tuple[float, float, int, list[float]]:
 
 
 def memory(args) -> None:
-    import numpy as np
-
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     fit = work / "fit"
     write_corpus(fit, 10, 8.0, seed=100)
@@ -188,7 +230,7 @@ def memory(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["speed", "memory"])
-    ap.add_argument("--clips", type=int, default=12, help="speed: 30 s clips in the timed corpus")
+    ap.add_argument("--clips", type=int, default=48, help="speed: 30 s clips in the timed corpus (48: 24 min of audio, about 24 min of run on 2 cores; 60 take 30)")
     ap.add_argument("--clap-codes", type=int, default=16, help="speed: CLAP codebook size (too few windows to fit 1024)")
     ap.add_argument("--files", type=int, default=30, help="memory: files in the 1x corpus")
     ap.add_argument("--seconds", type=float, default=6.0, help="memory: seconds per file")
