@@ -491,6 +491,14 @@ def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mer
     return plan
 
 
+def _fit_resources(res: Resources) -> Resources:
+    """Without GPUs the fit's actors get every core: decoding the fit sample is light next to dense
+    CLAP windows (benchmarks/bench_fit_cores.py)."""
+    if res.gpus:
+        return res
+    return res._replace(threads=max(res.threads, (os.cpu_count() or 1) // res.workers))
+
+
 def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources) -> None:
     """Fit the quantizers on the files of ``plan`` and save the tokenizer to ``out/tokenizer``."""
     from musiclm.models.backbones import init_encodec_codebooks
@@ -506,9 +514,7 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
     mert_segments = sum(len(plan_segments(f.seconds, tcfg.audio.segment_seconds)) for f in plan.files if f.mert)
     max_frames = max(1, math.ceil(fit.max_points / max(mert_segments, 1)))
-    if not res.gpus:
-        # decoding the fit sample is light next to dense CLAP windows: the actors get every core
-        res = res._replace(threads=max(res.threads, (os.cpu_count() or 1) // res.workers))
+    res = _fit_resources(res)
     kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
     t0 = time.time()
     batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
