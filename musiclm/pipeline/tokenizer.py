@@ -209,13 +209,16 @@ class Tokenizer:
 
     # ---- backbone features ------------------------------------------------------
     @contextmanager
-    def precision(self) -> Iterator[None]:
+    def precision(self, lowered: bool = True) -> Iterator[None]:
         """The backbones' arithmetic, ``tokenize.precision``, for the calls inside only.
 
         fp32 is plain fp32 on every device: TF32 flips ~5% of Encodec codes against the CPU, so
         it is off inside (and restored after, so training or generation in the same process keep
-        their own setting). bf16 and fp16 run under autocast on the tokenizer's device."""
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.precision]
+        their own setting). bf16 and fp16 run under autocast on the tokenizer's device, for MERT
+        and CLAP only (``lowered``): under autocast Encodec's residual codes come out different
+        from fp32's for most frames (8% of level-0 codes agreed in bf16, 16-40% in fp16;
+        benchmarks/bench_agreement.py), so Encodec always runs in fp32."""
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.precision] if lowered else None
         cuda = self.device.type == "cuda"
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if cuda else None
         if cuda:
@@ -276,7 +279,7 @@ class Tokenizer:
     def encode_acoustic(self, audio: np.ndarray) -> torch.Tensor:
         """Encodec codes: [B, samples] or [samples] at the codec rate → [B, Q, T_a] int64."""
         x = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)).to(self.device)
-        with self.precision():
+        with self.precision(lowered=False):
             out = self.encodec.model.encode(self.encodec.model_input(x), bandwidth=self.encodec.bandwidth)
         return out.audio_codes[0][:, : self.encodec.num_quantizers]
 
