@@ -150,12 +150,3 @@ def test_actors_share_a_gpu_with_a_fraction_per_worker():
     with pytest.raises(UserError, match="--gpus-per-worker"):
         _resources(FakeRay(8, 0), None, 0.5)
 
-
-def test_the_fit_gives_its_cpu_actors_every_core(monkeypatch):
-    from musiclm.pipeline import tokenize_job
-
-    monkeypatch.setattr(tokenize_job.os, "cpu_count", lambda: 8)
-    assert tokenize_job._fit_resources(Resources(workers=1, gpus=0.0, cpus=7.0, threads=7)).threads == 8
-    assert tokenize_job._fit_resources(Resources(workers=2, gpus=0.0, cpus=3.0, threads=3)).threads == 4
-    on_gpu = Resources(workers=1, gpus=1.0, cpus=4.0, threads=4)
-    assert tokenize_job._fit_resources(on_gpu) == on_gpu

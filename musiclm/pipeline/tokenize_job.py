@@ -491,14 +491,6 @@ def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mer
     return plan
 
 
-def _fit_resources(res: Resources) -> Resources:
-    """Without GPUs the fit's actors get every core: decoding the fit sample is light next to dense
-    CLAP windows (benchmarks/bench_fit_cores.py)."""
-    if res.gpus:
-        return res
-    return res._replace(threads=max(res.threads, (os.cpu_count() or 1) // res.workers))
-
-
 def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources) -> None:
     """Fit the quantizers on the files of ``plan`` and save the tokenizer to ``out/tokenizer``."""
     from musiclm.models.backbones import init_encodec_codebooks
@@ -514,7 +506,6 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
     mert_segments = sum(len(plan_segments(f.seconds, tcfg.audio.segment_seconds)) for f in plan.files if f.mert)
     max_frames = max(1, math.ceil(fit.max_points / max(mert_segments, 1)))
-    res = _fit_resources(res)
     kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
     t0 = time.time()
     batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
@@ -536,7 +527,7 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     extract = time.time() - t0
     mert = np.concatenate(feats["mert"])
     clap = np.concatenate(feats["clap"])
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     centroids, norm = fit_semantic(mert, tcfg.mert.codebook_size, niter=fit.niter, seed=fit.seed)
     books = fit_residual(clap, tcfg.clap.levels, tcfg.clap.codebook_size, niter=fit.niter, seed=fit.seed, what="CLAP residual quantizer")
     counts = {"clap": (len(clap), tcfg.clap.codebook_size), "semantic": (len(mert), tcfg.mert.codebook_size)}
@@ -545,6 +536,7 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
         init_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed)
         counts["encodec"] = (len(latents), tok.encodec.codebook_size)
     kmeans = time.time() - t0
+    kmeans_cores = (time.process_time() - cpu0) / max(kmeans, 1e-9)  # faiss runs k-means on every core of the driver
     tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
     errors = {"fit_audio": residual_errors(clap, books), "text": residual_errors(tok.clap_text_embed(list(MUSIC_DESCRIPTIONS)), books)}
     if feats["heldout"]:
@@ -560,13 +552,14 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
         "clap_relative_error": {k: [round(e, 5) for e in v] for k, v in errors.items()},
         "text_prompts": len(MUSIC_DESCRIPTIONS),
         "seconds_taken": {"features": round(extract, 2), "kmeans": round(kmeans, 2)},
-        "feature_cores": round(cpu_seconds / max(extract, 1e-9), 2),  # the actors' CPU seconds per wall second
+        "cores_busy": {"features": round(cpu_seconds / max(extract, 1e-9), 2), "kmeans": round(kmeans_cores, 2)},  # CPU seconds per wall second
     }
     tok.save(staging, fit_report=report)
     atomic.replace_folder(staging, out / "tokenizer")
     e = errors.get("heldout_audio", errors["fit_audio"])
     console.print(
-        f"fitted in {extract:.0f} s of features ({report['feature_cores']:.1f} cores busy) + {kmeans:.0f} s of k-means: {len(clap):,} CLAP windows ({len(clap) / tcfg.clap.codebook_size:.1f} per code), "
+        f"fitted in {extract:.0f} s of features ({report['cores_busy']['features']:.1f} cores busy) + {kmeans:.0f} s of k-means "
+        f"({report['cores_busy']['kmeans']:.1f} cores busy): {len(clap):,} CLAP windows ({len(clap) / tcfg.clap.codebook_size:.1f} per code), "
         f"{len(mert):,} MERT frames; CLAP relative error after {len(books)} levels {e[-1]:.3f} (held-out audio), {errors['text'][-1]:.3f} (text)"
     )
 
