@@ -4,6 +4,7 @@ out-of-memory back-off, and the precision setting scoped to the backbone calls."
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,22 @@ def test_actors_share_a_gpu_with_a_fraction_per_worker():
     with pytest.raises(UserError, match="--gpus-per-worker"):
         _resources(FakeRay(8, 0), None, 0.5)
 
+
+
+def test_the_tokenizer_imports_without_audio_io_ray_or_faiss():
+    """The GPU machines have torch but none of soundfile, soxr, ray or faiss: the tokenizer (and
+    benchmarks/gpu_check.py with it) must still import there."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('soundfile', 'soxr', 'ray', 'faiss'):\n"
+        "            raise ImportError('absent: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from musiclm.pipeline.tokenizer import Tokenizer\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr

@@ -23,7 +23,6 @@ import numpy as np
 
 from musiclm.config import TokenizeConfig, clap_windows_per_segment, fitted_clap_windows_per_second
 from musiclm.errors import UserError
-from musiclm.pipeline.audio import plan_segments
 
 
 @dataclass(frozen=True)
@@ -153,6 +152,8 @@ class FitPlan:
 
 def fit_windows(seconds: float, t: TokenizeConfig) -> int:
     """CLAP windows the fit takes from a file of ``seconds`` (split into segments as tokenize splits it)."""
+    from musiclm.pipeline.audio import plan_segments  # here: the tokenizer imports this module, and runs where soundfile is absent
+
     return sum(clap_windows_per_segment(s, t.clap.window_seconds, t.fit.clap_hop_seconds) for _, s in plan_segments(seconds, t.audio.segment_seconds))
 
 
