@@ -281,11 +281,10 @@ class TokenizeActor:
 
     def __init__(self, tokenizer_dir: str, threads: int):
         self.tok = _load_tokenizer(tokenizer_dir, None, None, threads)
-        self.rates = self.tok.sample_rates
         self.told = 0  # back-off lines already passed on
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("batch", "rows", "key", "rel", "error", "step", "seconds", "good", "compute", "gpu", "note", "sample")}
+        out: dict[str, list] = {k: [] for k in ("batch", "rows", "key", "rel", "error", "step", "seconds", "compute", "gpu", "note", "sample")}
         for number, payload in zip(batch["batch"], batch["payload"]):
             segments = pickle.loads(payload)
             good = [s for s in segments if not s["error"]]
@@ -312,7 +311,6 @@ class TokenizeActor:
                 out["error"].append(error)
                 out["step"].append(step)
                 out["seconds"].append(float(s["seconds"]))
-                out["good"].append(not error)
                 out["compute"].append(compute * s["seconds"] / total if r is not None else 0.0)
                 out["gpu"].append(gpu)
                 out["note"].append(note)
@@ -345,7 +343,6 @@ class FitActor:
 
     def __init__(self, cfg_dict: dict, backbone_dir: str, threads: int, max_frames: int, seed: int, mert_files: list[str]):
         self.tok = _load_tokenizer(None, cfg_dict, backbone_dir, threads)
-        self.rates = self.tok.sample_rates
         self.max_frames = max_frames
         self.seed = seed
         self.mert_files = frozenset(mert_files)
