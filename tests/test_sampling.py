@@ -10,6 +10,7 @@ import torch
 
 from musiclm.models.layout import StageLayout
 from musiclm.models.sampling import choose, filter_logits, sample_target
+from musiclm.models.static_sampling import SamplerSettings, StaticSampler
 from tests.factories import fake_info, fake_sample
 from tests.test_transformer import memorised_windows, one_thread, tiny_model, train_tiny  # noqa: F401 (one_thread: autouse fixture)
 
@@ -232,3 +233,99 @@ def test_cuda_cached_and_uncached_sampling_agree_with_a_cpu_generator(layout, pr
     full = sample_target(model, layout, cond, n, generator=seeded(), use_cache=False, **kw)
     assert cached.device.type == "cuda"
     assert torch.equal(cached, full)
+
+
+# ---- fixed-shape steps (captured as CUDA graphs on a GPU) -----------------------------------------
+def static_sample(model, layout, cond, n, *, capture=False, logits_out=None, **kw):
+    settings = SamplerSettings(
+        temperature=kw.pop("temperature", 1.0), top_k=kw.pop("top_k", 0), top_p=kw.pop("top_p", 1.0),
+        cfg_scale=kw.pop("cfg_scale", 1.0), guided="uncond_prefix" in kw, greedy=kw.pop("greedy", False),
+    )  # fmt: skip
+    sampler = StaticSampler(model, layout, cond.shape[0], settings, capture=capture)
+    return sampler.sample(cond, n, logits_out=logits_out, **kw).cpu()
+
+
+def teacher_forced_logits(model, layout, cond, ids, m, *, cfg_scale=1.0, uncond=None):
+    """The (guided) logits of every sampled step [n - m, B, K], from one uncached pass over the whole sequence."""
+    seq = torch.cat([cond, ids], dim=1)
+    rows = [seq] if uncond is None else [seq, torch.cat([uncond, ids], dim=1)]
+    p, out = cond.shape[1], []
+    with torch.inference_mode():
+        hidden = [model(r.to(next(model.parameters()).device)) for r in rows]
+        for j in range(m, ids.shape[1]):
+            level = int(layout.target_level(j))
+            lg = [model.logits(h[:, p + j - 1], level).float().cpu() for h in hidden]
+            out.append(lg[0] if uncond is None else lg[1] + cfg_scale * (lg[0] - lg[1]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+@pytest.mark.parametrize("prompt_len", [0, 7])
+def test_fixed_shape_steps_sample_the_tokens_of_the_ordinary_steps(model, layout, prefixes, name, prompt_len):
+    cond, uncond = prefixes
+    kw = dict(SETTINGS[name])
+    if "cfg_scale" in kw:
+        kw["uncond_prefix"] = uncond
+    prompt = sample_target(model, layout, cond, prompt_len, generator=seeded(9)) if prompt_len else None
+    n = layout.target.length
+    ordinary = sample_target(model, layout, cond, n, target_prompt=prompt, generator=seeded(), **kw)
+    fixed = static_sample(model, layout, cond, n, target_prompt=prompt, generator=seeded(), **kw)
+    assert torch.equal(ordinary, fixed)
+
+
+def test_one_sampler_serves_windows_of_different_lengths_and_prompts(model, layout, prefixes):
+    """A sampler is made once per stage and reused: stale cache entries of a longer window must not leak."""
+    cond, _ = prefixes
+    n = layout.target.length
+    sampler = StaticSampler(model, layout, 3, SamplerSettings(greedy=True), capture=False)
+    long = sampler.sample(cond, n).cpu()
+    short = sampler.sample(cond, n - 6, target_prompt=long[:, :3]).cpu()
+    assert torch.equal(short, sample_target(model, layout, cond, n - 6, target_prompt=long[:, :3], greedy=True))
+
+
+def check_fixed_shape_logits(model, layout, cond, uncond, capture, atol):
+    n, m = layout.target.length, 4
+    prompt = sample_target(model, layout, cond, m, greedy=True)
+    for cfg in (1.0, 3.0):
+        logits: list[torch.Tensor] = []
+        kw = {"uncond_prefix": uncond, "cfg_scale": cfg} if cfg != 1.0 else {}
+        ids = static_sample(model, layout, cond, n, capture=capture, logits_out=logits, target_prompt=prompt, greedy=True, **kw)
+        ref = teacher_forced_logits(model, layout, cond, ids, m, cfg_scale=cfg, uncond=kw.get("uncond_prefix"))
+        torch.testing.assert_close(torch.stack(logits), ref, atol=atol, rtol=0)
+        greedy = sample_target(model, layout, cond, n, target_prompt=prompt, greedy=True, **kw).cpu()
+        assert torch.equal(ids, greedy)
+
+
+def test_fixed_shape_steps_give_the_teacher_forced_logits(model, layout, prefixes):
+    check_fixed_shape_logits(model, layout, *prefixes, capture=False, atol=1e-4)
+
+
+def test_a_sampler_refuses_what_it_cannot_do(model, layout, prefixes):
+    cond, uncond = prefixes
+    sampler = StaticSampler(model, layout, 3, SamplerSettings(greedy=True), capture=False)
+    with pytest.raises(ValueError, match="takes 3 sequences"):
+        sampler.sample(cond[:2], 5)
+    with pytest.raises(ValueError, match="uncond_prefix"):
+        sampler.sample(cond, 5, uncond_prefix=uncond)
+    with pytest.raises(ValueError, match="CUDA"):
+        StaticSampler(model, layout, 3, SamplerSettings(), capture=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (none here)")
+def test_captured_cuda_graph_steps_match_the_uncaptured_ones(layout, prefixes):
+    """On CUDA: teacher-forced logits of the captured steps within 1e-3 of one uncaptured pass (fp32,
+    TF32 off), greedy tokens equal to the ordinary steps', and sampled tokens equal to the uncaptured
+    fixed-shape steps' for the same seed."""
+    cond, uncond = prefixes
+    cuda = tiny_model(layout, seed=1).cuda().eval()
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        check_fixed_shape_logits(cuda, layout, cond, uncond, capture=True, atol=1e-3)
+        kw = {"temperature": 1.0, "top_k": 8, "top_p": 0.9, "cfg_scale": 3.0, "uncond_prefix": uncond}
+        n = layout.target.length
+        captured = static_sample(cuda, layout, cond, n, capture=True, generator=seeded(), **kw)
+        eager = static_sample(cuda, layout, cond, n, capture=False, generator=seeded(), **kw)
+        assert torch.equal(captured, eager)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

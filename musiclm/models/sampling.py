@@ -14,6 +14,12 @@ the same tokens.
 Classifier-free guidance runs the conditional and the unconditional prefixes
 as one batch of 2B sequences (one cache holds both) and combines the logits as
 ``uncond + cfg_scale * (cond - uncond)`` before temperature and filtering.
+
+Random numbers: a call draws all its noise up front from its generator
+(:func:`draw_noise`, one [B, K] row of Exp(1) per sampled token), so the draw
+does not depend on how the steps run: the fixed-shape steps of
+:mod:`musiclm.models.static_sampling` (captured as CUDA graphs) read the same
+rows and sample the same tokens.
 """
 
 from __future__ import annotations
@@ -50,6 +56,43 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return out
 
 
+def draw_noise(generator: torch.Generator | None, steps: int, rows: int, k: int, device: torch.device | str) -> torch.Tensor:
+    """Exp(1) noise for ``steps`` sampled tokens of ``rows`` sequences: [steps, rows, K] float32 on ``device``.
+
+    Drawn on the generator's device (a CPU generator also drives CUDA sampling), in one call."""
+    where = generator.device if generator is not None else device
+    noise = torch.empty(steps, rows, k, dtype=torch.float32, device=where).exponential_(generator=generator)
+    return noise.to(device)
+
+
+def pick(
+    logits: torch.Tensor,
+    noise: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    cfg_scale: float = 1.0,
+    guided: bool = False,
+) -> torch.Tensor:
+    """One code per sequence from the logits of one step: [B or 2B, K] -> [B] int64.
+
+    ``guided``: the rows are B conditional then B unconditional sequences, combined as
+    ``uncond + cfg_scale * (cond - uncond)``. ``noise`` [B, K] Exp(1) (from :func:`draw_noise`), or
+    None for greedy: the argmax, as is ``temperature <= 0``. Otherwise the draw is an exponential
+    race (equivalent to Gumbel-max): argmax(p / E) over the tempered, top-k/top-p filtered softmax.
+    Only tensor operations of fixed shapes, so it runs inside a captured CUDA graph.
+    """
+    logits = logits.float()
+    if guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + cfg_scale * (cond - uncond)  # [B, K]
+    if noise is None or temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)  # [B, K]
+    return (probs / noise).argmax(dim=-1)
+
+
 def choose(
     logits: torch.Tensor,
     *,
@@ -59,20 +102,11 @@ def choose(
     generator: torch.Generator | None = None,
     greedy: bool = False,
 ) -> torch.Tensor:
-    """One code per row of ``logits`` [B, K] -> [B] int64.
-
-    Greedy (or ``temperature <= 0``) takes the argmax and draws no random number. Otherwise the
-    draw is an exponential race (equivalent to Gumbel-max): argmax(p / E) with E ~ Exp(1), one
-    [B, K] float32 draw from ``generator`` per call, made on the generator's device so a CPU
-    generator also drives CUDA sampling.
-    """
-    logits = logits.float()
-    if greedy or temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)  # [B, K]
-    device = generator.device if generator is not None else probs.device
-    noise = torch.empty(probs.shape, dtype=torch.float32, device=device).exponential_(generator=generator)
-    return (probs / noise.to(probs.device)).argmax(dim=-1)
+    """One code per row of ``logits`` [B, K] -> [B] int64, drawing this step's noise from ``generator``
+    (no draw when greedy or ``temperature <= 0``); see :func:`pick`."""
+    greedy = greedy or temperature <= 0
+    noise = None if greedy else draw_noise(generator, 1, logits.shape[0], logits.shape[-1], logits.device)[0]
+    return pick(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 class _CachedSteps:
@@ -154,6 +188,8 @@ def sample_target(
     def both(ids: torch.Tensor) -> torch.Tensor:  # target ids [B, n] -> [B or 2B, n]
         return ids.repeat(2, 1) if guided else ids
 
+    greedy = greedy or temperature <= 0
+    noise = None if greedy else draw_noise(generator, n_target - m, b, model.codebook_size, device)  # [n_target - m, B, K]
     was_training = model.training
     model.eval()
     try:
@@ -162,11 +198,10 @@ def sample_target(
         hidden = steps.feed(both(out[:, :m]))  # [B or 2B, d]
         for j in range(m, n_target):
             level = int(layout.target_level(j))
-            logits = model.logits(hidden, level).float()  # [B or 2B, K]
-            if guided:
-                cond, uncond = logits[:b], logits[b:]
-                logits = uncond + cfg_scale * (cond - uncond)  # [B, K]
-            code = choose(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, greedy=greedy)
+            logits = model.logits(hidden, level)  # [B or 2B, K]
+            code = pick(
+                logits, None if noise is None else noise[j - m], temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, guided=guided
+            )  # fmt: skip
             out[:, j] = code + layout.target_offset(level)
             if j + 1 < n_target:
                 hidden = steps.feed(both(out[:, j : j + 1]))

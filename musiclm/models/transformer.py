@@ -78,6 +78,19 @@ class Rotary(nn.Module):
             sin = self.sin[start : start + n]
         else:  # past the planned length (e.g. a long prompt): compute these positions on the fly
             cos, sin = self._table(torch.arange(start, start + n, device=x.device))
+        return self._rotate(x, cos, sin)
+
+    def at(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, H, 1, D] at ``position``, a 0-d int64 tensor on the device -> rotated, same shape.
+
+        The position is read on the device (no host sync, fixed shapes), so a captured CUDA graph can
+        replay it at every position; it must lie within the table."""
+        cos = self.cos.index_select(0, position.view(1))  # [1, D/2]
+        sin = self.sin.index_select(0, position.view(1))
+        return self._rotate(x, cos, sin)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.float().chunk(2, dim=-1)  # [B, H, N, D/2] each
         out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
         return out.to(x.dtype)
@@ -120,6 +133,24 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(b, n, d)  # [B, N, d]
         return self.proj(y)
 
+    def step(self, x: torch.Tensor, rotary: Rotary, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """One new token per row at ``position`` (0-d int64 tensor): ``x`` [B, 1, d] -> [B, 1, d].
+
+        Every shape is fixed whatever the position: the key and value are written into the cache with
+        ``index_copy_`` and the query attends over all ``max_len`` cached positions with a mask that
+        hides those after ``position``. The same numbers as :meth:`forward` with a cache of length
+        ``position``; this form can be captured once as a CUDA graph and replayed at every position.
+        """
+        b, _, d = x.shape
+        q, k, v = self.qkv(x).view(b, 1, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [B, H, 1, D]
+        q, k = rotary.at(q, position), rotary.at(k, position)
+        keys, values = cache.k[self.index], cache.v[self.index]  # [B, H, max_len, D]
+        keys.index_copy_(2, position.view(1), k)
+        values.index_copy_(2, position.view(1), v)
+        visible = (torch.arange(cache.max_len, device=x.device) <= position).view(1, -1)  # [1, max_len]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)  # [B, H, 1, D]
+        return self.proj(y.transpose(1, 2).reshape(b, 1, d))
+
 
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -145,6 +176,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rotary: Rotary, cache: KVCache | None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), rotary, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+    def step(self, x: torch.Tensor, rotary: Rotary, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.step(self.attn_norm(x), rotary, cache, position)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class MusicTransformer(nn.Module):
@@ -199,6 +234,18 @@ class MusicTransformer(nn.Module):
         if cache is not None:
             cache.length += tokens.shape[1]
         return self.norm(x)
+
+    def step(self, tokens: torch.Tensor, cache: KVCache, position: torch.Tensor) -> torch.Tensor:
+        """One token per row at ``position`` with fixed shapes (see :meth:`Attention.step`), for inference.
+
+        ``tokens`` [B, 1] int64, ``position`` a 0-d int64 tensor on the model's device holding the
+        number of positions before it (all in ``cache``) -> final-normed hidden state [B, d]. The
+        cache's ``length`` is not read or advanced: the caller keeps the position.
+        """
+        x = self.embed(tokens)  # [B, 1, d]
+        for block in self.blocks:
+            x = block.step(x, self.rotary, cache, position)
+        return self.norm(x)[:, -1]
 
     def logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         """Output head of target codebook ``level``: [..., d] -> [..., K]."""
