@@ -239,8 +239,8 @@ def tiny_tokenizer(work: Path, given: Path | None) -> tuple[Path, Corpus | None]
 
 def fit_in_process(tok, clips: list[dict[int, np.ndarray]]) -> None:
     """Fit ``tok``'s quantizers (and random Encodec codebooks) on ``clips``, as the job's fit does, without Ray."""
-    from musiclm.models.backbones import init_encodec_codebooks
-    from musiclm.pipeline.quantizers import fit_residual, fit_semantic
+    from musiclm.models.backbones import set_encodec_codebooks
+    from musiclm.pipeline.quantizers import fit_encodec_codebooks, fit_residual, fit_semantic
 
     fit = tok.cfg.fit
     max_frames = max(1, math.ceil(fit.max_points / len(clips)))
@@ -248,7 +248,8 @@ def fit_in_process(tok, clips: list[dict[int, np.ndarray]]) -> None:
     centroids, norm = fit_semantic(np.concatenate([f["mert"] for f in feats]), tok.cfg.mert.codebook_size, niter=fit.niter, seed=fit.seed)
     books = fit_residual(np.concatenate([f["clap"] for f in feats]), tok.cfg.clap.levels, tok.cfg.clap.codebook_size, niter=fit.niter, seed=fit.seed)
     if "encodec" in feats[0]:
-        init_encodec_codebooks(tok.encodec, np.concatenate([f["encodec"] for f in feats]), niter=fit.niter, seed=fit.seed)
+        latents = np.concatenate([f["encodec"] for f in feats])
+        set_encodec_codebooks(tok.encodec, fit_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed))
     tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
 
 

@@ -15,9 +15,9 @@ What differs from the real checkpoints:
   folder holds the project's byte-level tokenizer (``byte_text_tokenizer``), which
   keeps RoBERTa's special-token ids and whose ids fit in RoBERTa's vocabulary;
 - Encodec's codebooks: a random ``EncodecModel`` has all-zero codebooks (every code
-  0), so the first ``num_quantizers`` levels are fitted (``init_encodec_codebooks``) on
-  the encoder outputs of 20 s of synthesised music and jittered copies of them; the
-  levels above stay zero.
+  0), so the first ``num_quantizers`` levels are fitted (``fit_encodec_codebooks``,
+  installed by ``set_encodec_codebooks``) on the encoder outputs of 20 s of
+  synthesised music and jittered copies of them; the levels above stay zero.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def _save_mert(folder: Path, seed: int, num_quantizers: int) -> None:
 def _save_encodec(folder: Path, seed: int, num_quantizers: int) -> None:
     from transformers import EncodecConfig, EncodecModel
 
-    from musiclm.models.backbones import Encodec, encodec_latents, init_encodec_codebooks
+    from musiclm.models.backbones import Encodec, encodec_latents, set_encodec_codebooks
+    from musiclm.pipeline.quantizers import fit_encodec_codebooks
     from musiclm.pipeline.synth import synth_clip
 
     model = EncodecModel(EncodecConfig.from_pretrained(fixture_dir("encodec"))).eval()
@@ -111,7 +112,7 @@ def _save_encodec(folder: Path, seed: int, num_quantizers: int) -> None:
     # nothing to split (one code each). Jittered copies give every level a residual to carve.
     rng = np.random.default_rng(seed)
     jitter = [latents + 0.5 * latents.std(0) * rng.standard_normal(latents.shape).astype(np.float32) for _ in range(4)]
-    init_encodec_codebooks(enc, np.concatenate([latents, *jitter]), niter=5, seed=seed)
+    set_encodec_codebooks(enc, fit_encodec_codebooks(enc, np.concatenate([latents, *jitter]), niter=5, seed=seed))
     enc.save(folder)
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from musiclm.config import load_config
 from musiclm.errors import UserError
-from musiclm.models.backbones import byte_text_tokenizer, encodec_latents, init_encodec_codebooks, load_clap, load_encodec, load_mert
+from musiclm.models.backbones import byte_text_tokenizer, encodec_latents, load_clap, load_encodec, load_mert, set_encodec_codebooks
+from musiclm.pipeline.quantizers import fit_encodec_codebooks
 from musiclm.pipeline.synth import synth_clip
 
 TINY = load_config("tiny").tokenize
@@ -61,12 +63,26 @@ def test_random_encodec_codes_vary_only_after_codebooks_are_fitted():
     assert codes.shape[1] == TINY.encodec.num_quantizers
     assert int(codes.max()) == 0, "a random Encodec has all-zero codebooks"
     lat = torch.cat([encodec_latents(enc, audio(3.0, 24000, seed))[0] for seed in range(4)]).numpy()
-    init_encodec_codebooks(enc, lat, niter=5)
+    set_encodec_codebooks(enc, fit_encodec_codebooks(enc, lat, niter=5))
     with torch.no_grad():
         codes = enc.model.encode(x[:, None], bandwidth=enc.bandwidth).audio_codes[0]
     for level in range(codes.shape[1]):
         assert len(torch.unique(codes[0, level])) > 3
 
+
+
+def test_setting_encodec_codebooks_checks_their_shapes():
+    enc = load_encodec(TINY.encodec)
+    k, dim = enc.codebook_size, enc.model.config.codebook_dim
+    before = [layer.codebook.embed.clone() for layer in enc.model.quantizer.layers]
+    with pytest.raises(ValueError, match="num_quantizers"):
+        set_encodec_codebooks(enc, [np.zeros((k, dim), np.float32)] * (enc.num_quantizers + 1))
+    with pytest.raises(ValueError, match=rf"codebook 1 has shape \[{k}, {dim + 1}\]"):
+        set_encodec_codebooks(enc, [np.ones((k, dim), np.float32), np.ones((k, dim + 1), np.float32)])
+    assert all(torch.equal(b, layer.codebook.embed) for b, layer in zip(before, enc.model.quantizer.layers)), "nothing installed"
+    set_encodec_codebooks(enc, [np.ones((k, dim), np.float32)])  # fewer levels than num_quantizers: the first ones
+    assert bool((enc.model.quantizer.layers[0].codebook.embed == 1).all())
+    assert int(enc.model.quantizer.layers[1].codebook.embed.abs().sum()) == 0
 
 def test_byte_tokenizer_round_trips_any_text():
     tok = byte_text_tokenizer()

@@ -10,13 +10,16 @@ Each backbone comes from one of three places, decided by its config's ``model``:
   that tokenized the corpus.
 
 A randomly initialised ``EncodecModel`` has all-zero codebooks (every code would
-be 0); :func:`init_encodec_codebooks` fits them on encoder outputs, as Encodec
-itself initialises them from data.
+be 0); the pipeline's tokenizer fit learns them on encoder outputs, as Encodec
+itself initialises them from data (``fit_encodec_codebooks`` in the pipeline's
+quantizers module), and :func:`set_encodec_codebooks` installs them here. Models
+never import the pipeline.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -278,15 +281,20 @@ def encodec_latents(enc: Encodec, audio: torch.Tensor) -> torch.Tensor:
     return enc.model.encoder(enc.model_input(audio)).transpose(1, 2)
 
 
-def init_encodec_codebooks(enc: Encodec, latents: np.ndarray, niter: int = 20, seed: int = 0) -> None:
-    """Fit the first ``num_quantizers`` codebooks on encoder outputs ``latents`` [N, dim] by residual k-means."""
-    from musiclm.pipeline.quantizers import fit_residual
-
-    k = enc.codebook_size
-    books = fit_residual(latents, enc.num_quantizers, k, niter=niter, seed=seed, what="Encodec codebooks")
+@torch.no_grad()
+def set_encodec_codebooks(enc: Encodec, books: Sequence[np.ndarray] | np.ndarray) -> None:
+    """Install codebooks ``books`` (one [codebook_size, dim] array per level, levels 0..L-1 with
+    L <= ``num_quantizers``) into ``enc``'s quantizer, marking them initialised."""
+    layers = enc.model.quantizer.layers
+    if len(books) > enc.num_quantizers:
+        raise ValueError(f"{len(books)} Encodec codebooks given but the model keeps only num_quantizers = {enc.num_quantizers}")
+    want = (enc.codebook_size, int(enc.model.config.codebook_dim))
+    for level, centroids in enumerate(books):  # check them all before changing any
+        if tuple(np.shape(centroids)) != want:
+            raise ValueError(f"Encodec codebook {level} has shape {list(np.shape(centroids))}, not [codebook_size, dim] = {list(want)}")
     for level, centroids in enumerate(books):
-        cb = enc.model.quantizer.layers[level].codebook
-        t = torch.from_numpy(centroids).to(cb.embed)
+        cb = layers[level].codebook
+        t = torch.as_tensor(np.asarray(centroids)).to(cb.embed)
         cb.embed.copy_(t)
         cb.embed_avg.copy_(t)
         cb.cluster_size.fill_(1.0)

@@ -5,15 +5,22 @@ centroid arrays, so training and generation never import faiss.
 
 - semantic: one k-means codebook on standardised MERT layer features;
 - clap: a residual quantizer (a loop of k-means over residuals) on CLAP embeddings;
-- Encodec (random backbones only): the same residual fit on encoder outputs.
+- Encodec (random backbones only): the same residual fit on encoder outputs
+  (:func:`fit_encodec_codebooks`; ``musiclm.models.backbones.set_encodec_codebooks``
+  installs the result in the model).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from musiclm.errors import UserError
+
+if TYPE_CHECKING:
+    from musiclm.models.backbones import Encodec
 
 
 def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, what: str = "k-means") -> np.ndarray:
@@ -54,6 +61,13 @@ def fit_residual(x: np.ndarray, levels: int, k: int, niter: int = 20, seed: int 
         residual -= c[codes]
         books.append(c)
     return np.stack(books)
+
+
+def fit_encodec_codebooks(enc: Encodec, latents: np.ndarray, niter: int = 20, seed: int = 0) -> list[np.ndarray]:
+    """The first ``num_quantizers`` codebooks of ``enc`` ([codebook_size, dim] each), fitted by
+    residual k-means on encoder outputs ``latents`` [N, dim]; install them with
+    ``musiclm.models.backbones.set_encodec_codebooks``."""
+    return list(fit_residual(latents, enc.num_quantizers, enc.codebook_size, niter=niter, seed=seed, what="Encodec codebooks"))
 
 
 def residual_encode(x: np.ndarray | torch.Tensor, codebooks: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -490,9 +490,9 @@ def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mer
 
 def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources) -> None:
     """Fit the quantizers on the files of ``plan`` and save the tokenizer to ``out/tokenizer``."""
-    from musiclm.models.backbones import init_encodec_codebooks
+    from musiclm.models.backbones import set_encodec_codebooks
     from musiclm.pipeline.fit_plan import check_enough
-    from musiclm.pipeline.quantizers import fit_residual, fit_semantic, residual_errors
+    from musiclm.pipeline.quantizers import fit_encodec_codebooks, fit_residual, fit_semantic, residual_errors
     from musiclm.pipeline.text_prompts import MUSIC_DESCRIPTIONS
     from musiclm.pipeline.tokenizer import Tokenizer
 
@@ -530,7 +530,7 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     counts = {"clap": (len(clap), tcfg.clap.codebook_size), "semantic": (len(mert), tcfg.mert.codebook_size)}
     if feats["encodec"]:
         latents = np.concatenate(feats["encodec"])
-        init_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed)
+        set_encodec_codebooks(tok.encodec, fit_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed))
         counts["encodec"] = (len(latents), tok.encodec.codebook_size)
     kmeans = time.time() - t0
     kmeans_cores = (time.process_time() - cpu0) / max(kmeans, 1e-9)  # faiss runs k-means on every core of the driver
