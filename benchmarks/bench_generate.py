@@ -1,23 +1,30 @@
-"""Generation speed at the `small` size: real-time factor, time per stage, and N samples in one batch vs N runs.
+"""Generation speed at full size, side by side: each inference path against today's (fp32, ordinary steps).
 
-    python benchmarks/bench_generate.py --seconds 10 --samples 4 --threads 2
+    python benchmarks/bench_generate.py --seconds 10 --threads 2                      # CPU: small, fp32 vs bf16 vs int8
+    python benchmarks/bench_generate.py --device cuda --presets small large --seconds 10   # GPU: + bf16 + CUDA graphs
 
 Everything runs at random weights, built in memory: the small preset's three
 backbones at their full architectures (as ``bench_tokenize.py`` builds them),
 quantizer arrays of the right shapes filled with noise (nothing is fitted), and
-three 6 x 1024 MusicTransformer stages. Random weights sample random tokens,
-which cost exactly what trained weights' tokens cost.
+the preset's three stages (small: 6 x 1024, large: 24 x 1024). Random weights
+sample random tokens, which cost exactly what trained weights' tokens cost.
+Quality (held-out loss per precision) needs trained weights: see
+``tests/test_precision.py`` and ``benchmarks/bench_precision.py``.
 
-1. One full generation of ``--seconds`` (text -> semantic -> coarse -> fine ->
-   Encodec decode -> CLAP score), KV-cached: wall seconds per stage and the
-   real-time factor (wall seconds per second of audio; below 1 is faster than
-   real time).
-2. ``--samples`` samples as one batch through every stage vs the same number
-   of single-sample runs, each of ``--batch-seconds`` (default 2).
+For each preset:
 
-On a 2-core CPU a token of a 6 x 1024 stage costs about 30-40 ms, so 10 s of
-audio (about 6,500 sampled tokens) takes minutes: there, use fewer seconds,
-e.g. ``--seconds 3 --batch-seconds 1`` (about 4 minutes in all).
+1. one sample of ``--seconds`` per variant (text -> semantic -> coarse -> fine
+   -> Encodec decode -> CLAP score): wall seconds per stage, the real-time
+   factor (wall seconds per second of audio; below 1 is faster than real time)
+   and its ratio to the first variant, today's path;
+2. with the last (fastest) variant: ``--samples`` samples as one batch vs one
+   sample, each of ``--batch-seconds``;
+3. with the last variant, ``MusicLM.stream``: the time to the first chunk and
+   to the first second of audio.
+
+Variants: CPU fp32 / bf16 / int8 (ordinary steps); CUDA fp32 / bf16 (ordinary
+steps, a launch per kernel) / bf16 with CUDA graphs. Needs neither soundfile,
+soxr, ray nor faiss, so it runs as is on a machine with torch and transformers.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench_tokenize import small_random_config  # noqa: E402
 from bench_train_vs_onthefly import random_quantizers  # noqa: E402
 
-from musiclm.config import STAGES, to_dict  # noqa: E402
+from musiclm.config import STAGES, load_config, to_dict  # noqa: E402
 from musiclm.generation import MusicLM, Stage  # noqa: E402
 from musiclm.models.layout import layout_for  # noqa: E402
 from musiclm.models.transformer import MusicTransformer  # noqa: E402
@@ -47,8 +55,8 @@ from musiclm.pipeline.tokenizer import FORMAT_VERSION, Tokenizer, fingerprint  #
 PROMPT = "an upbeat jazz trio with brushed drums"
 
 
-def random_small_model(device: str = "cpu", seed: int = 0) -> MusicLM:
-    """The small preset at random weights: backbones, quantizer arrays and stages, all in memory."""
+def random_parts(preset: str, device: str, seed: int = 0) -> tuple[Tokenizer, dict[str, Stage]]:
+    """The small backbones (random weights, noise quantizers) and ``preset``'s three stages at random weights, fp32."""
     cfg = small_random_config(clap_codes=1024)
     t = cfg.tokenize
     tok = Tokenizer.from_config(t, device=device)
@@ -56,66 +64,112 @@ def random_small_model(device: str = "cpu", seed: int = 0) -> MusicLM:
     record = {"format": FORMAT_VERSION, "config": to_dict(t), "backbones": {}, "quantizers": {}, "streams": tok.streams()}
     record["fingerprint"] = fingerprint(record)
     tok.record = record
+    stage_cfg = replace(load_config(preset), tokenize=t)
     torch.manual_seed(seed)
     stages = {}
     for name in STAGES:
-        layout = layout_for(name, tok.info, cfg.stages.get(name))
-        stages[name] = Stage(MusicTransformer.for_layout(cfg.model, layout).to(device).eval(), layout, cfg)
-    return MusicLM(tok, stages)
+        layout = layout_for(name, tok.info, stage_cfg.stages.get(name))
+        stages[name] = Stage(MusicTransformer.for_layout(stage_cfg.model, layout).to(device).eval(), layout, stage_cfg)
+    return tok, stages
 
 
-def run(lm: MusicLM, seconds: float, samples: int, seed: int):
+def random_small_model(device: str = "cpu", seed: int = 0, precision: str | None = None) -> MusicLM:
+    """The small preset at random weights: backbones, quantizer arrays and stages, all in memory."""
+    tok, stages = random_parts("small", device, seed)
+    return MusicLM(tok, stages, precision=precision)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed_generation(lm: MusicLM, seconds: float, samples: int, seed: int, device: str):
+    sync(device)
     t0 = time.perf_counter()
     g = lm.generate_with_details(PROMPT, seconds, num_samples=samples, keep=1, seed=seed)
+    sync(device)
     return g, time.perf_counter() - t0
+
+
+def first_audio(lm: MusicLM, seconds: float, device: str) -> tuple[float, float, float]:
+    """Stream ``seconds``: wall seconds to the first chunk, to the first second of audio, and in all."""
+    sync(device)
+    t0 = time.perf_counter()
+    got, first, first_second = 0, None, None
+    for chunk in lm.stream(PROMPT, seconds, seed=5):
+        got += len(chunk)
+        first = first if first is not None else time.perf_counter() - t0
+        if first_second is None and got >= lm.sample_rate:
+            first_second = time.perf_counter() - t0
+    return first, first_second if first_second is not None else float("nan"), time.perf_counter() - t0
+
+
+def variants(device: str) -> list[tuple[str, str, bool]]:
+    """(label, precision, cuda graphs); the first is today's path."""
+    if device.startswith("cuda"):
+        return [("fp32 eager (today)", "fp32", False), ("bf16 eager", "bf16", False), ("bf16 + CUDA graphs", "bf16", True)]
+    return [("fp32 (today)", "fp32", False), ("bf16", "bf16", False), ("int8", "int8", False)]
+
+
+def bench_preset(preset: str, args) -> None:
+    t0 = time.perf_counter()
+    tok, stages = random_parts(preset, args.device)
+    c = stages["semantic"].cfg.model
+    print(f"\n== {preset}: {c.n_layers} layers x {c.d_model} per stage, random weights; built in {time.perf_counter() - t0:.0f} s")
+    for st in stages.values():
+        print(f"  {st.layout.describe()}; window {st.layout.window_seconds:g} s, {st.model.num_parameters() / 1e6:.0f} M parameters")
+
+    print(f"\n1. one sample of {args.seconds:g} s per variant")
+    head = f"  {'variant':<20}" + "".join(f"{k:>9}" for k in (*STAGES, "decode", "score")) + f"{'total':>9}{'RTF':>7}{'vs today':>10}"
+    print(head)
+    base = None
+    lm = None
+    for label, precision, graphs in variants(args.device):
+        lm = MusicLM(tok, stages, precision=precision, cuda_graphs=graphs)
+        lm.generate_with_details(PROMPT, min(args.seconds, 2.0), num_samples=1, seed=123)  # warm-up: allocator, threads, graph capture
+        g, wall = timed_generation(lm, args.seconds, 1, 0, args.device)
+        audio_s = g.audio.shape[1] / g.sample_rate
+        rtf = wall / audio_s
+        base = base or rtf
+        cells = "".join(f"{g.timings[k]:8.1f}s" for k in (*STAGES, "decode", "score"))
+        print(f"  {label:<20}{cells}{wall:8.1f}s{rtf:7.2f}{base / rtf:9.2f}x", flush=True)
+    assert lm is not None
+    tokens = {name: sum(w.end - w.known for w in g.windows if w.stage == name) * lm.stages[name].layout.target_levels for name in STAGES}
+    print(f"  ({', '.join(f'{n} {k} tokens' for n, k in tokens.items())} per sample; the last variant: "
+          f"{', '.join(f'{n} {1000 * g.timings[n] / k:.2f} ms/token' for n, k in tokens.items())})")  # fmt: skip
+
+    n = args.samples
+    print(f"\n2. {label}: {n} samples of {args.batch_seconds:g} s as one batch vs one sample")
+    lm.generate_with_details(PROMPT, args.batch_seconds, num_samples=n, keep=1, seed=124)  # warm-up at this batch (graph capture)
+    one, one_wall = timed_generation(lm, args.batch_seconds, 1, 1, args.device)
+    batch, batch_wall = timed_generation(lm, args.batch_seconds, n, 1, args.device)
+    for k in (*STAGES, "decode", "score"):
+        print(f"  {k:>8}  one {one.timings[k]:7.2f}s   batch of {n} {batch.timings[k]:7.2f}s")
+    print(f"  total: one {one_wall:.2f} s, batch of {n} {batch_wall:.2f} s = {batch_wall / one_wall:.2f}x the time of one "
+          f"({n * one_wall / batch_wall:.2f}x the samples per second)")
+
+    print(f"\n3. {label}: stream {args.seconds:g} s")
+    first, first_second, total = first_audio(lm, args.seconds, args.device)
+    print(f"  first chunk after {first:.2f} s, first second of audio after {first_second:.2f} s, all {args.seconds:g} s after {total:.2f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=10.0, help="audio of the timed full generation (default 10)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio of each timed generation (default 10)")
     ap.add_argument("--samples", type=int, default=4, help="samples in the batch comparison (default 4)")
-    ap.add_argument("--batch-seconds", type=float, default=2.0, help="audio per sample in the batch comparison (default 2)")
+    ap.add_argument("--batch-seconds", type=float, default=None, help="audio per sample in the batch comparison (default: --seconds)")
+    ap.add_argument("--presets", nargs="+", default=None, help="small and/or large (default: small on CPU, small large on CUDA)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    args.batch_seconds = args.batch_seconds or args.seconds
     torch.set_num_threads(args.threads)
-    batch_seconds = args.batch_seconds
-
-    t0 = time.perf_counter()
-    lm = random_small_model(args.device)
-    c = lm.stages["semantic"].cfg.model
-    print(f"generation benchmark: preset small at random weights, {c.n_layers} layers x {c.d_model} per stage, "
-          f"{torch.get_num_threads()} CPU threads, device {args.device}; built in {time.perf_counter() - t0:.0f} s")
-    for name, st in lm.stages.items():
-        lay = st.layout
-        print(f"  {lay.describe()}; window {lay.window_seconds:g} s, {st.model.num_parameters() / 1e6:.0f} M parameters")
-    s = lm._settings(None, None, None, None)
-    print(f"  guidance {s['semantic'].cfg_scale:g} on semantic and coarse (2 rows per sample), none on fine")
-    lm.generate_with_details(PROMPT, 0.2, seed=123)  # warm-up (allocator, thread pool), not timed
-
-    print(f"\n1. one sample of {args.seconds:g} s, KV cache")
-    g, wall = run(lm, args.seconds, 1, seed=0)
-    audio_s = g.audio.shape[1] / g.sample_rate
-    for name in STAGES:
-        wins = [w for w in g.windows if w.stage == name]
-        levels = lm.stages[name].layout.target_levels
-        tokens = sum(w.end - w.known for w in wins) * levels
-        t = g.timings[name]
-        print(f"  {name:>8}: {t:7.1f} s  {len(wins):3d} windows  {tokens:6d} tokens sampled  {1000 * t / tokens:6.1f} ms/token")
-    for k in ("prompts", "decode", "score"):
-        print(f"  {k:>8}: {g.timings[k]:7.1f} s")
-    print(f"  total {wall:.1f} s for {audio_s:.2f} s of audio: real-time factor {wall / audio_s:.2f} (wall s per audio s)")
-
-    n = args.samples
-    print(f"\n2. {n} samples of {batch_seconds:g} s: one batch vs {n} single runs")
-    gb, batch_wall = run(lm, batch_seconds, n, seed=1)
-    singles = [run(lm, batch_seconds, 1, seed=10 + i) for i in range(n)]
-    single_wall = sum(w for _, w in singles)
-    print(f"  {'':>8}  {'batch of ' + str(n):>12}  {str(n) + ' single runs':>14}")
-    for k in (*STAGES, "decode", "score"):
-        print(f"  {k:>8}  {gb.timings[k]:11.1f}s  {sum(s.timings[k] for s, _ in singles):13.1f}s")
-    print(f"  {'total':>8}  {batch_wall:11.1f}s  {single_wall:13.1f}s   -> the batch costs {batch_wall / single_wall:.2f} of {n} runs "
-          f"({single_wall / batch_wall:.2f}x faster); {batch_wall / n / batch_seconds:.2f} wall s per audio s per sample")
+    presets = args.presets or (["small", "large"] if args.device.startswith("cuda") else ["small"])
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"generation benchmark on {args.device} ({where}), torch {torch.__version__}")
+    for preset in presets:
+        bench_preset(preset, args)
     print(f"\nload average at the end (1/5/15 min): {' / '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
           f"(other work on the machine skews wall times)")
 

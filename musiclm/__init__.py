@@ -6,12 +6,7 @@ so ``import musiclm`` stays cheap for the command line.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("musiclm")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+from musiclm.version import __version__
 
 __all__ = ["MusicLM", "__version__"]
 

@@ -133,7 +133,7 @@ def generate(
     coarse: Optional[Path] = typer.Option(None, "--coarse", help="Coarse run folder (overrides --model)."),
     fine: Optional[Path] = typer.Option(None, "--fine", help="Fine run folder (overrides --model)."),
     seconds: float = typer.Option(10.0, "--seconds", help="Seconds of new audio (a --prompt-audio is not included)."),
-    out: Path = typer.Option(Path("out.wav"), "--out", help="Audio file (FILE-0, FILE-1 ... with --keep > 1); settings go to FILE.json."),
+    out: Path = typer.Option(Path("out.wav"), "--out", help="Audio file (FILE-0, FILE-1 ... with --keep > 1); settings go to FILE.json. '-': a WAV stream on stdout."),
     num_samples: Optional[int] = typer.Option(None, "--num-samples", min=1, help="Samples generated as one batch (default from the config)."),
     keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Keep the best by CLAP text-audio score (default from the config)."),
     cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale"),
@@ -147,9 +147,11 @@ def generate(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence per token (slow; for checks)."),
     fmt: Optional[str] = typer.Option(None, "--format", help="wav or flac (default: the suffix of --out, else wav)."),
     device: Optional[str] = typer.Option(None, "--device"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or int8 (default: bf16 on a GPU, int8 on a CPU)."),
+    stream: bool = typer.Option(False, "--stream", help="Write audio as it is made (one sample; with --out - for a player on a pipe)."),
 ) -> None:
     """Generate music from text with three trained stages."""
-    from musiclm.generation import run_generate
+    from musiclm.generate_command import run_generate
 
     run_generate(
         prompts,
@@ -172,6 +174,8 @@ def generate(
         use_cache=not no_cache,
         fmt=fmt,
         device=device,
+        precision=precision,
+        stream=stream,
     )
 
 

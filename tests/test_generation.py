@@ -8,6 +8,7 @@ re-ranking, continuation, cache) holds for any weights.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import musiclm.generation as generation
+import musiclm.generation.stages as stages
 from musiclm.cli import main
 from musiclm.config import STAGES, load_config
-from musiclm.generation import MusicLM, output_paths, plan_windows
+from musiclm.generate_command import output_paths
+from musiclm.generation import MusicLM, plan_windows
 from musiclm.metrics import clap_audio_embeddings
 from tests.factories import torch_threads
 
@@ -47,20 +49,22 @@ def model_dir(tokenized, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lm(model_dir) -> MusicLM:
-    return MusicLM.from_pretrained(model_dir, device="cpu")
+    """fp32: int8's activation scales follow each call's input, so its cached and recomputed steps round
+    differently (the command's tests run the default, int8)."""
+    return MusicLM.from_pretrained(model_dir, device="cpu", precision="fp32")
 
 
 @pytest.fixture
 def calls(monkeypatch) -> list[dict]:
     """Every sample_target call generation makes: the stage and what it fed (prefix, guidance, primer)."""
     seen: list[dict] = []
-    real = generation.sample_target
+    real = stages.sample_target
 
     def recording(model, layout, prefix, n_target, **kw):
         seen.append({"stage": layout.stage, "layout": layout, "prefix": prefix.numpy().copy(), "n_target": n_target, **kw})
         return real(model, layout, prefix, n_target, **kw)
 
-    monkeypatch.setattr(generation, "sample_target", recording)
+    monkeypatch.setattr(stages, "sample_target", recording)
     return seen
 
 
@@ -72,7 +76,7 @@ def test_import_musiclm_is_cheap_and_exports_musiclm_lazily():
     code = "import sys, musiclm; assert 'torch' not in sys.modules; print(musiclm.__version__, musiclm.MusicLM.__module__)"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root).stdout.split()
-    assert out[1] == "musiclm.generation" and out[0]
+    assert out[1] == "musiclm.generation.model" and out[0]
 
 
 # ---- windows ---------------------------------------------------------------------------------------------------------
@@ -342,6 +346,9 @@ def error_of(capsys, *args) -> str:
         (["x", "--format", "mp3"], "--format must be wav or flac"),
         (["x", "--temperature", "1", "--temperature", "2"], "1 value"),
         (["x", "--top-p", "0"], "--top-p"),
+        (["x", "--stream", "--num-samples", "2"], "--stream plays one sample"),
+        (["x", "--out", "-", "--keep", "2", "--num-samples", "2"], "--out - writes one WAV stream"),
+        (["x", "--precision", "fp8"], "fp8"),
     ],
 )
 def test_bad_generate_options_are_one_line_errors(capsys, model_dir, args, words):
@@ -370,3 +377,78 @@ def test_unreadable_prompt_audio_is_a_one_line_error(capsys, model_dir, tmp_path
     bad.write_text("not audio")
     assert "cannot read the prompt audio" in error_of(capsys, "generate", "x", "--model", model_dir, "--prompt-audio", bad)
     assert "cannot read the prompt audio" in error_of(capsys, "generate", "x", "--model", model_dir, "--prompt-audio", tmp_path / "missing.wav")
+
+
+# ---- streaming -------------------------------------------------------------------------------------------------------
+def test_streamed_chunks_join_to_exactly_the_generated_audio(lm):
+    """Stream and generate run the same windows with the same per-window random numbers and decode in
+    the same chunks; several chunks come, the first before the whole run is done."""
+    kw = {"cfg_scale": 2.0, "seed": 4}
+    run = lm.stream("a calm piano", 3.3, **kw)
+    chunks = list(run)
+    g = lm.generate_with_details("a calm piano", 3.3, num_samples=1, **kw)
+    assert len(chunks) >= 3 and all(c.ndim == 1 for c in chunks)
+    assert np.array_equal(np.concatenate(chunks), g.audio[0])
+    assert np.array_equal(run.generation.acoustic, g.acoustic) and np.array_equal(run.generation.semantic, g.semantic)
+    assert run.generation.timings["first_audio"] < sum(v for k, v in run.generation.timings.items() if k in (*STAGES, "decode"))
+
+
+def test_window_order_does_not_change_the_tokens(lm):
+    """Windows interleave across stages; each draws from its own generator, so running every semantic
+    window, then every coarse one, then every fine one gives the same tokens."""
+    from musiclm.generation.stages import resolve_settings, sample_window
+    from musiclm.generation.windows import plan_stage
+
+    g = lm.generate_with_details("a calm piano", 3.3, num_samples=2, cfg_scale=2.0, seed=5)
+    order = [w.stage for w in g.windows]
+    assert order != sorted(order, key=STAGES.index)  # the run did interleave
+    ticks = -(-g.acoustic.shape[-1] // lm.per_tick["acoustic"])
+    streams = {
+        "semantic": np.full((2, ticks * lm.per_tick["semantic"]), -1, dtype=np.int64),
+        "acoustic": np.full((2, lm.info.acoustic.levels, ticks * lm.per_tick["acoustic"]), -1, dtype=np.int64),
+    }
+    clap_codes, _ = lm.tokenizer.text_tokens(["a calm piano"])
+    settings = resolve_settings(lm.stages, None, None, None, 2.0)
+    for name in STAGES:  # stage after stage, as generation ran before streaming
+        layout = lm.stages[name].layout
+        for w in plan_stage(layout, lm.tick, streams[layout.target.stream].shape[-1], 0, 1, None, 0):
+            sample_window(lm.stages[name], streams, w, clap_codes, settings[name], 5)
+    assert np.array_equal(streams["semantic"][:, : g.semantic.shape[1]], g.semantic)
+    assert np.array_equal(streams["acoustic"][:, :, : g.acoustic.shape[2]], g.acoustic)
+
+
+def test_stream_continues_prompt_audio_and_story_mode_streams(lm, tmp_path):
+    from musiclm.pipeline.audio import write_audio
+    from musiclm.pipeline.synth import synth_clip
+
+    prompt_audio = tmp_path / "prompt.wav"
+    write_audio(prompt_audio, synth_clip("chord", 2.0, 24000, seed=5), 24000)
+    kw = {"prompt_audio": prompt_audio, "every": 1.0, "seed": 2}
+    streamed = np.concatenate(list(lm.stream(["a calm piano", "fast drums"], 2.4, **kw)))
+    whole, _ = lm.generate(["a calm piano", "fast drums"], 2.4, num_samples=1, **kw)
+    assert streamed.shape == (samples_for(lm, 2.4),) and np.array_equal(streamed, whole)
+
+
+def test_progress_counts_seconds_of_audio_per_stage(lm):
+    seen: dict[str, list[tuple[float, float]]] = {}
+    lm.generate_with_details("a calm piano", 4.5, num_samples=1, seed=0, progress=lambda s, d, t: seen.setdefault(s, []).append((d, t)))
+    assert set(seen) == set(STAGES)
+    for stage, calls in seen.items():
+        done = [d for d, _ in calls]
+        assert done == sorted(done) and len(calls) >= 2, stage
+        assert 4.5 <= calls[-1][0] == calls[-1][1] < 4.5 + 0.04 + 1e-9  # whole ticks of 40 ms: at most one past the end
+
+
+def test_out_dash_streams_a_wav_that_a_reader_takes_from_a_pipe(model_dir, lm):
+    """``--out - --stream``: a WAV stream on stdout (read here from the pipe as a player would), the
+    messages on stderr."""
+    import io
+
+    cmd = [sys.executable, "-m", "musiclm", "generate", "a calm piano", "--model", str(model_dir), "--seconds", "1.3", "--out", "-", "--stream", "--device", "cpu", "--precision", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the threads of this module's lm: the same float rounding
+    done = subprocess.run(cmd, capture_output=True, check=True, timeout=600, cwd=Path(__file__).resolve().parents[1], env=env)
+    audio, rate = sf.read(io.BytesIO(done.stdout), dtype="float32")
+    assert rate == lm.sample_rate and audio.shape == (samples_for(lm, 1.3),) and np.abs(audio).max() > 0
+    assert b"to stdout" in done.stderr and b"first audio after" in done.stderr
+    whole, _ = lm.generate("a calm piano", 1.3, num_samples=1)
+    assert np.abs(audio - np.clip(whole, -1, 1)).max() <= 2 / 32767  # 16-bit PCM of the same audio

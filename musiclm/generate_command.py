@@ -1,0 +1,251 @@
+"""``musiclm generate``: the command's glue around :class:`~musiclm.generation.MusicLM`.
+
+Checks every argument before a model is loaded, writes the kept samples (WAV or
+FLAC files plus a JSON sidecar of settings, scores and timings), streams with
+``--stream`` (chunks written as they are made) and writes a WAV stream to stdout
+with ``--out -`` for a player to read from a pipe; all messages then go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from musiclm.errors import UserError
+from musiclm.generation.model import MusicLM, Progress, _check_prompt_audio, _prompt_list, check_request
+from musiclm.generation.stages import temperatures
+from musiclm.version import __version__
+
+FORMATS = ("wav", "flac")
+STDOUT = "-"
+
+
+def output_paths(out: str | Path, fmt: str | None, keep: int) -> tuple[list[Path], Path, str]:
+    """Audio files (FILE.wav, or FILE-0.wav, FILE-1.wav ... for keep > 1), the sidecar FILE.json and the format.
+
+    The format is ``fmt``, else the suffix of ``out`` (.wav or .flac), else wav.
+    """
+    out = Path(out)
+    suffix = out.suffix.lower().lstrip(".")
+    if fmt is None:
+        if suffix and suffix not in FORMATS:
+            raise UserError(f"cannot write {out}: musiclm writes .wav or .flac (or pass --format wav|flac)")
+        fmt = suffix or "wav"
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be wav or flac, got '{fmt}'")
+    base = out.with_suffix("") if suffix in FORMATS else out
+    files = [base.with_name(f"{base.name}.{fmt}")] if keep == 1 else [base.with_name(f"{base.name}-{i}.{fmt}") for i in range(keep)]
+    return files, base.with_name(f"{base.name}.json"), fmt
+
+
+def run_generate(
+    prompts: list[str],
+    *,
+    model: str | Path | None = None,
+    semantic: str | Path | None = None,
+    coarse: str | Path | None = None,
+    fine: str | Path | None = None,
+    seconds: float = 10.0,
+    out: str | Path = "out.wav",
+    num_samples: int | None = None,
+    keep: int | None = None,
+    cfg_scale: float | None = None,
+    temperature: float | Sequence[float] | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    prompt_audio: str | Path | None = None,
+    every: float | None = None,
+    coarse_only: bool = False,
+    use_cache: bool = True,
+    fmt: str | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    stream: bool = False,
+) -> list[Path]:
+    """``musiclm generate``: write the kept samples as audio files plus a JSON sidecar; returns the audio paths
+    (none for ``out="-"``, a WAV stream on stdout).
+
+    Stage run folders come from ``--semantic/--coarse/--fine``, else ``model``/<stage>. Every
+    argument is checked before a model is loaded.
+    """
+    from musiclm.models.precision import check_precision
+
+    prompts = _prompt_list(prompts)
+    to_stdout = str(out) == STDOUT
+    check_request(prompts, seconds, num_samples, keep, every, top_k, top_p, cfg_scale, stream=stream)
+    if to_stdout and ((keep or 1) > 1 or fmt not in (None, "wav")):
+        raise UserError("--out - writes one WAV stream to stdout: drop --keep above 1 and --format flac, or write to a file")
+    temperatures(temperature)
+    if precision is not None:
+        check_precision(precision)
+    if not to_stdout:
+        output_paths(out, fmt, 1)  # the format, before any work
+    if prompt_audio is not None:
+        _check_prompt_audio(prompt_audio)
+    runs: dict[str, Path | None] = {}
+    for name, given in (("semantic", semantic), ("coarse", coarse), ("fine", fine)):
+        path = Path(given) if given is not None else (Path(model) / name if model is not None else None)
+        if name == "fine" and coarse_only:
+            path = None
+        elif path is None or not path.exists():
+            where = f"{path} does not exist" if path is not None else f"pass --model DIR holding {name}/ or --{name} RUN"
+            raise UserError(f"no {name} stage: {where}" + ("" if name != "fine" else " (or generate with --coarse-only)"))
+        runs[name] = path
+    tokenizer = Path(model) / "tokenizer" if model is not None and (Path(model) / "tokenizer").is_dir() else None
+    say = _Say(to_stdout)
+
+    t0 = time.perf_counter()
+    lm = MusicLM.from_runs(runs["semantic"], runs["coarse"], runs["fine"], tokenizer=tokenizer, device=device, precision=precision)
+    load_s = time.perf_counter() - t0
+    kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only)
+    samples = lm.stages["coarse"].layout.frames_of("acoustic", seconds) * lm.hop
+    with _ProgressDisplay() as progress:
+        if stream:
+            run = lm.stream(prompts, seconds, progress=progress, **kw)
+            files = [] if to_stdout else output_paths(out, fmt, 1)[0]
+            with _AudioSink(out, fmt, lm.sample_rate, samples) as sink:
+                for chunk in run:
+                    sink(chunk)
+            g = run.generation
+        else:
+            g = lm.generate_with_details(prompts, seconds, num_samples=num_samples, keep=keep, use_cache=use_cache, progress=progress, **kw)
+            if to_stdout:
+                files = []
+                with _AudioSink(out, fmt, lm.sample_rate, samples) as sink:
+                    sink(g.audio[0])
+            else:
+                from musiclm.pipeline.audio import write_audio
+
+                files, _, kind = output_paths(out, fmt, len(g.kept))
+                for path, audio in zip(files, g.audio):
+                    write_audio(path, audio, g.sample_rate, kind)
+
+    record = {
+        "musiclm": __version__,
+        "prompts": g.prompts,
+        "every": g.every,
+        "seconds": seconds,
+        "seed": seed,
+        "num_samples": len(g.scores),
+        "keep": len(g.kept),
+        "coarse_only": coarse_only,
+        "use_cache": use_cache,
+        "streamed": stream,
+        "device": str(lm.device),
+        "precision": lm.precision,
+        "cuda_graphs": lm.cuda_graphs,
+        "sample_rate": g.sample_rate,
+        "samples": samples,
+        "acoustic_frames": samples // lm.hop,
+        "outputs": [{"file": str(p), "sample": i, "clap_score": float(g.scores[i])} for p, i in zip(files or [STDOUT], g.kept)],
+        "clap_scores": [float(s) for s in g.scores],
+        "stages": {
+            name: {
+                "run": str(lm.stages[name].run) if lm.stages[name].run else None,
+                **vars(s),
+                "windows": sum(w.stage == name for w in g.windows),
+                "window_seconds": lm.stages[name].layout.window_seconds,
+            }
+            for name, s in g.settings.items()
+        },
+        "tokenizer": {"fingerprint": lm.info.fingerprint, "path": str(lm.tokenizer_path) if lm.tokenizer_path else None},
+        "prompt_audio": None
+        if prompt_audio is None
+        else {
+            "path": str(prompt_audio),
+            "seconds_used": g.prompt_seconds,
+            "continues_at": g.continues_at,
+            "included_in_output": False,  # the files hold only the new music (see musiclm.generation.model)
+        },
+        "timings": {"load": load_s, **g.timings},
+    }
+    audio_s = samples / g.sample_rate
+    work_s = sum(v for k, v in g.timings.items() if k != "first_audio")
+    stage_times = ", ".join(f"{k} {v:.1f} s" for k, v in g.timings.items() if k != "first_audio")
+    if to_stdout:
+        say(f"wrote {audio_s:.2f} s at {g.sample_rate} Hz to stdout (CLAP score {g.scores[0]:.3f})")
+    else:
+        _, sidecar, _ = output_paths(out, fmt, len(g.kept))
+        sidecar.parent.mkdir(parents=True, exist_ok=True)
+        sidecar.write_text(json.dumps(record, indent=2) + "\n")
+        for p, i in zip(files, g.kept):
+            say(f"wrote {p}  ({audio_s:.2f} s at {g.sample_rate} Hz, CLAP score {g.scores[i]:.3f}, sample {i} of {len(g.scores)})")
+    first = f"; first audio after {g.timings['first_audio']:.1f} s" if stream and "first_audio" in g.timings else ""
+    where = "" if to_stdout else f"settings in {sidecar}; "
+    say(f"{where}{stage_times} (real-time factor {work_s / audio_s:.2f}, {lm.precision}{first})")
+    return files
+
+
+class _Say:
+    """Messages for the user: stdout, unless stdout carries the audio (then stderr)."""
+
+    def __init__(self, audio_on_stdout: bool):
+        self.file = sys.stderr if audio_on_stdout else sys.stdout
+
+    def __call__(self, line: str) -> None:
+        print(line, file=self.file, flush=True)
+
+
+class _AudioSink:
+    """Writes audio chunks as they come: a WAV stream on stdout for ``out="-"``, else the output file
+    (WAV or FLAC, the header finished when it closes). Used as ``with _AudioSink(...) as write: write(chunk)``."""
+
+    def __init__(self, out: str | Path, fmt: str | None, sample_rate: int, samples: int):
+        self.out, self.fmt, self.sample_rate, self.samples = out, fmt, sample_rate, samples
+
+    def __enter__(self):
+        from musiclm.pipeline.audio import WavStream
+
+        if str(self.out) == STDOUT:
+            self.writer = WavStream(sys.stdout.buffer, self.sample_rate, self.samples)
+        else:
+            import soundfile as sf
+
+            path, _, kind = output_paths(self.out, self.fmt, 1)
+            path[0].parent.mkdir(parents=True, exist_ok=True)
+            self.writer = sf.SoundFile(path[0], "w", self.sample_rate, 1, format=kind.upper(), subtype="PCM_16")
+        return self._write
+
+    def _write(self, chunk) -> None:
+        import numpy as np
+
+        self.writer.write(np.clip(chunk, -1.0, 1.0))
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+
+class _ProgressDisplay:
+    """A rich progress bar per stage on a terminal (stderr), in seconds of audio; nothing otherwise."""
+
+    def __enter__(self) -> Progress | None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            self.bar = None
+            return None
+        from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+        self.bar = RichProgress(
+            TextColumn("{task.description:>8}"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:.1f} s of audio"), TimeElapsedColumn(), console=console
+        )  # fmt: skip
+        self.tasks: dict[str, int] = {}
+        self.bar.start()
+
+        def update(stage: str, done: float, total: float) -> None:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.bar.add_task(stage, total=total)
+            self.bar.update(self.tasks[stage], completed=done)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
