@@ -154,8 +154,8 @@ def test_actors_share_a_gpu_with_a_fraction_per_worker():
 
 
 def test_the_tokenizer_imports_without_audio_io_ray_or_faiss():
-    """The GPU machines have torch but none of soundfile, soxr, ray or faiss: the tokenizer (and
-    benchmarks/gpu_check.py with it) must still import there."""
+    """The GPU machines have torch but none of soundfile, soxr, ray or faiss: the tokenizer, generation
+    and the benchmarks meant for those machines (gpu_check.py, bench_generate.py) must still import there."""
     import subprocess
     import sys
 
@@ -167,6 +167,9 @@ def test_the_tokenizer_imports_without_audio_io_ray_or_faiss():
         "            raise ImportError('absent: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "from musiclm.pipeline.tokenizer import Tokenizer\n"
+        "import runpy, musiclm.generation, musiclm.generate_command\n"
+        "for script in ('benchmarks/gpu_check.py', 'benchmarks/bench_generate.py'):\n"
+        "    runpy.run_path(script, run_name='imported')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
     assert proc.returncode == 0, proc.stderr
