@@ -12,8 +12,13 @@ FOLDER a few audio files. Each part is timed and reported even if another fails:
    the code agreement of each against fp32 and of batch 1 against batched;
 2. training: `musiclm train` on cuda (bf16 autocast) for a few tiny steps, and the
    `small` transformer's training step in bf16 against fp32 (tokens/s);
-3. generation: tiny stages trained on cuda, then `MusicLM.generate` on cuda
-   (exact length, KV cache == full recomputation).
+3. generation: tiny stages trained on cuda, then `MusicLM.generate` on cuda, today's
+   path (fp32, a launch per kernel) against the default (bf16, CUDA graphs); stream ==
+   generate; the captured steps of the `small` coarse stage against the ordinary ones
+   (logits, greedy tokens, ms per step).
+
+The full generation benchmark on the GPU is one more command:
+`python benchmarks/bench_generate.py --device cuda --seconds 10`.
 """
 
 from __future__ import annotations
@@ -274,23 +279,74 @@ def train_small() -> dict:
 
 @part("generate_tiny_cuda")
 def generate(work: Path) -> dict:
+    """Trained tiny stages on cuda: today's path (fp32, a launch per kernel) against the default
+    (bf16, decode steps captured as CUDA graphs); stream == generate; captured == uncaptured steps."""
     from musiclm.generation import MusicLM
 
-    m = MusicLM.from_runs(semantic=work / "semantic", coarse=work / "coarse", fine=work / "fine", device=DEVICE)
-    sync()
-    t0 = time.perf_counter()
-    audio, sr = m.generate("a calm piano over soft rain", seconds=8.0, num_samples=2, keep=1, seed=0)
-    sync()
-    dt = time.perf_counter() - t0
-    a2, _ = m.generate("a calm piano over soft rain", seconds=3.0, seed=3, use_cache=True)
-    a3, _ = m.generate("a calm piano over soft rain", seconds=3.0, seed=3, use_cache=False)
+    prompt = "a calm piano over soft rain"
+    runs = dict(semantic=work / "semantic", coarse=work / "coarse", fine=work / "fine", device=DEVICE)
+    out: dict = {}
+    graphs = DEVICE == "cuda"
+    for label, kw in (("fp32_eager", {"precision": "fp32", "cuda_graphs": False}), ("default", {"cuda_graphs": graphs})):
+        m = MusicLM.from_runs(**runs, **kw)
+        m.generate(prompt, seconds=2.0, seed=9)  # warm-up: graph capture, allocator
+        sync()
+        t0 = time.perf_counter()
+        g = m.generate_with_details(prompt, seconds=8.0, num_samples=2, keep=1, seed=0)
+        sync()
+        out[label] = {"precision": m.precision, "cuda_graphs": m.cuda_graphs, "wall_s": round(time.perf_counter() - t0, 2),
+                      "timings": {k: round(v, 3) for k, v in g.timings.items()}, "finite": bool(np.isfinite(g.audio).all()),
+                      "samples": int(g.audio.shape[1]), "expected_samples": round(8.0 * 75) * g.sample_rate // 75}  # fmt: skip
+    chunks = list(m.stream(prompt, seconds=4.0, seed=3))
+    whole, _ = m.generate(prompt, seconds=4.0, num_samples=1, seed=3)
+    out["stream_equals_generate"] = bool(np.array_equal(np.concatenate(chunks), whole))
+    # fp32, greedy: the captured fixed-shape steps against the ordinary steps
+    greedy = {}
+    for captured in (False, graphs):
+        m = MusicLM.from_runs(**runs, precision="fp32", cuda_graphs=captured)
+        greedy[captured] = m.generate_with_details(prompt, seconds=3.0, temperature=0.0, num_samples=1, seed=1)
+    out["greedy_captured_equals_eager"] = {
+        "semantic": bool(np.array_equal(greedy[False].semantic, greedy[graphs].semantic)),
+        "acoustic_share_equal": float((greedy[False].acoustic == greedy[graphs].acoustic).mean()),
+    }
+    out["captured_logits"] = captured_logit_check()
+    return out
+
+
+def captured_logit_check() -> dict:
+    """The small coarse stage at random weights (fp32, TF32 off): teacher-forced logits of the captured
+    steps against one uncaptured pass, greedy tokens against the ordinary steps, and ms per step."""
+    from bench_generate import random_parts
+
+    from musiclm.models.sampling import sample_target
+    from musiclm.models.static_sampling import SamplerSettings, StaticSampler
+
+    tok, stages = random_parts("small", DEVICE)
+    st = stages["coarse"]
+    model, layout = st.model.eval(), st.layout
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rng = np.random.default_rng(0)
+    prefix = torch.from_numpy(rng.integers(0, layout.target_offset(0), size=(1, layout.prefix_len)))
+    n = 300 if QUICK else layout.target.length
+    logits: list[torch.Tensor] = []
+    sampler = StaticSampler(model, layout, 1, SamplerSettings(greedy=True), capture=DEVICE == "cuda")
+    ids = sampler.sample(prefix, n, logits_out=logits).cpu()
+    with torch.inference_mode():
+        hidden = model(torch.cat([prefix, ids], dim=1).to(DEVICE))
+        ref = torch.stack([model.logits(hidden[:, prefix.shape[1] + j - 1], int(layout.target_level(j))).float().cpu() for j in range(n)])
+    ordinary = sample_target(model, layout, prefix, n, greedy=True).cpu()
+    timings = {}
+    for label, fn in (("captured", lambda: sampler.sample(prefix, n)), ("ordinary", lambda: sample_target(model, layout, prefix, n, greedy=True))):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        timings[label] = round(1000 * (time.perf_counter() - t0) / n, 3)
     return {
-        "seconds": 8.0,
-        "samples": len(audio),
-        "expected_samples": round(8.0 * 75) * sr // 75,
-        "wall_s": round(dt, 2),
-        "finite": bool(np.isfinite(audio).all()),
-        "cache_equals_recompute": bool(np.array_equal(a2, a3)),
+        "max_abs_logit_diff": float((torch.stack(logits) - ref).abs().max()),
+        "greedy_tokens_equal": bool(torch.equal(ids, ordinary)),
+        "first_difference": int((ids != ordinary).nonzero()[0, 1]) if not torch.equal(ids, ordinary) else None,
+        "ms_per_step": timings,
     }
 
 

@@ -329,3 +329,16 @@ def test_captured_cuda_graph_steps_match_the_uncaptured_ones(layout, prefixes):
         assert torch.equal(captured, eager)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_samplers_are_reused_per_batch_and_settings_and_the_least_recent_dropped(model, layout):
+    from musiclm.models.static_sampling import KEEP_SAMPLERS, sampler_for
+
+    cache: dict = {}
+    first = sampler_for(model, layout, 3, SamplerSettings(greedy=True), False, cache)
+    assert sampler_for(model, layout, 3, SamplerSettings(greedy=True), False, cache) is first
+    assert sampler_for(model, layout, 2, SamplerSettings(greedy=True), False, cache) is not first
+    for t in range(KEEP_SAMPLERS):
+        sampler_for(model, layout, 1, SamplerSettings(temperature=0.5 + t), False, cache)
+        sampler_for(model, layout, 3, SamplerSettings(greedy=True), False, cache)  # kept: used again and again
+    assert len(cache) == KEEP_SAMPLERS and first in cache.values()

@@ -39,6 +39,9 @@ from musiclm.models.sampling import draw_noise, pick
 from musiclm.models.transformer import MusicTransformer
 
 
+KEEP_SAMPLERS = 12  # samplers kept per MusicLM: every stage of a few batch sizes and settings
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """How a sampler draws; a captured graph bakes these in."""
@@ -175,8 +178,11 @@ class StaticSampler:
 
 def sampler_for(model: MusicTransformer, layout: StageLayout, rows: int, settings: SamplerSettings, capture: bool, cache: dict) -> StaticSampler:
     """The sampler of ``(model, rows, settings)`` from ``cache`` (a dict the caller keeps), made on first use:
-    a captured sampler is reused by every window and every call with the same batch and settings."""
+    a captured sampler is reused by every window and every call with the same batch and settings. The
+    cache keeps the :data:`KEEP_SAMPLERS` most recently used (each holds a KV cache and its graphs)."""
     key = (id(model), rows, settings, capture)
-    if key not in cache:
-        cache[key] = StaticSampler(model, layout, rows, settings, capture)
-    return cache[key]
+    sampler = cache.pop(key, None) or StaticSampler(model, layout, rows, settings, capture)
+    cache[key] = sampler  # the most recently used last
+    while len(cache) > KEEP_SAMPLERS:
+        cache.pop(next(iter(cache)))
+    return sampler
