@@ -73,12 +73,6 @@ def random_parts(preset: str, device: str, seed: int = 0) -> tuple[Tokenizer, di
     return tok, stages
 
 
-def random_small_model(device: str = "cpu", seed: int = 0, precision: str | None = None) -> MusicLM:
-    """The small preset at random weights: backbones, quantizer arrays and stages, all in memory."""
-    tok, stages = random_parts("small", device, seed)
-    return MusicLM(tok, stages, precision=precision)
-
-
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()

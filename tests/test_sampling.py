@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from musiclm.models.layout import StageLayout
-from musiclm.models.sampling import choose, filter_logits, sample_target
+from musiclm.models.sampling import draw_noise, filter_logits, pick, sample_target
 from musiclm.models.static_sampling import SamplerSettings, StaticSampler
 from tests.factories import fake_info, fake_sample
 from tests.test_transformer import memorised_windows, one_thread, tiny_model, train_tiny  # noqa: F401 (one_thread: autouse fixture)
@@ -68,13 +68,15 @@ def test_draws_follow_the_tempered_softmax():
     probs = torch.tensor([0.7, 0.2, 0.1])
     logits = probs.log().expand(40_000, 3)
     g = torch.Generator().manual_seed(0)
-    freq = torch.bincount(choose(logits, generator=g), minlength=3).float() / 40_000
-    assert torch.allclose(freq, probs, atol=0.01)
+
+    def draws(**kw) -> torch.Tensor:
+        return torch.bincount(pick(logits, draw_noise(g, 1, 40_000, 3, "cpu")[0], **kw), minlength=3)
+
+    assert torch.allclose(draws().float() / 40_000, probs, atol=0.01)
     tempered = probs.sqrt() / probs.sqrt().sum()  # temperature 2: p^(1/2), renormalised
-    freq = torch.bincount(choose(logits, temperature=2.0, generator=g), minlength=3).float() / 40_000
-    assert torch.allclose(freq, tempered, atol=0.01)
-    freq = torch.bincount(choose(logits, top_k=1, generator=g), minlength=3)
-    assert freq.tolist() == [40_000, 0, 0]
+    assert torch.allclose(draws(temperature=2.0).float() / 40_000, tempered, atol=0.01)
+    assert draws(top_k=1).tolist() == [40_000, 0, 0]
+    assert torch.bincount(pick(logits, None), minlength=3).tolist() == [40_000, 0, 0]  # no noise: greedy
 
 
 # ---- sampling from a model -----------------------------------------------------------------------

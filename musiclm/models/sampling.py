@@ -93,22 +93,6 @@ def pick(
     return (probs / noise).argmax(dim=-1)
 
 
-def choose(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    greedy: bool = False,
-) -> torch.Tensor:
-    """One code per row of ``logits`` [B, K] -> [B] int64, drawing this step's noise from ``generator``
-    (no draw when greedy or ``temperature <= 0``); see :func:`pick`."""
-    greedy = greedy or temperature <= 0
-    noise = None if greedy else draw_noise(generator, 1, logits.shape[0], logits.shape[-1], logits.device)[0]
-    return pick(logits, noise, temperature=temperature, top_k=top_k, top_p=top_p)
-
-
 class _CachedSteps:
     """Feeds new tokens through the model, keeping earlier positions in a KV cache."""
 
