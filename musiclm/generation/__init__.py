@@ -13,8 +13,8 @@ By role:
 The command's glue (``musiclm generate``) is :mod:`musiclm.generate_command`.
 """
 
-from musiclm.generation.model import Generation, MusicLM, check_request
+from musiclm.generation.model import Generation, GenerationRun, MusicLM, check_request
 from musiclm.generation.stages import Stage, StageSettings
 from musiclm.generation.windows import Window, plan_windows
 
-__all__ = ["Generation", "MusicLM", "Stage", "StageSettings", "Window", "check_request", "plan_windows"]
+__all__ = ["Generation", "GenerationRun", "MusicLM", "Stage", "StageSettings", "Window", "check_request", "plan_windows"]

@@ -346,7 +346,7 @@ class MusicLM:
         """:meth:`generate` returning a :class:`Generation`: the kept audio [K, samples], every sample's
         tokens and score, the windows sampled, the resolved settings and timings. ``progress`` is
         called after every window."""
-        run = _Run(
+        run = GenerationRun(
             self, prompt, seconds, num_samples=num_samples, keep=keep, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only, use_cache=use_cache,
             progress=progress, stream=False,
@@ -369,7 +369,7 @@ class MusicLM:
         every: float | None = None,
         coarse_only: bool = False,
         progress: Progress | None = None,
-    ) -> _Run:
+    ) -> GenerationRun:
         """Music for ``prompt`` as it is made: iterate the result for float32 audio chunks [samples] at
         :attr:`sample_rate`, each as soon as its fine tokens are sampled and decoded. The chunks
         joined are exactly :meth:`generate`'s audio for the same arguments and seed (one sample).
@@ -378,7 +378,7 @@ class MusicLM:
             for chunk in lm.stream("a calm piano over soft rain", seconds=30):
                 player.write(chunk)
         """
-        return _Run(
+        return GenerationRun(
             self, prompt, seconds, num_samples=1, keep=1, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only, use_cache=True, progress=progress, stream=True,
         )  # fmt: skip
@@ -426,7 +426,7 @@ class MusicLM:
         return (emb * text[None]).sum(-1).mean(-1)
 
 
-class _Run:
+class GenerationRun:
     """One generation, run window by window; iterating it yields audio chunks [N, samples] (streamed:
     [samples]) as the last stage finishes frames. ``generation`` is set once the iteration ends."""
 
