@@ -6,6 +6,7 @@
       → decode, segment, resample a planned batch        CPU tasks (one row per batch)
       → tokenize the batch                               actor pool holding the Tokenizer (1 GPU each if any)
       → ShardWriter (driver)                             shards/, stats/, errors/
+    corpus manifest (driver, once the plan is known)   manifest.json, manifest.parquet
 
 The batch plan is the driver's: whole files, in listing order, up to
 ``tokenize.batch_seconds`` of audio per batch (a longer file is a batch of its
@@ -20,6 +21,12 @@ Resume: finished shards and errors files name the files that are done
 so a batch is either all done or not started, and a rerun of the same command
 runs the same batches that are left, which give the same tokens. A lock file
 keeps a second run out of the same folder.
+
+Manifest: the probe tasks also hash each file they probe (size and sha256 go
+into plan.parquet with the duration), and the driver writes the corpus manifest
+(:mod:`musiclm.pipeline.manifest`) as soon as the plan is known: every file of
+the corpus, and every file an earlier run finished even if it has left the
+corpus since, since its tokens are still in the shards.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
+from musiclm.pipeline.manifest import FileFacts, check_paths_mode, file_digest, write_manifest
 from musiclm.shards.format import TokenSample, file_key, sample_key
 from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, next_shard_index, partial_keys
 
@@ -402,8 +410,9 @@ def plan_batches(files: list[tuple[str, float]], batch_seconds: float, first: in
 
 
 def _probe_rows(batch: dict[str, np.ndarray], *, corpus: str, min_seconds: float) -> dict[str, list]:
-    """Probe a block of files: their duration, or why they cannot be tokenized."""
-    out: dict[str, list] = {"rel": [], "seconds": [], "error": []}
+    """Probe a block of files: their duration, or why they cannot be tokenized; and their size and sha256
+    for the corpus manifest (None when the file cannot be read)."""
+    out: dict[str, list] = {"rel": [], "seconds": [], "error": [], "bytes": [], "sha256": []}
     with _quiet_stderr():
         for rel in batch["rel"]:
             rel = str(rel)
@@ -414,16 +423,35 @@ def _probe_rows(batch: dict[str, np.ndarray], *, corpus: str, min_seconds: float
                     error = f"too short: {seconds:.2f} s (minimum {min_seconds:g} s)"
             except Exception as e:  # noqa: BLE001 - recorded in errors/, never fatal for the run
                 error = _reason(e)
+            try:
+                size, sha = file_digest(Path(corpus) / rel)
+            except OSError:
+                size, sha = None, None
             out["rel"].append(rel)
             out["seconds"].append(float(seconds))
             out["error"].append(error)
+            out["bytes"].append(size)
+            out["sha256"].append(sha)
     return out
 
 
 def _plan_schema():
     import pyarrow as pa
 
-    return pa.schema([("rel", pa.string()), ("seconds", pa.float64()), ("error", pa.string()), ("batch", pa.int64())])
+    return pa.schema([("rel", pa.string()), ("seconds", pa.float64()), ("error", pa.string()), ("batch", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
+
+
+def _read_plan(out: Path) -> dict[str, tuple[float, str, int, int | None, str | None]]:
+    """{rel: (seconds, error, batch, bytes, sha256)} of ``out/plan.parquet``; digests are None in a plan
+    written before plans kept them."""
+    import pyarrow.parquet as pq
+
+    path = out / PLAN_FILE
+    if not path.is_file():
+        return {}
+    t = pq.read_table(path)
+    cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in ("rel", "seconds", "error", "batch", "bytes", "sha256")]
+    return {r[0]: tuple(r[1:]) for r in zip(*cols)}
 
 
 def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig) -> dict[str, tuple[float, str, int]]:
@@ -431,29 +459,26 @@ def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeCo
     be tokenized. Files planned by an earlier run keep their batches (``out/plan.parquet``), so a
     resumed run runs the same batches; new files are probed (Ray tasks) and planned after them."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path = out / PLAN_FILE
-    planned: dict[str, tuple[float, str, int]] = {}
-    if path.is_file():
-        t = pq.read_table(path)
-        planned = {r: (s, e, b) for r, s, e, b in zip(*(t.column(c).to_pylist() for c in ("rel", "seconds", "error", "batch")))}
+    planned = _read_plan(out)
     new = [f for f in files if f not in planned]
     if new:
         ds = ray.data.from_items([{"rel": r} for r in new], override_num_blocks=max(1, min(len(new) // 64, 512)))
         probed = ds.map_batches(_probe_rows, fn_kwargs=dict(corpus=str(corpus), min_seconds=tcfg.audio.min_seconds), batch_size=64, num_cpus=1, batch_format="numpy")
-        found = {row["rel"]: (row["seconds"], row["error"]) for row in probed.iter_rows()}
-        first = max((b for _, _, b in planned.values()), default=-1) + 1
+        found = {row["rel"]: (row["seconds"], row["error"], row["bytes"], row["sha256"]) for row in probed.iter_rows()}
+        first = max((v[2] for v in planned.values()), default=-1) + 1
         good = [(r, found[r][0]) for r in new if not found[r][1]]
         for number, members in plan_batches(good, tcfg.batch_seconds, first):
             for rel, seconds in members:
-                planned[rel] = (seconds, "", number)
+                planned[rel] = (seconds, "", number, *found[rel][2:])
         for r in new:
             if found[r][1]:
-                planned[r] = (found[r][0], found[r][1], -1)
-        rows = {"rel": list(planned), "seconds": [v[0] for v in planned.values()], "error": [v[1] for v in planned.values()], "batch": [v[2] for v in planned.values()]}
+                planned[r] = (found[r][0], found[r][1], -1, *found[r][2:])
+        names = ("seconds", "error", "batch", "bytes", "sha256")
+        rows = {"rel": list(planned), **{n: [v[i] for v in planned.values()] for i, n in enumerate(names)}}
         atomic.write_parquet(pa.Table.from_pydict(rows, schema=_plan_schema()), path)
-    return {f: planned[f] for f in files}
+    return {f: planned[f][:3] for f in files}
 
 
 def _decoded(ray, batches: dict[int, list[tuple[str, float]]], corpus: Path, tcfg: TokenizeConfig, rates: tuple[int, ...], done: frozenset):
@@ -624,9 +649,13 @@ def run_tokenize(
     gpus_per_worker: float | None = None,
     shard_size: int | None = None,
     batch_seconds: float | None = None,
+    manifest_paths: str = "names",
     console=None,
 ) -> TokenizeSummary:
-    """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring)."""
+    """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring).
+
+    ``manifest_paths``: how the corpus manifest names files, "names" (relative paths) or "hashed"
+    (sha256 of each relative path; see :mod:`musiclm.pipeline.manifest`)."""
     from rich.console import Console
 
     from musiclm.pipeline.tokenizer import tokenizer_folder
@@ -637,6 +666,7 @@ def run_tokenize(
         raise UserError("give --preset/--config to fit a tokenizer, or --tokenizer to reuse one")
     if tokenizer_dir is not None and not Path(tokenizer_dir).exists():
         raise UserError(f"--tokenizer folder not found: {tokenizer_dir}")
+    check_paths_mode(manifest_paths)
     abs_files = audio_files_in(corpus, "corpus")
     _check_out(out)
     if address:
@@ -652,6 +682,10 @@ def run_tokenize(
         finished = settled.intersection(files)
         pending = [f for f in files if f not in finished]
         summary = TokenizeSummary(len(files), len(finished), 0, 0.0, 0, 0, 0.0, out)
+
+        def manifest() -> None:  # after the plan: a killed run leaves a manifest of every file it may have tokenized
+            _write_manifest(console, corpus, out, set(files) | settled, manifest_paths)
+
         plan = None
         if pending and record is None:
             from musiclm.pipeline.fit_plan import backbone_facts, check_backbones
@@ -664,10 +698,26 @@ def run_tokenize(
                 res = _resources(ray, workers, gpus_per_worker)
                 if plan is not None:
                     _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res)
-                _tokenize_all(ray, console, files, pending, corpus, out, dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled), res, summary)
+                opts = dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled, manifest=manifest)
+                _tokenize_all(ray, console, files, pending, corpus, out, opts, res, summary)
+        else:
+            manifest()
     summary.elapsed = time.time() - t0
     _print_summary(console, summary)
     return summary
+
+
+def _write_manifest(console, corpus: Path, out: Path, names: set[str], paths: str) -> None:
+    """The corpus manifest of the files ``names``, from what the plan knows of them (digests the plan lacks are
+    computed by :func:`~musiclm.pipeline.manifest.write_manifest`)."""
+    planned = _read_plan(out)
+    facts = {}
+    for rel in names:
+        p = planned.get(rel)
+        facts[rel] = FileFacts(p[3], p[4], p[0], p[1] or "") if p is not None else FileFacts(None, None, None, "")
+    summary = write_manifest(out, corpus, facts, paths=paths, console=console)
+    lic = len(summary["licences"])
+    console.print(f"manifest: {summary['files']} files, {lic} licence file{'s' if lic != 1 else ''}, sha256 {summary['manifest_sha256'][:12]} ({out / 'manifest.json'})")
 
 
 def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Path, out: Path, opts: dict[str, Any], res: Resources, summary: TokenizeSummary) -> None:
@@ -683,6 +733,8 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     if opts.get("batch_seconds"):
         tcfg = dataclasses.replace(tcfg, batch_seconds=opts["batch_seconds"])
     plan = _batch_plan(ray, files, corpus, out, tcfg)
+    if opts.get("manifest"):
+        opts["manifest"]()
     rates = tuple(sorted({int(s["sample_rate"]) for s in info.raw["streams"].values()}))
     writer = ShardWriter(out, info, 1 << 62, next_shard_index(out))  # closed here, between batches
     batches: dict[int, list[tuple[str, float]]] = {}

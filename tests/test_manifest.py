@@ -1,0 +1,237 @@
+"""The corpus manifest: every file ``musiclm tokenize`` read, with its size, content hash and duration, the
+licence files of the corpus, the command, and a hash of it all that names the corpus wherever it travels."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from musiclm.errors import UserError
+from musiclm.pipeline.audio import probe
+from musiclm.pipeline.manifest import (
+    FileFacts,
+    carry_manifest,
+    check_manifest,
+    check_paths_mode,
+    find_licences,
+    read_file_table,
+    read_manifest,
+    write_manifest,
+)
+from musiclm.version import __version__
+from tests.conftest import make_test_corpus
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def quiet():
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """Three "audio" files (bytes only: the manifest does not decode) and licence files in several places."""
+    root = tmp_path / "corpus"
+    (root / "album" / "disc 1").mkdir(parents=True)
+    (root / "a.wav").write_bytes(b"RIFF" + bytes(range(200)))
+    (root / "album" / "disc 1" / "b.flac").write_bytes(b"fLaC" * 1000)
+    (root / "album" / "c.mp3").write_bytes(b"ID3" * 7)
+    (root / "LICENSE").write_text("\n\n  Creative Commons Attribution 4.0 International  \nfull text\n")
+    (root / "album" / "COPYING.txt").write_text("GNU GENERAL PUBLIC LICENSE\n")
+    (root / "album" / "c.mp3.license").write_text("SPDX-License-Identifier: CC0-1.0\n")
+    (root / "album" / "notes.txt").write_text("not a licence")
+    (root / ".git").mkdir()
+    (root / ".git" / "LICENSE").write_text("hidden folders are skipped, as the audio listing skips them")
+    return root
+
+
+def facts_of(corpus: Path) -> dict[str, FileFacts]:
+    return {
+        "a.wav": FileFacts(None, None, 3.5, ""),  # digests unknown: the manifest computes them
+        "album/disc 1/b.flac": FileFacts(4000, sha(corpus / "album" / "disc 1" / "b.flac"), 12.0, ""),
+        "album/c.mp3": FileFacts(None, None, 0.5, "too short: 0.50 s (minimum 1 s)"),
+    }
+
+
+# ---- the manifest itself (no Ray) --------------------------------------------------------------------------------------
+
+
+def test_manifest_lists_files_with_sizes_hashes_durations_and_licence_files(corpus, tmp_path):
+    out = tmp_path / "tokens"
+    out.mkdir()
+    summary = write_manifest(out, corpus, facts_of(corpus), command=["musiclm", "tokenize", str(corpus), "--out", str(out)], console=quiet())
+    table = read_file_table(out).to_pylist()
+    assert [r["path"] for r in table] == ["a.wav", "album/c.mp3", "album/disc 1/b.flac"]
+    for r in table:
+        assert r["sha256"] == sha(corpus / r["path"]) and r["bytes"] == (corpus / r["path"]).stat().st_size
+    assert {r["path"]: (r["seconds"], r["error"]) for r in table}["album/c.mp3"] == (0.5, "too short: 0.50 s (minimum 1 s)")
+    assert [(lic["path"], lic["first_line"]) for lic in summary["licences"]] == [
+        ("LICENSE", "Creative Commons Attribution 4.0 International"),
+        ("album/COPYING.txt", "GNU GENERAL PUBLIC LICENSE"),
+        ("album/c.mp3.license", "SPDX-License-Identifier: CC0-1.0"),
+    ]
+    assert all(lic["sha256"] == sha(corpus / lic["path"]) for lic in summary["licences"])
+    assert summary == read_manifest(out)
+    assert summary["musiclm_version"] == __version__ and summary["command"][:2] == ["musiclm", "tokenize"]
+    assert (summary["files"], summary["failed"], summary["seconds"]) == (3, 1, 15.5)  # a refused file's seconds do not count
+    assert summary["bytes"] == sum(r["bytes"] for r in table) and summary["corpus"] == str(corpus.resolve())
+    assert summary["formats"] == {".flac": 1, ".mp3": 1, ".wav": 1}
+    assert check_manifest(out) == summary["manifest_sha256"]
+
+
+def test_hashed_paths_name_no_file_and_no_folder(corpus, tmp_path):
+    out = tmp_path / "private-out"
+    out.mkdir()
+    facts = facts_of(corpus)
+    facts["album/c.mp3"] = facts["album/c.mp3"]._replace(error=f"cannot decode: {corpus.resolve()}/album/c.mp3 is odd")
+    summary = write_manifest(out, corpus, facts, paths="hashed", command=["musiclm", "tokenize", str(corpus), f"--out={out}", "--preset", "tiny"], console=quiet())
+    written = (out / "manifest.json").read_bytes() + (out / "manifest.parquet").read_bytes()
+    for secret in (b"disc 1", b"b.flac", b"c.mp3", b"album", b"COPYING", b"private-out", str(tmp_path).encode()):
+        assert secret not in written, secret
+    keys = read_file_table(out).column("path").to_pylist()
+    assert sorted(keys) == keys == sorted(hashlib.sha256(r.encode()).hexdigest() for r in facts)
+    assert summary["command"] == ["musiclm", "tokenize", "<path>", "--out=<path>", "--preset", "tiny"]
+    assert summary["corpus"] is None and summary["paths"] == "hashed"
+    # whoever holds the corpus can still check a file against it
+    assert hashlib.sha256(b"album/c.mp3").hexdigest() in keys
+    assert check_manifest(out) == summary["manifest_sha256"]
+
+
+def test_manifest_hash_covers_the_corpus_not_the_run(corpus, tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    facts = facts_of(corpus)
+    h1 = write_manifest(a, corpus, facts, command=["x"], console=quiet())["manifest_sha256"]
+    shuffled = dict(reversed(list(facts.items())))
+    h2 = write_manifest(b, corpus, shuffled, command=["another", "command"], console=quiet())["manifest_sha256"]
+    assert h1 == h2, "order, command and time are not content"
+    (corpus / "album" / "c.mp3").write_bytes(b"ID3 changed")
+    assert write_manifest(c, corpus, facts, command=["x"], console=quiet())["manifest_sha256"] != h1
+    (corpus / "LICENSE").write_text("All rights reserved\n")
+    h4 = write_manifest(c, corpus, facts, command=["x"], console=quiet())["manifest_sha256"]
+    (corpus / "LICENSE").write_text("\n\n  Creative Commons Attribution 4.0 International  \nfull text\n")
+    (corpus / "album" / "c.mp3").write_bytes(b"ID3" * 7)
+    assert write_manifest(c, corpus, facts, command=["x"], console=quiet())["manifest_sha256"] == h1 != h4
+    assert write_manifest(c, corpus, facts, paths="hashed", console=quiet())["manifest_sha256"] != h1
+
+
+def test_a_changed_table_fails_the_check(corpus, tmp_path):
+    write_manifest(tmp_path, corpus, facts_of(corpus), console=quiet())
+    t = pq.read_table(tmp_path / "manifest.parquet")
+    shas = t.column("sha256").to_pylist()
+    shas[0] = "0" * 64
+    pq.write_table(t.set_column(t.schema.get_field_index("sha256"), "sha256", pa.array(shas)), tmp_path / "manifest.parquet")
+    with pytest.raises(UserError, match="does not match its table"):
+        check_manifest(tmp_path)
+
+
+def test_licence_files_are_found_by_name_only(corpus):
+    names = [lic["path"] for lic in find_licences(corpus)]
+    assert names == ["LICENSE", "album/COPYING.txt", "album/c.mp3.license"]
+
+
+def test_carry_manifest_copies_the_summary_and_drops_a_stale_one(corpus, tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir(), run.mkdir()
+    summary = write_manifest(data, corpus, facts_of(corpus), console=quiet())
+    carry_manifest(data, run)
+    assert read_manifest(run) == summary
+    assert not (run / "manifest.parquet").exists(), "the summary travels; the file table stays with the data"
+    carry_manifest(tmp_path / "old-data-without-manifest", run)
+    assert read_manifest(run) is None
+
+
+def test_paths_setting_is_checked_in_one_line(tmp_path):
+    assert check_paths_mode("hashed") == "hashed"
+    with pytest.raises(UserError, match="--manifest-paths must be 'names' or 'hashed'"):
+        check_paths_mode("secret")
+    from musiclm.pipeline.tokenize_job import run_tokenize
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.wav").write_bytes(b"")
+    with pytest.raises(UserError, match="--manifest-paths"):
+        run_tokenize(tmp_path / "c", tmp_path / "out", None, tokenizer_dir=tmp_path, manifest_paths="secret")
+    assert not (tmp_path / "out").exists(), "refused before anything is written"
+
+
+# ---- through musiclm tokenize (Ray) --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tokenize_writes_the_manifest_of_the_corpus(tokenized, audio_corpus):
+    out, proc = tokenized
+    root, files = audio_corpus
+    summary = read_manifest(out)
+    rows = {r["path"]: r for r in read_file_table(out).to_pylist()}
+    assert sorted(rows) == sorted(files["good"] + files["bad"])
+    for rel in files["good"]:
+        assert rows[rel]["sha256"] == sha(root / rel) and rows[rel]["bytes"] == (root / rel).stat().st_size
+        assert rows[rel]["seconds"] == pytest.approx(probe(root / rel).duration) and rows[rel]["error"] == ""
+    assert all(rows[rel]["error"] for rel in files["bad"])
+    assert summary["failed"] == len(files["bad"]) and summary["licences"] == []
+    assert summary["command"][:3] == ["musiclm", "tokenize", str(root)] and summary["musiclm_version"] == __version__
+    assert check_manifest(out) == summary["manifest_sha256"]
+    assert f"sha256 {summary['manifest_sha256'][:12]}" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_resumed_tokenize_keeps_the_manifest_right(tokenized, tmp_path, monkeypatch):
+    """Files added since are included, files done before are kept (even once gone from the corpus), and the
+    driver reads no file again: the probe tasks hashed each file once, and the plan kept it."""
+    from musiclm.pipeline import manifest
+    from musiclm.pipeline.tokenize_job import run_tokenize
+
+    hashed_by_driver: list[str] = []
+    real_digest = manifest.file_digest
+    monkeypatch.setattr(manifest, "file_digest", lambda path: hashed_by_driver.append(Path(path).name) or real_digest(path))
+
+    tok, _ = tokenized
+    root = tmp_path / "corpus"
+    first = make_test_corpus(root, n_files=3, seed=11, bad=False)["good"]
+    (root / "LICENSE.md").write_text("# CC-BY-4.0\n")
+    out = tmp_path / "out"
+    run_tokenize(root, out, None, tokenizer_dir=tok / "tokenizer", console=quiet())
+    assert sorted(r["path"] for r in read_file_table(out).to_pylist()) == first
+
+    extra = tmp_path / "extra"
+    made = make_test_corpus(extra, n_files=2, seed=12, bad=False)["good"]
+    added = [f"new/{rel}" for rel in made]
+    for rel in made:
+        (root / "new" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / "new" / rel).write_bytes((extra / rel).read_bytes())
+    gone = first[0]
+    gone_sha = sha(root / gone)
+    (root / gone).unlink()
+    summary = run_tokenize(root, out, None, tokenizer_dir=tok / "tokenizer", manifest_paths="names", console=quiet())
+    assert summary.clips > 0, "the added files were tokenized"
+    rows = {r["path"]: r for r in read_file_table(out).to_pylist()}
+    assert sorted(rows) == sorted(first + added)
+    assert rows[gone]["sha256"] == gone_sha, "a file done before keeps its record after it left the corpus"
+    for rel in added + first[1:]:
+        assert rows[rel]["sha256"] == sha(root / rel)
+    assert [lic["path"] for lic in read_manifest(out)["licences"]] == ["LICENSE.md"]
+    assert hashed_by_driver == ["LICENSE.md", "LICENSE.md"], "only licence files are hashed on the driver"
+
+    # a folder tokenized before plans kept digests: the manifest hashes what the plan lacks
+    plan = pq.read_table(out / "plan.parquet").drop_columns(["bytes", "sha256"])
+    pq.write_table(plan, out / "plan.parquet")
+    (out / "manifest.json").unlink()
+    run_tokenize(root, out, None, tokenizer_dir=tok / "tokenizer", manifest_paths="hashed", console=quiet())
+    assert len(hashed_by_driver) == 2 + 1 + len(first) - 1 + len(added), "the files the plan lacks digests of (but the gone one)"
+    hashed = {r["path"]: r for r in read_file_table(out).to_pylist()}
+    key = hashlib.sha256(added[0].encode()).hexdigest()
+    assert hashed[key]["sha256"] == sha(root / added[0]) and hashed[key]["seconds"] == rows[added[0]]["seconds"]
+    gone_key = hashlib.sha256(gone.encode()).hexdigest()
+    assert hashed[gone_key]["sha256"] is None and read_manifest(out)["unhashed"] == 1
+    assert json.loads((out / "manifest.json").read_text())["paths"] == "hashed"
