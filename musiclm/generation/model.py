@@ -245,6 +245,7 @@ class MusicLM:
         folder recorded in a stage's run.json. Fingerprints are checked before the tokenizer's
         backbones are loaded.
         """
+        from musiclm.hub import stage_source
         from musiclm.training.checkpoint import run_folder
         from musiclm.training.trainer import _pick_device, load_stage
 
@@ -257,19 +258,31 @@ class MusicLM:
             path = Path(path)
             if not path.exists():
                 raise UserError(f"the {name} stage {path} does not exist: pass a run folder written by musiclm train {name}")
-            model, layout, cfg, _ = load_stage(path, device=dev)
-            stages[name] = Stage(model, layout, cfg, run_folder(path))
+            source = stage_source(path)  # a pushed or pulled stage has weights but no training state
+            model, layout, cfg, _ = load_stage(source, device=dev)
+            stages[name] = Stage(model, layout, cfg, run_folder(source))
         fingerprint = _check_stages(stages)
         folder = Path(tokenizer) if tokenizer is not None else _find_tokenizer([st.run for st in stages.values()], fingerprint)
         return cls(Tokenizer.load(folder, device=str(dev)), stages, tokenizer_path=folder, precision=precision, cuda_graphs=cuda_graphs)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None, precision: str | None = None, cuda_graphs: bool | None = None) -> MusicLM:
-        """``folder`` holds the run folders semantic/, coarse/ and fine/ (fine may be missing for
-        coarse-only use) and optionally tokenizer/."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise UserError(f"model folder {folder} does not exist: it should hold semantic/, coarse/ and fine/ run folders")
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        device: str | torch.device | None = None,
+        precision: str | None = None,
+        cuda_graphs: bool | None = None,
+        *,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> MusicLM:
+        """A local model folder, or a hub repo id ``owner/name`` pulled at ``revision`` (a branch, tag or commit
+        sha; None: main) through the Hugging Face cache (:func:`musiclm.hub.resolve_model`). The folder holds
+        the run folders semantic/, coarse/ and fine/ (fine may be missing for coarse-only use) and optionally
+        tokenizer/. A pulled tokenizer that would run remote code needs ``trust_remote_code=True``."""
+        from musiclm.hub import resolve_model
+
+        folder = resolve_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         runs = {}
         for name in STAGES:
             if (folder / name).exists():
