@@ -101,6 +101,11 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Fine-tune: start from this run's weights (a run or checkpoint folder of the same stage and tokenizer), fresh optimizer, step 0."
+    ),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", min=1, help="With --init-from: train a LoRA adapter of this rank; the base stays frozen, checkpoints hold the adapter."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scale numerator: the update is alpha/rank * B A (default: alpha = rank)."),
 ) -> None:
     """Train one stage from cached tokens (no backbone is loaded)."""
     from musiclm.training.trainer import run_train
@@ -122,7 +127,21 @@ def train(
         resume=resume,
         compile=compile,
         device=device,
+        init_from=init_from,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
     )
+
+
+@app.command()
+def merge(
+    adapter_run: Path = typer.Argument(..., help="An adapter run (musiclm train --lora-rank) or one of its checkpoints."),
+    out: Path = typer.Option(..., "--out", help="The full stage run folder to write."),
+) -> None:
+    """Fold a LoRA adapter into its base: a stage run folder that no longer needs the base."""
+    from musiclm.training.trainer import merge_run
+
+    merge_run(adapter_run, out)
 
 
 @app.command()

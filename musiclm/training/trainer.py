@@ -9,10 +9,22 @@ A run folder ``RUN`` (``--out``) holds::
     metrics.jsonl       one JSON object per logged step: "step", "train/loss", "train/lr", "val/loss", ...
     tb/                 the same scalars for TensorBoard
 
+Fine-tuning (``init_from``): the run starts from another run's weights (same
+stage, model and stage config, same tokenizer) with a fresh optimizer at step 0;
+run.json names that checkpoint by path and sha256 (``init_from``). With a LoRA
+rank (lora.py) the base stays frozen and only the adapter trains; checkpoints
+then hold ``adapter.safetensors`` (the adapter's tensors) and the optimizer state
+of those tensors, and :func:`load_stage` returns the base with the adapter merged,
+so an adapter run stands wherever a stage run does. :func:`merge_run` writes it
+out as a full stage run.
+
 Optimisation: AdamW with weight decay on the matrices of the linear layers
 (attention, MLP, output heads) only; the embedding table and the RMSNorm gains
 are not decayed (the table holds ids that are rare or unused in a batch, such
 as the null and pad ids, which decay would pull towards zero for no reason).
+Nor are LoRA adapters: decay on ``A`` and ``B`` penalises their norms, not the
+update ``B A`` they make, and would only pull a fine-tune back towards its base
+at a rate set by the rank.
 The learning rate warms up linearly over ``warmup_steps`` and then follows a
 cosine down to ``lr * min_lr_ratio`` at ``steps``; gradients are clipped to
 ``grad_clip`` (global norm) and accumulated over ``grad_accum`` micro-batches.
@@ -57,6 +69,7 @@ from musiclm.models.layout import StageLayout, layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
 from musiclm.training import checkpoint as ckpt
+from musiclm.training import lora
 from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loader, split_data, val_batches
 
 RUN_FILE = "run.json"
@@ -144,13 +157,15 @@ def _all_mean(values: list[float], d: Dist) -> list[float]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: linear-layer matrices decay; embeddings and norm gains do not (see the module docstring)."""
+    """AdamW groups of the trainable parameters: linear-layer matrices decay; embeddings, norm gains
+    and LoRA adapters do not (see the module docstring)."""
     decay, no_decay = [], []
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            (decay if isinstance(module, nn.Linear) and name == "weight" else no_decay).append(p)
+            decayed = isinstance(module, nn.Linear) and name == "weight" and not lora.is_adapter(module_name)
+            (decay if decayed else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -244,16 +259,28 @@ def _first_difference(old: Any, new: Any, where: str = "") -> str:
 
 def check_resumable(run: dict[str, Any], stage: str, cfg: Config, info: TokenInfo, out: Path) -> None:
     """Refuse to continue a run of another stage, model, stage config or tokenizer (UserError)."""
+    _check_same_stage(run, stage, cfg, info, str(out), "choose another --out")
+
+
+def check_base(run: dict[str, Any], stage: str, cfg: Config, info: TokenInfo, base: Path) -> None:
+    """Refuse to fine-tune from a run of another stage, model, stage config or tokenizer (UserError)."""
+    _check_same_stage(run, stage, cfg, info, f"--init-from {base}", "choose another --init-from")
+
+
+def _check_same_stage(run: dict[str, Any], stage: str, cfg: Config, info: TokenInfo, what_run: str, other: str) -> None:
     if run.get("stage") != stage:
-        raise UserError(f"{out} is a run of stage '{run.get('stage')}', not '{stage}'; choose another --out")
+        raise UserError(f"{what_run} is a run of stage '{run.get('stage')}', not '{stage}'; {other}")
     if run.get("fingerprint") != info.fingerprint:
-        raise UserError(f"{out} was trained on tokens of another tokenizer (fingerprint {run.get('fingerprint')}, data has {info.fingerprint}); choose another --out")
+        raise UserError(
+            f"{what_run} was trained on tokens of another tokenizer (fingerprint {run.get('fingerprint')}, data has {info.fingerprint}); "
+            f"tokenize the data with that run's tokenizer (musiclm tokenize --tokenizer) or {other}"
+        )
     old_cfg = run.get("config", {})
     for what, new in (("model", to_dict(cfg.model)), (f"stages.{stage}", to_dict(cfg.stages.get(stage)))):
         old = old_cfg.get("model") if what == "model" else old_cfg.get("stages", {}).get(stage)
         if old != _jsonable(new):
             diff = _first_difference(old, _jsonable(new), what)
-            raise UserError(f"{out} was trained with another config ({diff}); pass the run's --preset/--config or choose another --out")
+            raise UserError(f"{what_run} was trained with another config ({diff}); pass the run's --preset/--config or {other}")
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -366,18 +393,33 @@ def run_train(
     resume: bool = False,
     compile: bool = False,
     device: str | None = None,
+    init_from: str | Path | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
 ) -> Path:
     """Train ``stage`` on the tokenized folder ``data`` into the run folder ``out``; returns ``out``.
 
     Keyword arguments left ``None`` come from ``cfg.train``. With ``resume`` the
     run continues from its latest checkpoint (or starts, when it has none);
     without it, a run folder that already has checkpoints is refused. ``cfg``
-    None means the run's own config when resuming, else the ``small`` preset.
+    None means the run's own config when resuming, else the config of the
+    ``init_from`` run, else the ``small`` preset.
+
+    ``init_from`` (a run or checkpoint folder of the same stage, model and tokenizer) starts
+    from its weights with a fresh optimizer at step 0; with ``lora_rank`` only a LoRA adapter
+    of that rank trains (``lora_alpha`` default: the rank), and the base stays frozen. A
+    resumed run keeps the base and adapter it started with (passing them again is allowed).
     Under torchrun (``WORLD_SIZE > 1``) a finished run ends the process instead of returning.
     """
+    run_file = Path(out) / RUN_FILE
+    previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
     if cfg is None:
-        run_file = Path(out) / RUN_FILE
-        cfg = config_from_dict(json.loads(run_file.read_text())["config"]) if resume and run_file.is_file() else load_config("small")
+        if previous is not None:
+            cfg = config_from_dict(previous["config"])
+        elif init_from is not None:
+            cfg = config_from_dict(_read_run(ckpt.run_folder(ckpt.checkpoint_folder(init_from)))["config"])
+        else:
+            cfg = load_config("small")
     stage_cfg = cfg.stages.get(stage)  # UserError for an unknown stage
     overrides = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "seed": seed, "eval_every": eval_every, "save_every": save_every, "num_workers": num_workers}
     tc = dataclasses.replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
@@ -398,12 +440,15 @@ def run_train(
     latest = ckpt.latest_checkpoint(out)
     if latest is not None and not resume:
         raise UserError(f"{out} already holds checkpoints (latest: {latest.name}); pass --resume to continue that run, or choose another --out")
-    if resume and (out / RUN_FILE).is_file():
-        check_resumable(json.loads((out / RUN_FILE).read_text()), stage, cfg, info, out)
+    if previous is not None:
+        check_resumable(previous, stage, cfg, info, out)
+        if latest is not None and previous.get("merged_from"):
+            raise UserError(f"{out} was written by musiclm merge and holds no optimizer state to resume; fine-tune it with --init-from {out} and another --out")
+    start = resolve_start(stage, cfg, info, out, init_from, lora_rank, lora_alpha, previous, latest if resume else None)
 
     d = setup_distributed(device)
     try:
-        _train(stage, data, out, cfg, layout, info, split, val_data, latest if resume else None, d)
+        _train(stage, data, out, cfg, layout, info, split, val_data, latest if resume else None, d, start)
     finally:
         if d.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -412,7 +457,66 @@ def run_train(
     return out
 
 
-def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, val_data, latest: Path | None, d: Dist) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a run's weights come from besides its own checkpoints: the checkpoint it was
+    initialised from (None: random weights) and the adapter it trains (None: every weight)."""
+
+    base: ckpt.CheckpointRef | None = None
+    lora: lora.LoraSpec | None = None
+
+
+def _read_run(run_path: Path) -> dict[str, Any]:
+    if not (run_path / RUN_FILE).is_file():
+        raise UserError(f"{run_path} is not a musiclm run folder (no {RUN_FILE})")
+    return json.loads((run_path / RUN_FILE).read_text())
+
+
+def resolve_start(
+    stage: str,
+    cfg: Config,
+    info: TokenInfo,
+    out: Path,
+    init_from: str | Path | None,
+    lora_rank: int | None,
+    lora_alpha: float | None,
+    previous: dict[str, Any] | None,
+    latest: Path | None,
+) -> Start:
+    """Check ``--init-from``/``--lora-*`` against the base run and against the run being resumed
+    (``previous``: its run.json; ``latest``: its checkpoint, if any). UserError on any mismatch."""
+    if lora_alpha is not None and lora_rank is None and not (previous or {}).get("lora"):
+        raise UserError("--lora-alpha needs --lora-rank")
+    spec = None if lora_rank is None else lora.LoraSpec.make(lora_rank, lora_alpha, cfg.model.d_model)
+    if previous is not None:  # a resumed run keeps its own start; options given again must agree
+        old_spec = lora.LoraSpec.from_json(previous["lora"]) if previous.get("lora") else None
+        if spec is None and lora_alpha is not None and old_spec is not None:
+            spec = lora.LoraSpec.make(old_spec.rank, lora_alpha, cfg.model.d_model)
+        if spec is not None and spec != old_spec:
+            had = f"an adapter of rank {old_spec.rank}, alpha {old_spec.alpha:g}" if old_spec else "every weight (no --lora-rank)"
+            raise UserError(f"{out} trains {had}; resume it with the options it started with, or choose another --out")
+        old_base = ckpt.CheckpointRef.from_json(previous["init_from"]) if previous.get("init_from") else None
+        if init_from is not None:
+            given = ckpt.checkpoint_folder(init_from).resolve()
+            if old_base is None or given != Path(old_base.folder):
+                raise UserError(f"{out} was started from {old_base.folder if old_base else 'random weights'}, not {given}; resume it without --init-from, or choose another --out")
+        start = Start(old_base, old_spec)
+        if start.base is not None and (start.lora is not None or latest is None):
+            start.base.verify(f"the run {out}")  # the base's weights are still needed
+        return start
+    if init_from is None:
+        if spec is not None:
+            raise UserError("--lora-rank trains an adapter on a trained stage: pass --init-from RUN (a run of musiclm train of the same stage)")
+        return Start()
+    folder = ckpt.checkpoint_folder(init_from)
+    base_run = ckpt.run_folder(folder)
+    check_base(_read_run(base_run), stage, cfg, info, Path(init_from))
+    if spec is not None and ckpt.weights_file(folder).name == ckpt.ADAPTER:
+        raise UserError(f"--init-from {init_from} is an adapter run; merge it first (musiclm merge {base_run} --out DIR) and train the adapter on DIR")
+    return Start(ckpt.CheckpointRef.of(folder), spec)
+
+
+def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, val_data, latest: Path | None, d: Dist, start: Start) -> Path:
     tc = cfg.train
     stage_cfg = cfg.stages.get(stage)
     torch.manual_seed(tc.seed + d.rank)
@@ -421,8 +525,16 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
 
     model = MusicTransformer.for_layout(cfg.model, layout)
     state = None
-    if latest is not None:
+    if start.lora is not None:
+        model.load_state_dict(ckpt.load_weights(start.base.folder))
+        lora.add_adapters(model, start.lora)
+        if latest is not None:
+            lora.load_adapter_weights(model, ckpt.load_weights(latest, file=ckpt.ADAPTER), str(latest))
+    elif latest is not None:
         model.load_state_dict(ckpt.load_weights(latest))
+    elif start.base is not None:
+        model.load_state_dict(load_stage(start.base.folder, device="cpu")[0].state_dict())
+    if latest is not None:
         state = ckpt.load_state(latest)
     model.to(d.device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, fused=d.device.type == "cuda")
@@ -449,9 +561,14 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
         step_module = torch.compile(step_module)
 
     if d.main:
-        _prepare_run_folder(out, stage, data, val_data, cfg, layout, info, split, model, d, step, resumed=latest is not None)
+        _prepare_run_folder(out, stage, data, val_data, cfg, layout, info, split, model, d, step, resumed=latest is not None, start=start)
     progress = Progress(d.main, tc.steps, step)
     progress.print(f"{layout.describe()}; {model.num_parameters():,} parameters on {d.device} x {d.world_size}")
+    if start.base is not None:
+        progress.print(f"fine-tuning {start.base.folder} (its step {start.base.step})")
+    if start.lora is not None:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        progress.print(f"LoRA rank {start.lora.rank}, alpha {start.lora.alpha:g} on {', '.join(start.lora.targets)}: {trainable:,} trainable parameters, the base frozen")
     progress.print(f"training: {sum(e.used for e in split.train)} clips in {len(split.train)} shards; {split.how}")
     if latest is not None:
         progress.print(f"resuming from {latest} (step {step})")
@@ -497,7 +614,10 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
                 "best_val": best_val,
                 "log_window": [float(window_sum), window_steps],
             }
-            ckpt.save_checkpoint(out, step, model.state_dict(), state, tc.keep_last)
+            if start.lora is not None:  # the adapter only: the base is named in run.json
+                ckpt.save_checkpoint(out, step, lora.adapter_weights(model), state, tc.keep_last, file=ckpt.ADAPTER)
+            else:
+                ckpt.save_checkpoint(out, step, model.state_dict(), state, tc.keep_last)
 
     def micro_batches() -> Iterator[dict[str, Any]]:
         nonlocal batches_done
@@ -560,7 +680,9 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
     return out
 
 
-def _prepare_run_folder(out: Path, stage: str, data: Path, val_data, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, model: MusicTransformer, d: Dist, step: int, resumed: bool) -> None:
+def _prepare_run_folder(
+    out: Path, stage: str, data: Path, val_data, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, model: MusicTransformer, d: Dist, step: int, resumed: bool, start: Start
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(out)
     old = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else {}
@@ -584,6 +706,9 @@ def _prepare_run_folder(out: Path, stage: str, data: Path, val_data, cfg: Config
             "pad_id": layout.pad_id,
         },
         "parameters": model.num_parameters(),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "init_from": start.base.to_json() if start.base is not None else None,
+        "lora": start.lora.to_json() if start.lora is not None else None,
         "world_size": d.world_size,
         "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")) if resumed else time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -618,19 +743,54 @@ def load_stage(run_dir: str | Path, device: str | torch.device | None = None) ->
 
     Returns ``(model, layout, cfg, info)``: the model in eval mode on ``device``
     (default: cuda if available, else cpu), the stage's sequence layout, the
-    run's config and its tokenizer info. Reads no data folder.
+    run's config and its tokenizer info. Reads no data folder. An adapter run
+    (LoRA) gives its base with the adapter merged in: a plain fp32 model. Its
+    base must be where run.json says and hold the same weights (else UserError).
     """
     path = Path(run_dir)
-    run_path = ckpt.run_folder(path)
-    folder = ckpt.latest_checkpoint(path) if run_path == path else path
-    if folder is None:
-        raise UserError(f"{path} holds no checkpoint: train it with musiclm train, or point at a run folder")
-    if not (run_path / RUN_FILE).is_file():
-        raise UserError(f"{run_path} is not a musiclm run folder (no {RUN_FILE})")
-    run = json.loads((run_path / RUN_FILE).read_text())
+    folder = ckpt.checkpoint_folder(path)
+    run_path = ckpt.run_folder(folder)
+    run = _read_run(run_path)
     cfg = config_from_dict(run["config"])
     info = TokenInfo.from_json(run["tokenizer"])
     layout = layout_for(run["stage"], info, cfg.stages.get(run["stage"]))
     model = MusicTransformer.for_layout(cfg.model, layout)
-    model.load_state_dict(ckpt.load_weights(folder))
+    if run.get("lora"):
+        base = ckpt.CheckpointRef.from_json(run["init_from"]).verify(f"the adapter run {run_path}")
+        model.load_state_dict(ckpt.load_weights(base))
+        model = lora.merged(model, lora.LoraSpec.from_json(run["lora"]), ckpt.load_weights(folder, file=ckpt.ADAPTER), str(folder))
+    else:
+        model.load_state_dict(ckpt.load_weights(folder))
     return model.to(_pick_device(device, local_rank=0)).eval(), layout, cfg, info
+
+
+def merge_run(adapter_run: str | Path, out: str | Path) -> Path:
+    """Write the adapter run ``adapter_run`` (or one of its checkpoints) merged into its base as a full
+    stage run folder ``out``; returns ``out``.
+
+    ``out`` loads with :func:`load_stage`, fine-tunes with ``init_from`` and no longer needs the
+    base. It holds one checkpoint at the adapter's step, without optimizer state (so it cannot be
+    resumed), a copy of the tokenizer, and a run.json that says what was merged (``merged_from``).
+    """
+    folder = ckpt.checkpoint_folder(adapter_run)
+    run_path = ckpt.run_folder(folder)
+    run = _read_run(run_path)
+    out = Path(out)
+    if not run.get("lora"):
+        raise UserError(f"{run_path} is not an adapter run (it was trained without --lora-rank): it is a full stage run already")
+    if out.resolve() == run_path.resolve() or ckpt.latest_checkpoint(out) is not None:
+        raise UserError(f"{out} already holds checkpoints; choose another --out")
+    model, _, _, info = load_stage(folder, device="cpu")
+    step = int(ckpt.load_state(folder)["step"])
+    merged = {k: v for k, v in run.items() if k not in ("lora", "resumed_at_step", "trainable_parameters")}
+    merged["merged_from"] = {"run": str(run_path.resolve()), "checkpoint": folder.name, "step": step, "lora": run["lora"]}
+    merged["parameters"] = model.num_parameters()
+    merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_partial(out)
+    _copy_tokenizer(run_path / "tokenizer", out / "tokenizer", info)
+    atomic.write_text(out / RUN_FILE, json.dumps(merged, indent=2, default=str) + "\n")
+    ckpt.save_checkpoint(out, step, model.state_dict(), {"step": step, "merged_from": str(folder.resolve())}, keep_last=0)
+    spec = lora.LoraSpec.from_json(run["lora"])
+    print(f"merged the rank-{spec.rank} adapter of {folder} into its base {run['init_from']['folder']}: wrote {out}")
+    return out
