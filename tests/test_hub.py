@@ -297,6 +297,18 @@ def test_push_refuses_a_folder_without_a_stage(runs, tmp_path):
         push(runs, "just-a-name")
 
 
+def test_push_refuses_a_lora_adapter_run_until_it_is_merged(runs, tmp_path):
+    """An adapter run's checkpoints hold only its adapter, which needs its base run: pushed alone it would not load."""
+    model = tmp_path / "model"
+    for stage in STAGES:
+        shutil.copytree(runs / stage, model / stage)
+    latest = model / "coarse" / "checkpoints" / (model / "coarse" / "checkpoints" / "latest").read_text().strip()
+    (latest / "model.safetensors").rename(latest / "adapter.safetensors")
+    with pytest.raises(UserError, match="no full weights .* merge it") as e:
+        push(model, REPO)
+    assert "\n" not in str(e.value)
+
+
 # ---- the model card ----------------------------------------------------------------------------------------------------
 
 
