@@ -52,6 +52,9 @@ def tokenize(
     batch_seconds: Optional[float] = typer.Option(
         None, "--batch-seconds", min=1.0, help="Audio per backbone batch, whole files (default from the config; kept for a resumed run)."
     ),
+    manifest_paths: str = typer.Option(
+        "names", "--manifest-paths", help="How the corpus manifest names files: names (relative paths) or hashed (sha256 of each path, for private corpora)."
+    ),
 ) -> None:
     """Turn a folder of music into integer-token shards, once."""
     from musiclm.pipeline.tokenize_job import run_tokenize
@@ -67,6 +70,7 @@ def tokenize(
         gpus_per_worker=None if gpus_per_worker < 0 else gpus_per_worker,
         shard_size=shard_size,
         batch_seconds=batch_seconds,
+        manifest_paths=manifest_paths,
     )
 
 
@@ -168,6 +172,8 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device"),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or int8 (default: bf16 on a GPU, int8 on a CPU)."),
     stream: bool = typer.Option(False, "--stream", help="Write audio as it is made (one sample; with --out - for a player on a pipe)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="With --model OWNER/NAME: the hub branch, tag or commit to pull."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a pulled tokenizer to run code from the hub."),
 ) -> None:
     """Generate music from text with three trained stages."""
     from musiclm.generate_command import run_generate
@@ -195,7 +201,25 @@ def generate(
         device=device,
         precision=precision,
         stream=stream,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
     )
+
+
+@app.command()
+def push(
+    model: Path = typer.Argument(..., help="Folder holding semantic/, coarse/ and fine/ runs (and optionally tokenizer/)."),
+    repo_id: str = typer.Argument(..., help="Hub repository, OWNER/NAME."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (default main)."),
+    token: Optional[str] = typer.Option(None, "--token", help="Hub token (default: the one huggingface_hub finds)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub endpoint (default huggingface.co)."),
+) -> None:
+    """Upload three trained stages (weights only), their tokenizer and a model card to the hub."""
+    from musiclm.hub import push as push_model
+
+    sha = push_model(model, repo_id, revision=revision, token=token, private=private, endpoint=endpoint)
+    print(f"pushed {repo_id} at {sha}: pull exactly this with --model {repo_id} --revision {sha}")
 
 
 @app.command("eval")

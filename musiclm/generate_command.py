@@ -66,12 +66,15 @@ def run_generate(
     device: str | None = None,
     precision: str | None = None,
     stream: bool = False,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[Path]:
     """``musiclm generate``: write the kept samples as audio files plus a JSON sidecar; returns the audio paths
     (none for ``out="-"``, a WAV stream on stdout).
 
-    Stage run folders come from ``--semantic/--coarse/--fine``, else ``model``/<stage>. Every
-    argument is checked before a model is loaded.
+    Stage run folders come from ``--semantic/--coarse/--fine``, else ``model``/<stage>; ``model`` may
+    be a hub repo id (pulled at ``revision``, see :func:`musiclm.hub.resolve_model`). Every argument is
+    checked before a model is loaded.
     """
     from musiclm.models.precision import check_precision
 
@@ -87,6 +90,12 @@ def run_generate(
         output_paths(out, fmt, 1)  # the format, before any work
     if prompt_audio is not None:
         _check_prompt_audio(prompt_audio)
+    if model is not None:
+        from musiclm.hub import resolve_model
+
+        model = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
+    elif revision is not None:
+        raise UserError("--revision pins a hub model: give it with --model OWNER/NAME")
     runs: dict[str, Path | None] = {}
     for name, given in (("semantic", semantic), ("coarse", coarse), ("fine", fine)):
         path = Path(given) if given is not None else (Path(model) / name if model is not None else None)

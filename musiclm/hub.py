@@ -407,7 +407,7 @@ def model_card(runs: str | Path, repo_id: str | None = None) -> str:
     """A model card (README.md with hub metadata) for the model folder ``runs``, written from what the run
     folders know: stages, sizes, steps, held-out losses, the tokenizer and its backbones with their licences as
     their authors state them, the training corpus (its manifest) and its licence files, intended use and limits."""
-    from musiclm.pipeline.manifest import read_manifest
+    from musiclm.shards.manifest import read_manifest
 
     runs = Path(runs)
     stages = _stage_runs(runs)

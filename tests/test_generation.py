@@ -349,6 +349,7 @@ def error_of(capsys, *args) -> str:
         (["x", "--stream", "--num-samples", "2"], "--stream plays one sample"),
         (["x", "--out", "-", "--keep", "2", "--num-samples", "2"], "--out - writes one WAV stream"),
         (["x", "--precision", "fp8"], "fp8"),
+        (["x", "--revision", "main"], "drop --revision"),
     ],
 )
 def test_bad_generate_options_are_one_line_errors(capsys, model_dir, args, words):

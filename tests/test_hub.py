@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+import soundfile as sf
 import pytest
 import torch
 from rich.console import Console
@@ -26,7 +27,7 @@ from musiclm import MusicLM
 from musiclm.config import STAGES, load_config
 from musiclm.errors import UserError
 from musiclm.hub import BACKBONE_LICENCES, model_card, push, push_operations, resolve_model, stage_source
-from musiclm.pipeline.manifest import FileFacts, carry_manifest, read_manifest, write_manifest
+from musiclm.shards.manifest import FileFacts, carry_manifest, read_manifest, write_manifest
 from tests.factories import torch_threads
 
 REPO = "musiclm-tests/tiny"
@@ -40,8 +41,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def runs(tokenized, tmp_path_factory) -> Path:
-    """semantic/, coarse/ and fine/ runs trained for 4 steps each on the session corpus, each carrying its manifest
-    (as the trainer does: carry_manifest(data, run))."""
+    """semantic/, coarse/ and fine/ runs trained for 4 steps each on the session corpus (the trainer
+    carries the corpus manifest into each)."""
     from musiclm.training.trainer import run_train
 
     data, _ = tokenized
@@ -49,8 +50,15 @@ def runs(tokenized, tmp_path_factory) -> Path:
     cfg = load_config("tiny")
     for stage in STAGES:
         run_train(stage, data, root / stage, cfg, steps=4, batch_size=4, eval_every=1000, save_every=1000, device="cpu")
-        carry_manifest(data, root / stage)
     return root
+
+
+def test_every_trained_run_carries_its_corpus_manifest(runs, tokenized):
+    data, _ = tokenized
+    corpus = read_manifest(data)
+    assert corpus is not None and corpus["files"] > 0
+    for stage in STAGES:
+        assert read_manifest(runs / stage) == corpus
 
 
 def materialize(ops, folder: Path) -> Path:
@@ -248,7 +256,10 @@ class LocalHub(BaseHTTPRequestHandler):
         self._send(404, {"error": f"not served: {path}"})
 
 
-def test_push_to_a_local_hub_then_pull_the_commit_back(runs, offline_cache, tmp_path, monkeypatch):
+def test_push_to_a_local_hub_then_pull_the_commit_back(runs, offline_cache, tmp_path, monkeypatch, capsys):
+    """Through the command line: musiclm push, then musiclm generate --model OWNER/NAME --revision SHA."""
+    from musiclm.cli import main
+
     from huggingface_hub import constants
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), LocalHub)
@@ -258,12 +269,13 @@ def test_push_to_a_local_hub_then_pull_the_commit_back(runs, offline_cache, tmp_
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # whatever the client calls goes to this server
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     try:
-        oid = push(runs, REPO, token="hf_local", endpoint=endpoint)
+        main(["push", str(runs), REPO, "--token", "hf_local", "--endpoint", endpoint])
     finally:
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
         server.shutdown()
+    [oid] = list(server.commits)  # one commit
     commit = server.commits[oid]
-    assert list(server.commits) == [oid], "one commit"
+    assert f"pushed {REPO} at {oid}" in capsys.readouterr().out
     assert commit["header"]["summary"].startswith("musiclm ") and "semantic step 4" in commit["header"]["summary"]
     assert {p for p, _ in server.seen} >= {"/api/repos/create", f"/api/models/{REPO}/commit/main"}
     assert all(auth == "Bearer hf_local" for _, auth in server.seen)
@@ -286,6 +298,11 @@ def test_push_to_a_local_hub_then_pull_the_commit_back(runs, offline_cache, tmp_
         a, b = lm.stages[name].model.state_dict(), local.stages[name].model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in b)
     assert read_manifest(Path(lm.stages["semantic"].run)) == read_manifest(runs / "semantic")
+    out = tmp_path / "pulled.wav"
+    main(["generate", "a calm piano", "--model", REPO, "--revision", oid, "--seconds", "0.5", "--out", str(out), "--precision", "fp32", "--seed", "3"])
+    want, _ = local.generate("a calm piano", 0.5, seed=3)
+    got, _ = sf.read(out, dtype="float32")
+    assert got.shape == want.shape and np.abs(got - np.clip(want, -1, 1)).max() < 2 / 32767
 
 
 def test_push_refuses_a_folder_without_a_stage(runs, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import probe
-from musiclm.pipeline.manifest import (
+from musiclm.shards.manifest import (
     FileFacts,
     carry_manifest,
     check_manifest,
@@ -166,6 +166,17 @@ def test_paths_setting_is_checked_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists(), "refused before anything is written"
 
 
+def test_the_command_passes_the_paths_setting_on(tmp_path, capsys):
+    from musiclm.cli import main
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.wav").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        main(["tokenize", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "--tokenizer", str(tmp_path), "--manifest-paths", "secret"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and "--manifest-paths must be 'names' or 'hashed'" in err[0]
+
+
 # ---- through musiclm tokenize (Ray) --------------------------------------------------------------------------------------
 
 
@@ -190,7 +201,7 @@ def test_tokenize_writes_the_manifest_of_the_corpus(tokenized, audio_corpus):
 def test_a_resumed_tokenize_keeps_the_manifest_right(tokenized, tmp_path, monkeypatch):
     """Files added since are included, files done before are kept (even once gone from the corpus), and the
     driver reads no file again: the probe tasks hashed each file once, and the plan kept it."""
-    from musiclm.pipeline import manifest
+    from musiclm.shards import manifest
     from musiclm.pipeline.tokenize_job import run_tokenize
 
     hashed_by_driver: list[str] = []

@@ -24,7 +24,7 @@ keeps a second run out of the same folder.
 
 Manifest: the probe tasks also hash each file they probe (size and sha256 go
 into plan.parquet with the duration), and the driver writes the corpus manifest
-(:mod:`musiclm.pipeline.manifest`) as soon as the plan is known: every file of
+(:mod:`musiclm.shards.manifest`) as soon as the plan is known: every file of
 the corpus, and every file an earlier run finished even if it has left the
 corpus since, since its tokens are still in the shards.
 """
@@ -50,7 +50,7 @@ from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
-from musiclm.pipeline.manifest import FileFacts, check_paths_mode, file_digest, write_manifest
+from musiclm.shards.manifest import FileFacts, check_paths_mode, file_digest, write_manifest
 from musiclm.shards.format import TokenSample, file_key, sample_key
 from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, next_shard_index, partial_keys
 
@@ -655,7 +655,7 @@ def run_tokenize(
     """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring).
 
     ``manifest_paths``: how the corpus manifest names files, "names" (relative paths) or "hashed"
-    (sha256 of each relative path; see :mod:`musiclm.pipeline.manifest`)."""
+    (sha256 of each relative path; see :mod:`musiclm.shards.manifest`)."""
     from rich.console import Console
 
     from musiclm.pipeline.tokenizer import tokenizer_folder
@@ -709,7 +709,7 @@ def run_tokenize(
 
 def _write_manifest(console, corpus: Path, out: Path, names: set[str], paths: str) -> None:
     """The corpus manifest of the files ``names``, from what the plan knows of them (digests the plan lacks are
-    computed by :func:`~musiclm.pipeline.manifest.write_manifest`)."""
+    computed by :func:`~musiclm.shards.manifest.write_manifest`)."""
     planned = _read_plan(out)
     facts = {}
     for rel in names:

@@ -68,6 +68,7 @@ from musiclm.errors import UserError
 from musiclm.models.layout import StageLayout, layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
+from musiclm.shards.manifest import carry_manifest
 from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
 from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loader, split_data, val_batches
@@ -716,6 +717,7 @@ def _prepare_run_folder(
         run["resumed_at_step"] = step
     atomic.write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
     _copy_tokenizer(data / "tokenizer", out / "tokenizer", info)
+    carry_manifest(data, out)  # the corpus these weights learned from travels with them
     if resumed:
         _truncate_metrics(out / METRICS_FILE, step)
     else:
@@ -789,6 +791,7 @@ def merge_run(adapter_run: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(out)
     _copy_tokenizer(run_path / "tokenizer", out / "tokenizer", info)
+    carry_manifest(run_path, out)
     atomic.write_text(out / RUN_FILE, json.dumps(merged, indent=2, default=str) + "\n")
     ckpt.save_checkpoint(out, step, model.state_dict(), {"step": step, "merged_from": str(folder.resolve())}, keep_last=0)
     spec = lora.LoraSpec.from_json(run["lora"])
