@@ -65,6 +65,22 @@ def tokenized(audio_corpus, tmp_path_factory) -> tuple[Path, subprocess.Complete
 
 
 @pytest.fixture(scope="session")
+def trained_runs(tokenized, tmp_path_factory) -> Path:
+    """semantic/, coarse/ and fine/ runs trained for 4 steps each on the session corpus, on one thread (their
+    tokenizer is found through run.json; each carries the corpus manifest). Tests only read them."""
+    from musiclm.config import STAGES, load_config
+    from musiclm.training.trainer import run_train
+    from tests.factories import torch_threads
+
+    data, _ = tokenized
+    root = tmp_path_factory.mktemp("runs")
+    with torch_threads(1):
+        for stage in STAGES:
+            run_train(stage, data, root / stage, load_config("tiny"), steps=4, batch_size=4, eval_every=1000, save_every=1000, device="cpu")
+    return root
+
+
+@pytest.fixture(scope="session")
 def pretrained_standins(tmp_path_factory):
     """The ``small`` preset's checkpoints (CLAP-large, MERT-v0, Encodec 24 kHz) rebuilt from their real
     configs at random weights (tests/pretrained.py), saved once per session into a tmp folder.

@@ -20,7 +20,7 @@ import soundfile as sf
 
 import musiclm.generation.stages as stages
 from musiclm.cli import main
-from musiclm.config import STAGES, load_config
+from musiclm.config import STAGES
 from musiclm.generate_command import output_paths
 from musiclm.generation import MusicLM, plan_windows
 from musiclm.metrics import clap_audio_embeddings
@@ -35,16 +35,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenized, tmp_path_factory) -> Path:
-    """semantic/, coarse/ and fine/ runs trained for 4 steps each (their tokenizer is found through run.json)."""
-    from musiclm.training.trainer import run_train
-
-    data, _ = tokenized
-    root = tmp_path_factory.mktemp("model")
-    cfg = load_config("tiny")
-    for stage in STAGES:
-        run_train(stage, data, root / stage, cfg, steps=4, batch_size=4, eval_every=1000, save_every=1000, device="cpu")
-    return root
+def model_dir(trained_runs) -> Path:
+    return trained_runs
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from musiclm import MusicLM
-from musiclm.config import STAGES, load_config
+from musiclm.config import STAGES
 from musiclm.errors import UserError
 from musiclm.hub import BACKBONE_LICENCES, model_card, push, push_operations, resolve_model, stage_source
 from musiclm.shards.manifest import FileFacts, carry_manifest, read_manifest, write_manifest
@@ -40,17 +40,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def runs(tokenized, tmp_path_factory) -> Path:
-    """semantic/, coarse/ and fine/ runs trained for 4 steps each on the session corpus (the trainer
-    carries the corpus manifest into each)."""
-    from musiclm.training.trainer import run_train
-
-    data, _ = tokenized
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config("tiny")
-    for stage in STAGES:
-        run_train(stage, data, root / stage, cfg, steps=4, batch_size=4, eval_every=1000, save_every=1000, device="cpu")
-    return root
+def runs(trained_runs) -> Path:
+    return trained_runs
 
 
 def test_every_trained_run_carries_its_corpus_manifest(runs, tokenized):
