@@ -23,6 +23,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
+from musiclm.digest import sha256_file
 from musiclm.cli import main
 from musiclm.config import STAGES, load_config
 from musiclm.errors import UserError
@@ -155,7 +156,7 @@ def test_init_from_starts_at_step_0_from_the_base_weights_with_a_fresh_optimizer
     tuned, base = load_file(str(ckpt.latest_checkpoint(out) / ckpt.WEIGHTS)), load_file(str(base_ckpt / ckpt.WEIGHTS))
     assert set(tuned) == set(base) and all(torch.allclose(tuned[k], base[k], atol=1e-8) for k in base)
     run = json.loads((out / "run.json").read_text())
-    assert run["init_from"] == {"folder": str(base_ckpt.resolve()), "run": str(base_run.resolve()), "file": ckpt.WEIGHTS, "sha256": ckpt.sha256_of(base_ckpt / ckpt.WEIGHTS), "step": 80}
+    assert run["init_from"] == {"folder": str(base_ckpt.resolve()), "run": str(base_run.resolve()), "file": ckpt.WEIGHTS, "sha256": sha256_file(base_ckpt / ckpt.WEIGHTS), "step": 80}
     assert run["lora"] is None and run["config"]["model"] == json.loads((base_run / "run.json").read_text())["config"]["model"]
 
 
@@ -206,7 +207,7 @@ def test_an_adapter_checkpoint_holds_the_adapter_and_its_optimizer_state_only(ad
     assert [len(g["params"]) for g in state["optimizer"]["param_groups"] if g["weight_decay"] > 0] == [0]  # nothing decays
     run = json.loads((adapter_run / "run.json").read_text())
     base_weights = ckpt.latest_checkpoint(base_run) / ckpt.WEIGHTS
-    assert run["init_from"]["folder"] == str(base_weights.parent.resolve()) and run["init_from"]["sha256"] == ckpt.sha256_of(base_weights)
+    assert run["init_from"]["folder"] == str(base_weights.parent.resolve()) and run["init_from"]["sha256"] == sha256_file(base_weights)
     assert run["lora"]["rank"] == RANK and run["lora"]["alpha"] == ALPHA and run["lora"]["targets"] == ["qkv", "proj", "gate_up", "down"]
     assert run["trainable_parameters"] == sum(w.numel() for w in weights.values())
 

@@ -50,7 +50,8 @@ from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
-from musiclm.shards.manifest import FileFacts, check_paths_mode, file_digest, write_manifest
+from musiclm.digest import file_digest
+from musiclm.shards.manifest import FileFacts, check_paths_mode, write_manifest
 from musiclm.shards.format import TokenSample, file_key, sample_key
 from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, next_shard_index, partial_keys
 

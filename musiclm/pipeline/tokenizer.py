@@ -25,6 +25,7 @@ import torch
 
 from musiclm import atomic
 from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
+from musiclm.digest import sha256_file
 from musiclm.errors import UserError
 from musiclm.models.clap_mel import ClapMel
 from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
@@ -39,14 +40,6 @@ QUANTIZER_FILES = {
     "clap_codebooks": "clap_rvq.npy",  # [L, K, D]
 }
 SEEDS = {"clap": 0, "mert": 1, "encodec": 2}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sha256_folder(folder: Path) -> dict[str, str]:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from musiclm import atomic
+from musiclm.digest import file_digest
 from musiclm.errors import UserError
 
 MANIFEST_FILE = "manifest.json"
@@ -77,17 +78,6 @@ def check_paths_mode(paths: str) -> str:
     if paths not in PATH_MODES:
         raise UserError(f"--manifest-paths must be 'names' or 'hashed', got '{paths}'")
     return paths
-
-
-def file_digest(path: str | Path) -> tuple[int, str]:
-    """``(bytes, sha256 hex)`` of a file, read once in 1 MiB blocks (hashlib lets other threads run meanwhile)."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
 
 
 def path_key(rel: str, paths: str) -> str:

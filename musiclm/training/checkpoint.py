@@ -23,7 +23,6 @@ with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from musiclm import atomic
+from musiclm.digest import sha256_file
 from musiclm.errors import UserError
 
 CHECKPOINTS = "checkpoints"
@@ -150,15 +150,6 @@ def load_state(folder: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (read in 16 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclasses.dataclass(frozen=True)
 class CheckpointRef:
     """A checkpoint another run starts from, named by where it was and what its weight file held.
@@ -180,7 +171,7 @@ class CheckpointRef:
         weights = weights_file(folder)
         if weights is None or not (folder / STATE).is_file():
             raise UserError(f"{folder} is not a complete checkpoint (no weight file or no {STATE})")
-        return cls(str(folder), str(run_folder(folder)), weights.name, sha256_of(weights), int(load_state(folder)["step"]))
+        return cls(str(folder), str(run_folder(folder)), weights.name, sha256_file(weights), int(load_state(folder)["step"]))
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CheckpointRef:
@@ -198,6 +189,6 @@ class CheckpointRef:
         path = Path(self.folder) / self.file
         if not path.is_file():
             raise UserError(f"{whose} needs its base checkpoint {path}, which is missing: put the base run back at {self.run}, or merge the adapter (musiclm merge) while the base exists")
-        if sha256_of(path) != self.sha256:
-            raise UserError(f"{whose} was trained on another {path} (sha256 {self.sha256[:12]}..., now {sha256_of(path)[:12]}...): the base run changed; restore it or train a new adapter")
+        if sha256_file(path) != self.sha256:
+            raise UserError(f"{whose} was trained on another {path} (sha256 {self.sha256[:12]}..., now {sha256_file(path)[:12]}...): the base run changed; restore it or train a new adapter")
         return Path(self.folder)
