@@ -65,6 +65,13 @@ def draw_noise(generator: torch.Generator | None, steps: int, rows: int, k: int,
     return noise.to(device)
 
 
+def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: rows [2B, K] = B conditional then B unconditional -> float32 [B, K],
+    ``uncond + cfg_scale * (cond - uncond)``."""
+    cond, uncond = logits.float().chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
 def pick(
     logits: torch.Tensor,
     noise: torch.Tensor | None,
@@ -83,10 +90,7 @@ def pick(
     race (equivalent to Gumbel-max): argmax(p / E) over the tempered, top-k/top-p filtered softmax.
     Only tensor operations of fixed shapes, so it runs inside a captured CUDA graph.
     """
-    logits = logits.float()
-    if guided:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + cfg_scale * (cond - uncond)  # [B, K]
+    logits = guide(logits, cfg_scale) if guided else logits.float()
     if noise is None or temperature <= 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)  # [B, K]

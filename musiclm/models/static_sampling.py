@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from musiclm.models.layout import StageLayout
-from musiclm.models.sampling import draw_noise, pick
+from musiclm.models.sampling import draw_noise, guide, pick
 from musiclm.models.transformer import MusicTransformer
 
 
@@ -90,12 +90,8 @@ class StaticSampler:
 
     def _choose(self, hidden: torch.Tensor, level: int) -> None:
         s = self.settings
-        logits = self.model.logits(hidden, level).float()
-        if s.guided:
-            cond, uncond = logits.chunk(2)
-            self.logits.copy_(uncond + s.cfg_scale * (cond - uncond))
-        else:
-            self.logits.copy_(logits)
+        logits = self.model.logits(hidden, level)
+        self.logits.copy_(guide(logits, s.cfg_scale) if s.guided else logits)
         noise = None if s.greedy else self.noise.index_select(0, self.index)[0]  # [B, K]
         code = pick(self.logits, noise, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)  # guidance done above
         ids = code + self.layout.target_offset(level)  # [B]
