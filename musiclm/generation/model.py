@@ -524,26 +524,27 @@ class GenerationRun:
         decoder = lm.decoder(start=p_ac)
         if p_ac:
             decoder.push(streams["acoustic"][:, :levels, :p_ac])  # the prompt's frames: context, never emitted
-        last, pushed, pieces = self.names[-1], p_ac, []
+        last, pieces = self.names[-1], []
+
+        def decodes() -> Iterator[Callable[[], np.ndarray]]:
+            """After each window of the last stage, the decode of the frames it finished; then the rest."""
+            pushed = p_ac
+            for w in plans[last]:
+                run_until(last, w.end)
+                final = min(filled[last], t_ac)
+                yield lambda a=pushed, e=final: decoder.push(streams["acoustic"][:, :levels, a:e])
+                pushed = final
+            yield decoder.finish
+
         self.timings["decode"] = 0.0
-        for w in plans[last]:
-            run_until(last, w.end)
-            final = min(filled[last], t_ac)
+        for decode in decodes():
             t0 = time.perf_counter()
-            audio = decoder.push(streams["acoustic"][:, :levels, pushed:final])
+            audio = decode()
             self.timings["decode"] += time.perf_counter() - t0
-            pushed = final
             if audio.shape[1]:
                 self.timings.setdefault("first_audio", time.perf_counter() - t_start)
                 pieces.append(audio)
                 yield audio[0] if self.streamed else audio
-        t0 = time.perf_counter()
-        audio = decoder.finish()
-        self.timings["decode"] += time.perf_counter() - t0
-        if audio.shape[1]:
-            self.timings.setdefault("first_audio", time.perf_counter() - t_start)
-            pieces.append(audio)
-            yield audio[0] if self.streamed else audio
 
         audio = np.concatenate(pieces, axis=1)  # [N, samples]
         assert audio.shape[1] == self.new_frames * lm.hop, (audio.shape, self.new_frames, lm.hop)
