@@ -174,6 +174,7 @@ def generate(
     stream: bool = typer.Option(False, "--stream", help="Write audio as it is made (one sample; with --out - for a player on a pipe)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="With --model OWNER/NAME: the hub branch, tag or commit to pull."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a pulled tokenizer to run code from the hub."),
+    audit: Optional[Path] = typer.Option(None, "--audit", help="Then audit what was written against this tokenized corpus (see musiclm audit)."),
 ) -> None:
     """Generate music from text with three trained stages."""
     from musiclm.generate_command import run_generate
@@ -203,6 +204,7 @@ def generate(
         stream=stream,
         revision=revision,
         trust_remote_code=trust_remote_code,
+        audit=audit,
     )
 
 
@@ -220,6 +222,52 @@ def push(
 
     sha = push_model(model, repo_id, revision=revision, token=token, private=private, endpoint=endpoint)
     print(f"pushed {repo_id} at {sha}: pull exactly this with --model {repo_id} --revision {sha}")
+
+
+@app.command()
+def audit(
+    generated: list[Path] = typer.Argument(..., help="Generated audio files to check against the training corpus."),
+    data: Path = typer.Option(..., "--data", help="The tokenized training corpus (the --out of musiclm tokenize)."),
+    top: int = typer.Option(5, "--top", min=1, help="Nearest training clips reported per file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (a boolean 'flagged' per file)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: cuda if available)."),
+) -> None:
+    """Memorization audit: the training clips nearest each generated file, with source, offset, score and verdict.
+
+    Exit code 0 when no file is flagged, 1 when one is (like grep), 2 on bad input."""
+    from musiclm.audit import run_audit
+
+    flagged = run_audit(generated, data, top=top, as_json=json_out, device=device)
+    raise typer.Exit(1 if any(flagged) else 0)
+
+
+@app.command()
+def verify(
+    folder: Path = typer.Argument(..., help="A tokenized folder, a run folder, or a folder of semantic/, coarse/, fine/ runs."),
+    json_out: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Files hashed in parallel (default: CPU count)."),
+) -> None:
+    """Check every file against its recorded checksum; exit 0 only when nothing is damaged, missing or unexpected."""
+    from musiclm.verify import run_verify
+
+    ok = run_verify(folder, as_json=json_out, workers=workers)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("app")
+def web_app(
+    model: str = typer.Option(..., "--model", help="Folder holding semantic/, coarse/, fine/ runs, or a hub repo id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+    port: int = typer.Option(7860, "--port", min=0, max=65535),
+    device: Optional[str] = typer.Option(None, "--device"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, bf16 or int8 (default: bf16 on a GPU, int8 on a CPU)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="With --model OWNER/NAME: the hub branch, tag or commit to pull."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest prompt-audio upload accepted."),
+) -> None:
+    """A local web page to make music: prompt in, audio players, scores and pictures out."""
+    from musiclm.app import run_app
+
+    run_app(model, host=host, port=port, device=device, precision=precision, revision=revision, max_upload_mb=max_upload_mb)
 
 
 @app.command("eval")

@@ -68,6 +68,7 @@ def run_generate(
     stream: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    audit: str | Path | None = None,
 ) -> list[Path]:
     """``musiclm generate``: write the kept samples as audio files plus a JSON sidecar; returns the audio paths
     (none for ``out="-"``, a WAV stream on stdout).
@@ -90,6 +91,10 @@ def run_generate(
         output_paths(out, fmt, 1)  # the format, before any work
     if prompt_audio is not None:
         _check_prompt_audio(prompt_audio)
+    if audit is not None:
+        if to_stdout:
+            raise UserError("--audit reads the files generate writes: write to a file instead of --out -")
+        raise UserError("--audit is not available yet")
     if model is not None:
         from musiclm.hub import resolve_model
 
