@@ -15,12 +15,18 @@ Two depths of check:
 - :func:`full_check`, at ``musiclm verify`` (and where a file is small): the
   sha256 against the record. Catches everything.
 
+A record file checks itself: its ``record_sha256`` is the sha256 of the file's
+own bytes with that field's value zeroed, so a flipped byte inside a record file
+is told apart from a damaged file it describes (:func:`end_marker_problem` checks
+it for every record file, :func:`read_record_file` when reading one).
+
 A damaged file reaches the user as :class:`DamagedFile`, a :class:`UserError`:
 one line naming the file, what is wrong and what to do, exit code 2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -58,30 +64,63 @@ class FileRecord:
 class DamagedFile(UserError):
     """A file that does not match its record (or cannot be read as its format)."""
 
-    def __init__(self, path: str | Path, problem: str, advice: str):
+    def __init__(self, path: str | Path, problem: str | None = None, advice: str = ""):
         self.path, self.problem, self.advice = Path(path), problem, advice
-        super().__init__(f"{path} is damaged ({problem}): {advice}")
+        # one argument: a message re-raised by its type alone (as DataLoader workers re-raise)
+        super().__init__(str(path) if problem is None else f"{path} is damaged ({problem}): {advice}")
 
 
 # ---- record files ----------------------------------------------------------------
 
+_SELF = b'"record_sha256": "'  # the record file's own digest; written first, so found at once
+_ZEROS = b"0" * 64
 
-def write_records(path: str | Path, records: dict[str, FileRecord]) -> None:
-    """Write ``{name: record}`` (names relative to the record file's folder) atomically as JSON."""
-    body = {"format": RECORD_FORMAT, "files": {name: r.to_json() for name, r in sorted(records.items())}}
-    atomic.write_text(Path(path), json.dumps(body, indent=1) + "\n")
+
+def _self_digest(data: bytes) -> tuple[str | None, str | None]:
+    """(recorded, actual) self digest of a record file's bytes; (None, None) for a file without one."""
+    at = data.find(_SELF)
+    if at < 0:
+        return None, None
+    start = at + len(_SELF)
+    recorded = data[start : start + 64].decode("ascii", errors="replace")
+    return recorded, hashlib.sha256(data[:start] + _ZEROS + data[start + 64 :]).hexdigest()
+
+
+def write_records(path: str | Path, records: dict[str, FileRecord], extra: dict[str, Any] | None = None) -> None:
+    """Write ``{name: record}`` atomically as JSON, with the file's own digest (see the module docstring).
+
+    Names are relative to the folder the record file's owner says (the record file's folder, or for a
+    tokenized folder its root). ``extra``: more JSON-serialisable fields the owner keeps with the records.
+    """
+    body: dict[str, Any] = {"record_sha256": _ZEROS.decode(), "format": RECORD_FORMAT}
+    body["files"] = {name: r.to_json() for name, r in sorted(records.items())}
+    body.update(extra or {})
+    data = (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8")  # one line: shard records list thousands of keys
+    _, digest = _self_digest(data)
+    start = data.find(_SELF) + len(_SELF)
+    tmp = atomic.temp_path(Path(path))
+    tmp.write_bytes(data[:start] + digest.encode("ascii") + data[start + 64 :])
+    atomic.fsync_replace(tmp, Path(path))
+
+
+def read_record_file(path: str | Path, advice: str = "re-run the command that wrote this folder") -> tuple[dict[str, FileRecord], dict[str, Any]]:
+    """(records, the whole JSON body) of a record file; FileNotFoundError when there is none;
+    :class:`DamagedFile` (with ``advice``) when it cannot be read or its own digest differs."""
+    path = Path(path)
+    data = path.read_bytes()
+    recorded, actual = _self_digest(data)
+    if recorded != actual:
+        raise DamagedFile(path, "the record file's own checksum differs", advice)
+    try:
+        body = json.loads(data)
+        return {name: FileRecord.from_json(d) for name, d in body["files"].items()}, body
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise DamagedFile(path, f"unreadable record file: {type(e).__name__}", advice) from None
 
 
 def read_records(path: str | Path) -> dict[str, FileRecord]:
     """The records of a record file; :class:`DamagedFile` when it cannot be read (it is damaged itself)."""
-    path = Path(path)
-    try:
-        body = json.loads(path.read_text())
-        return {name: FileRecord.from_json(d) for name, d in body["files"].items()}
-    except FileNotFoundError:
-        raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise DamagedFile(path, f"unreadable record file: {type(e).__name__}", "re-run the command that wrote this folder") from None
+    return read_record_file(path)[0]
 
 
 # ---- end markers -----------------------------------------------------------------
@@ -106,14 +145,14 @@ def end_marker_problem(path: str | Path) -> str | None:
     size = path.stat().st_size
     if suffix == ".tar":
         if size < _TAR_END or size % 512:
-            return "not a whole tar archive"
+            return f"truncated: {size} bytes is not a whole tar archive"
         if _tail(path, _TAR_END) != bytes(_TAR_END):
-            return "tar end blocks missing"
+            return "truncated: the tar end-of-archive blocks are missing"
     elif suffix == ".parquet":
         with open(path, "rb") as f:
             head = f.read(4)
         if size < 12 or head != b"PAR1" or _tail(path, 4) != b"PAR1":
-            return "Parquet markers missing"
+            return "truncated or overwritten: the Parquet markers (PAR1) are missing"
     elif suffix == ".safetensors":
         with open(path, "rb") as f:
             head = f.read(8)
@@ -143,10 +182,14 @@ def end_marker_problem(path: str | Path) -> str | None:
         if header + data != size:
             return f"npy holds {size - header} data bytes, its header says {data}"
     elif suffix == ".json":
+        data = path.read_bytes()
         try:
-            json.loads(path.read_bytes())
+            json.loads(data)
         except (ValueError, UnicodeDecodeError):
             return "not valid JSON"
+        recorded, actual = _self_digest(data)
+        if recorded != actual:
+            return "the record file's own checksum differs"
     return None
 
 
@@ -159,15 +202,20 @@ def quick_check(path: str | Path, record: FileRecord | None) -> str | None:
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
-    if record is not None and size != record.bytes:
-        return f"{size} bytes, recorded {record.bytes}"
+    if record is not None and record is not UNRECORDED and size != record.bytes:
+        return f"{'truncated: ' if size < record.bytes else ''}{size} bytes, recorded {record.bytes}"
     return end_marker_problem(path)
+
+
+UNRECORDED = FileRecord(-1, "unrecorded")
+"""The record of a file that should have one and has none (written before records were kept, or by a run
+killed before it recorded the file): checks treat it as no record; :func:`check_files` reports such a file."""
 
 
 def full_check(path: str | Path, record: FileRecord) -> str | None:
     """The problem with ``path`` against its record, hashing every byte; None when it matches."""
     problem = quick_check(path, record)
-    if problem is not None:
+    if problem is not None or record is UNRECORDED:
         return problem
     if FileRecord.of(path).sha256 != record.sha256:
         return "sha256 differs from the record"
@@ -186,7 +234,7 @@ def require(path: str | Path, record: FileRecord | None, advice: str, full: bool
 
 @dataclass(frozen=True)
 class Finding:
-    """One file that is not as recorded: ``status`` is damaged, missing or unexpected."""
+    """One file that is not as recorded: ``status`` is damaged, missing, unrecorded or unexpected."""
 
     path: str  # relative to the verified folder
     status: str
@@ -207,7 +255,8 @@ def check_files(
     """Full checks of many files in parallel.
 
     ``expected``: relative path -> (record, advice); a None record means only that the file must
-    exist and be whole (:func:`quick_check`). ``present``: every relative path found under ``root``;
+    exist and be whole (:func:`quick_check`); :data:`UNRECORDED` that too, and the file is reported
+    as unrecorded when it is whole. ``present``: every relative path found under ``root``;
     those not expected are reported as unexpected. ``progress(n)`` is called after each file.
     Findings are sorted by path.
     """
@@ -220,6 +269,8 @@ def check_files(
         rel, (record, advice) = item
         path = root / rel
         problem = full_check(path, record) if record is not None else quick_check(path, None)
+        if problem is None and record is UNRECORDED:
+            return Finding(rel, "unrecorded", "no checksum recorded", advice)
         return None if problem is None else Finding(rel, "missing" if problem == "missing" else "damaged", problem, advice)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
