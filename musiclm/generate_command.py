@@ -94,7 +94,9 @@ def run_generate(
     if audit is not None:
         if to_stdout:
             raise UserError("--audit reads the files generate writes: write to a file instead of --out -")
-        raise UserError("--audit is not available yet")
+        from musiclm.audit.command import check_audit_target
+
+        check_audit_target(audit, seconds)
     if model is not None:
         from musiclm.hub import resolve_model
 
@@ -191,8 +193,26 @@ def run_generate(
             say(f"wrote {p}  ({audio_s:.2f} s at {g.sample_rate} Hz, CLAP score {g.scores[i]:.3f}, sample {i} of {len(g.scores)})")
     first = f"; first audio after {g.timings['first_audio']:.1f} s" if stream and "first_audio" in g.timings else ""
     where = "" if to_stdout else f"settings in {sidecar}; "
-    say(f"{where}{stage_times} (real-time factor {work_s / audio_s:.2f}, {lm.precision}{first})")
+    verdict = ""
+    if audit is not None:
+        verdict = "; " + _audit(files, audit, str(lm.device), record, sidecar, say)
+    say(f"{where}{stage_times} (real-time factor {work_s / audio_s:.2f}, {lm.precision}{first}){verdict}")
     return files
+
+
+def _audit(files: list[Path], data: str | Path, device: str, record: dict, sidecar: Path, say: _Say) -> str:
+    """``--audit DIR``: audit the files just written against the corpus ``DIR``, print the report, add it to
+    the sidecar; returns the verdict for the summary line. Generation's exit code does not depend on it."""
+    from musiclm.audit import audit
+    from musiclm.audit.command import report_lines
+
+    report = audit(files, data, device=device)
+    for line in report_lines(report):
+        say(line)
+    record["audit"] = report
+    sidecar.write_text(json.dumps(record, indent=2) + "\n")
+    flagged = [f["file"] for f in report["files"] if f["flagged"]]
+    return f"audit: {len(flagged)} of {len(files)} FLAGGED as near copies of training audio" if flagged else "audit: nothing flagged"
 
 
 class _Say:
