@@ -290,7 +290,8 @@ def evaluate(
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="musiclm", standalone_mode=False)
+        # without standalone mode, click returns the code of a typer.Exit (audit, verify) instead of exiting
+        code = command.main(args=argv, prog_name="musiclm", standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -308,3 +309,5 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
