@@ -129,7 +129,7 @@ def test_the_index_is_reused_and_a_new_shard_adds_its_files_only(tokenized, tmp_
     first = audit([novel], data)["index"]
     assert (first["built"], first["reused"]) == (shards, 0)
     files = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (data / INDEX_DIR).glob("shard-*")}
-    assert len(files) == 4 * shards
+    assert len(files) == 3 * shards
 
     again = audit([novel], data)["index"]
     assert (again["built"], again["reused"]) == (0, shards)
@@ -144,7 +144,7 @@ def test_the_index_is_reused_and_a_new_shard_adds_its_files_only(tokenized, tmp_
     assert (grown["index"]["built"], grown["index"]["reused"]) == (1, shards)
     now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (data / INDEX_DIR).glob("shard-*")}
     assert {k: v for k, v in now.items() if k in files} == files
-    assert sorted(set(now) - set(files)) == sorted(f"{tar.stem}.{s}" for s in ("clap.npy", "clips.parquet", "hash.npy", "post.npy"))
+    assert sorted(set(now) - set(files)) == sorted(f"{tar.stem}.{s}" for s in ("clap.npy", "clips.parquet", "ngrams.npy"))
     record = json.loads((data / INDEX_DIR / "index.json").read_text())
     assert record["calibration"]["clips"] == grown["index"]["clips"]  # calibrated again on the grown corpus
 

@@ -2,9 +2,9 @@
 
 For each finished shard ``shards/shard-N.tar`` the index holds::
 
-    audit/shard-N.hash.npy      uint64 [M]      winnowed n-gram hashes of the shard's semantic tokens, sorted
-    audit/shard-N.post.npy      uint32 [M, 2]   for each hash: the clip (its position in the tar) and the
-                                                frame in that clip where the n-gram starts
+    audit/shard-N.ngrams.npy    uint64 [2, M]   row 0: the winnowed n-gram hashes of the shard's semantic
+                                                tokens, sorted; row 1: for each, the clip (its position in
+                                                the tar) << 32 | the frame in that clip where it starts
     audit/shard-N.clap.npy      uint8  [W, B/8] sign bits of each CLAP window embedding after a fixed random
                                                 projection (SimHash: Hamming distance estimates the angle)
     audit/shard-N.clips.parquet one row per clip in tar order: key, source, segment, start, duration,
@@ -14,7 +14,8 @@ For each finished shard ``shards/shard-N.tar`` the index holds::
                                 (size and mtime of its tar), and the calibrated thresholds
 
 Arrays are memory-mapped when queried, so a query touches only the pages it
-needs. Adding a shard to the corpus (a resumed or extended tokenize) adds one
+needs (two open files per shard: the soft limit of open files is raised
+towards the hard one when a large index needs it). Adding a shard to the corpus (a resumed or extended tokenize) adds one
 set of files; the others are reused as long as their tar is unchanged. A shard
 whose tar changed, or an index of other parameters or another tokenizer, is
 rebuilt. Every file is written under a temporary name and renamed; index.json
@@ -45,7 +46,7 @@ INDEX_DIR = "audit"
 INDEX_FILE = "index.json"
 INDEX_FORMAT = 1
 PROJECTION_FILE = "clap_projection.npy"
-SHARD_FILES = ("hash.npy", "post.npy", "clap.npy", "clips.parquet")
+SHARD_FILES = ("ngrams.npy", "clap.npy", "clips.parquet")
 
 CLIP_SCHEMA = pa.schema(
     [
@@ -75,11 +76,10 @@ class IndexParams:
 class ShardArrays:
     """The index of one shard, in memory (see the module docstring for shapes)."""
 
-    hashes: np.ndarray
-    postings: np.ndarray
+    ngrams: np.ndarray  # [2, M] uint64: sorted hashes; clip << 32 | frame
     clap_bits: np.ndarray
     clips: pa.Table
-    ngrams: int  # n-grams before winnowing
+    count: int  # n-grams before winnowing
     frames: int  # semantic frames of all clips
 
 
@@ -96,15 +96,15 @@ def clap_signs(emb: np.ndarray, projection: np.ndarray) -> np.ndarray:
 def shard_arrays(samples: Iterable[TokenSample], params: IndexParams, projection: np.ndarray) -> ShardArrays:
     """Index one shard's clips (in tar order): winnowed n-grams sorted by hash, CLAP sign bits, the clip table."""
     hashes, postings, bits, rows = [], [], [], []
-    ngrams = frames = clap_row = 0
+    count = frames = clap_row = 0
     for i, s in enumerate(samples):
         h, f = ngram_hashes(s.semantic, params.n)
-        ngrams += len(h)
+        count += len(h)
         frames += len(s.semantic)
         h, f = winnow(h, f, params.winnow)
         hashes.append(h)
-        postings.append(np.stack([np.full(len(h), i, np.uint32), f.astype(np.uint32)], axis=1))
-        bits.append(clap_signs(s.clap_emb, projection))
+        postings.append((np.uint64(i) << np.uint64(32)) | f.astype(np.uint64))
+        bits.append(np.asarray(s.clap_emb, np.float32))
         meta = s.meta
         rows.append(
             {
@@ -120,10 +120,10 @@ def shard_arrays(samples: Iterable[TokenSample], params: IndexParams, projection
         )
         clap_row += len(s.clap_emb)
     h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    p = np.concatenate(postings) if postings else np.zeros((0, 2), np.uint32)
+    p = np.concatenate(postings) if postings else np.zeros(0, np.uint64)
     order = np.argsort(h, kind="stable")
-    b = np.concatenate(bits) if bits else np.zeros((0, params.clap_bits // 8), np.uint8)
-    return ShardArrays(h[order], p[order], b, pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), ngrams, frames)
+    b = clap_signs(np.concatenate(bits), projection) if bits else np.zeros((0, params.clap_bits // 8), np.uint8)  # one product for the shard
+    return ShardArrays(np.stack([h[order], p[order]]), b, pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), count, frames)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -135,11 +135,10 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def write_shard(folder: Path, name: str, arrays: ShardArrays) -> dict[str, Any]:
     """Write one shard's index files into ``folder``; returns its entry for index.json."""
-    _save_npy(folder / f"{name}.hash.npy", arrays.hashes)
-    _save_npy(folder / f"{name}.post.npy", arrays.postings)
+    _save_npy(folder / f"{name}.ngrams.npy", arrays.ngrams)
     _save_npy(folder / f"{name}.clap.npy", arrays.clap_bits)
     atomic.write_parquet(arrays.clips, folder / f"{name}.clips.parquet")
-    return {"clips": arrays.clips.num_rows, "entries": len(arrays.hashes), "ngrams": arrays.ngrams, "frames": arrays.frames, "clap_windows": len(arrays.clap_bits)}
+    return {"clips": arrays.clips.num_rows, "entries": arrays.ngrams.shape[1], "ngrams": arrays.count, "frames": arrays.frames, "clap_windows": len(arrays.clap_bits)}
 
 
 def read_shard_samples(path: Path, want: set[int] | None = None) -> Iterator[tuple[int, TokenSample]]:
@@ -179,12 +178,9 @@ class ShardIndex:
         return self._maps[kind]
 
     @property
-    def hashes(self) -> np.ndarray:
-        return self._map("hash")
-
-    @property
-    def postings(self) -> np.ndarray:
-        return self._map("post")
+    def ngrams(self) -> np.ndarray:
+        """[2, M] uint64: sorted hashes; clip << 32 | frame."""
+        return self._map("ngrams")
 
     @property
     def clap_bits(self) -> np.ndarray:
@@ -275,7 +271,7 @@ class AuditIndex:
         for s, sh in enumerate(self.shards):
             if sh.clips == 0 or int(sh.entry["entries"]) == 0:
                 continue
-            h = sh.hashes
+            h, post = sh.ngrams
             lo = np.searchsorted(h, q, side="left")
             cnt = np.searchsorted(h, q, side="right") - lo
             cnt[cnt > max(64, 4 * sh.clips)] = 0
@@ -284,10 +280,10 @@ class AuditIndex:
                 continue
             starts = np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(total)  # every posting of every hit
             perm = np.argsort(starts, kind="stable")  # read the memory map front to back
-            post = np.asarray(sh.postings[starts[perm]])
+            hit = np.asarray(post[starts[perm]])
             which = np.repeat(order, cnt)[perm]
-            gids.append(post[:, 0].astype(np.int64) + self.clip_offsets[s])
-            frames.append(post[:, 1].astype(np.int64))
+            gids.append((hit >> np.uint64(32)).astype(np.int64) + self.clip_offsets[s])
+            frames.append((hit & np.uint64(0xFFFFFFFF)).astype(np.int64))
             qidx.append(which)
         if not gids:
             z = np.zeros(0, np.int64)
@@ -301,13 +297,18 @@ class AuditIndex:
 
         q = clap_signs(emb, self.projection)
         best_d, best_r = [], []
-        for s, sh in enumerate(self.shards):
-            n = int(sh.entry["clap_windows"])
-            if n == 0:
-                continue
-            d, i = faiss.knn_hamming(q, np.ascontiguousarray(sh.clap_bits), min(k, n))
-            best_d.append(d)
-            best_r.append(i + self.row_offsets[s])
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)  # a shard's scan takes microseconds; waking threads costs a hundred times more
+        try:
+            for s, sh in enumerate(self.shards):
+                n = int(sh.entry["clap_windows"])
+                if n == 0:
+                    continue
+                d, i = faiss.knn_hamming(q, np.ascontiguousarray(sh.clap_bits), min(k, n))
+                best_d.append(d)
+                best_r.append(i + self.row_offsets[s])
+        finally:
+            faiss.omp_set_num_threads(threads)
         if not best_d:
             return np.zeros(0, np.int64)
         d, r = np.concatenate(best_d, axis=1), np.concatenate(best_r, axis=1)  # [Q, S * k]
@@ -447,8 +448,20 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def _allow_open_files(n: int) -> None:
+    """Raise the soft limit of open files towards the hard one when ``n`` more are needed (each memory map
+    holds its file open)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+
+
 def load_index(data_dir: Path, info: TokenInfo, record: dict[str, Any], projection: np.ndarray, tars: dict[str, Path] | None = None) -> AuditIndex:
     """An AuditIndex over the shards ``record`` lists, in name order (no file is built or checked)."""
+    _allow_open_files(2 * len(record["shards"]))
     folder = data_dir / INDEX_DIR
     tars = tars if tars is not None else {t.stem: t for t in list_shards(data_dir)}
     shards = [ShardIndex(folder, name, record["shards"][name], tars.get(name)) for name in sorted(record["shards"])]

@@ -39,6 +39,7 @@ from musiclm.audit.index import AuditIndex
 from musiclm.audit.ngrams import ngram_hashes
 
 _D_BITS = 24  # diagonals are packed with the clip id: |corpus frame - query frame| < 2**23 (46 h at 50 Hz)
+MIN_VOTES = 2  # one n-gram in common says nothing about a clip
 
 
 @dataclass
@@ -99,16 +100,12 @@ class _Diagonals:
         return (int(self.diag[i]), int(self.votes[i])) if i < len(self.gids) and self.gids[i] == gid else None
 
 
-def _vote(index: AuditIndex, tokens: np.ndarray, exclude: np.ndarray | None) -> _Diagonals:
-    h, qf = ngram_hashes(tokens, index.params.n)
-    gid, cf, qi = index.lookup(h)
-    if exclude is not None and len(exclude) and len(gid):
-        keep = ~np.isin(gid, exclude)
-        gid, cf, qi = gid[keep], cf[keep], qi[keep]
+def _diagonals(gid: np.ndarray, diag: np.ndarray) -> _Diagonals:
+    """The best diagonal of each clip from its votes (one per matching n-gram)."""
     if len(gid) == 0:
         z = np.zeros(0, np.int64)
         return _Diagonals(z, z, z)
-    key = (gid << _D_BITS) + (cf - qf[qi] + (1 << (_D_BITS - 1)))
+    key = (gid << _D_BITS) + (diag + (1 << (_D_BITS - 1)))
     u, c = np.unique(key, return_counts=True)
     smooth = c.copy()
     for step in (-1, 1):  # a diagonal one frame over counts too (tokens jitter at run edges)
@@ -120,6 +117,22 @@ def _vote(index: AuditIndex, tokens: np.ndarray, exclude: np.ndarray | None) -> 
     first = np.r_[True, g[order][1:] != g[order][:-1]]
     best = order[first]
     return _Diagonals(g[best], (u[best] & ((1 << _D_BITS) - 1)) - (1 << (_D_BITS - 1)), smooth[best])
+
+
+def _vote(index: AuditIndex, semantic: np.ndarray, exclude: np.ndarray | None) -> list[_Diagonals]:
+    """The best diagonal per clip for each phase's tokens (rows of ``semantic`` [P, T]); one pass over the index."""
+    grams = [ngram_hashes(row, index.params.n) for row in semantic]
+    phase = np.concatenate([np.full(len(h), k) for k, (h, _) in enumerate(grams)])
+    frames = np.concatenate([f for _, f in grams])
+    gid, cf, qi = index.lookup(np.concatenate([h for h, _ in grams]))
+    if exclude is not None and len(exclude) and len(gid):
+        keep = ~np.isin(gid, exclude)
+        gid, cf, qi = gid[keep], cf[keep], qi[keep]
+    out = []
+    for k in range(len(semantic)):
+        mine = phase[qi] == k
+        out.append(_diagonals(gid[mine], cf[mine] - frames[qi[mine]]))
+    return out
 
 
 def _agreement(query: np.ndarray, clip: np.ndarray, d: int) -> tuple[int, np.ndarray]:
@@ -150,18 +163,20 @@ def _best_stretch(agree: np.ndarray, frames: int) -> tuple[float, int, int]:
     return float(sums[j]) / L, j, j + L
 
 
-def search(index: AuditIndex, q: Query, depth: int = 16, clap_k: int = 16, exclude: np.ndarray | None = None) -> list[Match]:
+def search(index: AuditIndex, q: Query, depth: int = 16, clap_k: int = 8, exclude: np.ndarray | None = None) -> list[Match]:
     """Source files near the query ``q``, strongest first (by semantic share, then CLAP).
 
-    ``depth``: clips verified per phase, those with most votes. ``clap_k``: nearest CLAP windows per query
-    window. ``exclude``: global clip ids left out (calibration leaves out a held-out file's clips)."""
+    ``depth``: clips verified per phase, those with most votes (at least :data:`MIN_VOTES`). ``clap_k``:
+    nearest CLAP windows per query window. ``exclude``: global clip ids left out (calibration leaves out a
+    held-out file's clips)."""
     rate = index.rate
     window = max(1, round(index.info.clap_window_seconds * rate))
     hop = index.info.clap_hop_seconds
-    phases = [_vote(index, q.semantic[k], exclude) for k in range(len(q.semantic))]
+    phases = _vote(index, q.semantic, exclude)
     wanted: set[int] = set()
     for p in phases:
-        wanted.update(int(g) for g in p.gids[np.argsort(-p.votes, kind="stable")[:depth]])
+        top = np.argsort(-p.votes, kind="stable")[:depth]
+        wanted.update(int(g) for g in p.gids[top[p.votes[top] >= MIN_VOTES]])
     if len(q.clap):
         rows = index.clap_nearest(q.clap, clap_k)
         gids = index.clips_of_rows(rows)
