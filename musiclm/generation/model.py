@@ -147,8 +147,12 @@ def _check_prompt_audio(path: str | Path) -> float:
 
 
 def _find_tokenizer(runs: list[Path], fingerprint: str) -> Path:
-    """The tokenizer folder of these runs: RUN/tokenizer/, else the data folder recorded in RUN/run.json."""
-    from musiclm.pipeline.tokenizer import read_record, tokenizer_folder
+    """The tokenizer folder of these runs: RUN/tokenizer/, else the data folder recorded in RUN/run.json.
+
+    The first that holds the stages' tokenizer is taken, damaged or not (Tokenizer.load refuses a damaged
+    one): a copy whose tokenizer.json is gone but whose record file says it had one is refused here, not
+    passed over for the next candidate."""
+    from musiclm.pipeline.tokenizer import ADVICE, RECORDS_FILE, read_checked_record, tokenizer_folder
     from musiclm.shards.format import TOKENIZER_FILE
     from musiclm.training.trainer import RUN_FILE
 
@@ -161,7 +165,9 @@ def _find_tokenizer(runs: list[Path], fingerprint: str) -> Path:
         if data:
             candidates.append(tokenizer_folder(data))
     for folder in candidates:
-        if (folder / TOKENIZER_FILE).is_file() and read_record(folder)["fingerprint"] == fingerprint:
+        if not (folder / TOKENIZER_FILE).is_file() and (folder / RECORDS_FILE).is_file():
+            raise UserError(f"{folder / TOKENIZER_FILE} is missing: {ADVICE}")
+        if (folder / TOKENIZER_FILE).is_file() and read_checked_record(folder)["fingerprint"] == fingerprint:
             return folder
     tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
     raise UserError(f"cannot find the tokenizer (fingerprint {fingerprint}) these stages were trained with; looked in {tried}")

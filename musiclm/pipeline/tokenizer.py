@@ -3,7 +3,17 @@
 ``tokenizer/`` holds ``tokenizer.json`` (backbone ids and revisions, rates,
 vocabularies, the tokenize config and checksums), the quantizer arrays as plain
 ``.npy`` and, for backbones built offline (``model = "random"``), the backbones
-themselves in ``clap/``, ``mert/`` and ``encodec/``.
+themselves in ``clap/``, ``mert/`` and ``encodec/``. ``records.json`` (a
+:mod:`musiclm.integrity` record file) holds the bytes and sha256 of every other
+file, tokenizer.json included.
+
+Loading checks them (:func:`check_folder`): tokenizer.json and the quantizer
+arrays are small and hashed; the saved backbones, which can be large, get the
+cheap check (size and the safetensors header) on every load and are hashed by
+``musiclm verify``. Backbones named by a hub id are not in the folder and not
+checked here. A folder written before record files has no records.json: its
+quantizers and backbones are checked against the sha256 sums tokenizer.json
+keeps (their sizes were not recorded).
 
 Audio goes in as mono float32 arrays, one per sample rate the backbones need
 (``Tokenizer.sample_rates``); tokens come out as the arrays of a shard sample.
@@ -25,8 +35,8 @@ import torch
 
 from musiclm import atomic
 from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
-from musiclm.digest import sha256_file
 from musiclm.errors import UserError
+from musiclm.integrity import UNRECORDED, DamagedFile, FileRecord, read_records, require, write_records
 from musiclm.models.clap_mel import ClapMel
 from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
 from musiclm.pipeline.fit_plan import check_clap_window
@@ -40,10 +50,8 @@ QUANTIZER_FILES = {
     "clap_codebooks": "clap_rvq.npy",  # [L, K, D]
 }
 SEEDS = {"clap": 0, "mert": 1, "encodec": 2}
-
-
-def _sha256_folder(folder: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+RECORDS_FILE = "records.json"  # bytes and sha256 of every other file of the folder
+ADVICE = "copy the tokenized corpus's DIR/tokenizer folder over this one (musiclm train copies it into each run), or re-run musiclm tokenize"
 
 
 class Tokenizer:
@@ -92,24 +100,29 @@ class Tokenizer:
     def load(cls, folder: str | Path, device: str = "cpu") -> Tokenizer:
         """A saved tokenizer folder (``DIR/tokenizer``), quantizer checksums verified."""
         folder = tokenizer_folder(folder)
-        record = read_record(folder)
+        record = check_folder(folder)
         cfg = tokenize_config_from_dict(record["config"])
         quantizers = {}
         for name, fname in QUANTIZER_FILES.items():
-            path = folder / fname
-            if not path.is_file() or sha256_file(path) != record["quantizers"][fname]:
-                raise UserError(f"tokenizer file {path} is missing or was modified; re-run musiclm tokenize")
-            quantizers[name] = np.load(path, allow_pickle=False)
+            try:
+                quantizers[name] = np.load(folder / fname, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DamagedFile(folder / fname, f"unreadable: {_first_line(e)}", ADVICE) from None
 
-        def local(name: str) -> Path | None:
+        def backbone(name: str, load, spec):
             sub = record["backbones"][name].get("path")
-            return folder / sub if sub else None
+            if not sub:
+                return load(spec, None)  # a hub id: loading errors are the backbone loader's to tell
+            try:
+                return load(spec, folder / sub)
+            except Exception as e:  # noqa: BLE001 - a saved backbone that passed its checks and still fails to load is damaged
+                raise DamagedFile(folder / sub, f"cannot be loaded: {_first_line(e)}", ADVICE) from None
 
         return cls(
             cfg,
-            load_clap(cfg.clap, local("clap")),
-            load_mert(cfg.mert, local("mert")),
-            load_encodec(cfg.encodec, local("encodec")),
+            backbone("clap", load_clap, cfg.clap),
+            backbone("mert", load_mert, cfg.mert),
+            backbone("encodec", load_encodec, cfg.encodec),
             quantizers=quantizers,
             device=device,
             record=record,
@@ -134,29 +147,34 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.save_backbones(folder)
-        qsums = {}
+        files: dict[str, FileRecord] = {}  # every file written here, for records.json
         for name, fname in QUANTIZER_FILES.items():
             np.save(folder / fname, self.quantizers[name], allow_pickle=False)
-            qsums[fname] = sha256_file(folder / fname)
+            files[fname] = FileRecord.of(folder / fname)
         backbones = {}
         for name, spec in (("clap", self.cfg.clap), ("mert", self.cfg.mert), ("encodec", self.cfg.encodec)):
             entry: dict[str, Any] = {"model": spec.model, "revision": spec.revision, "path": None}
             if spec.model == RANDOM:
                 entry["path"] = name
-                entry["sha256"] = _sha256_folder(folder / name)
+                saved = {p.name: FileRecord.of(p) for p in sorted((folder / name).iterdir()) if p.is_file()}
+                files.update({f"{name}/{fname}": r for fname, r in saved.items()})
+                entry["sha256"] = {fname: r.sha256 for fname, r in saved.items()}
             backbones[name] = entry
         record = {
             "format": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config": to_dict(self.cfg),
             "backbones": backbones,
-            "quantizers": qsums,
+            "quantizers": {fname: files[fname].sha256 for fname in QUANTIZER_FILES.values()},
             "streams": self.streams(),
+            "records": RECORDS_FILE,  # outside the fingerprint: where the files' checksums are, not what tokens mean
         }
         record["fingerprint"] = fingerprint(record)
         if fit_report is not None:
             record["fit"] = fit_report
         atomic.write_text(folder / TOKENIZER_FILE, json.dumps(record, indent=2, sort_keys=True))
+        files[TOKENIZER_FILE] = FileRecord.of(folder / TOKENIZER_FILE)
+        write_records(folder / RECORDS_FILE, files)  # last: a folder with it is whole
         self.record = record
         return TokenInfo.from_json(record)
 
@@ -445,13 +463,110 @@ def read_record(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"no tokenizer at {folder}: expected {path} (a DIR/tokenizer folder written by musiclm tokenize)")
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_bytes())
+    except ValueError:  # UnicodeDecodeError included
+        raise DamagedFile(path, "not valid JSON", ADVICE) from None
+    try:
         record["config"], record["quantizers"], record["backbones"], record["fingerprint"]
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{path} is not a musiclm tokenizer file ({e}); re-run musiclm tokenize") from None
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a musiclm tokenizer file (no {e}); re-run musiclm tokenize") from None
     if record.get("format") != FORMAT_VERSION:
         raise UserError(
             f"{path} has tokenizer format {record.get('format')}, this musiclm reads {FORMAT_VERSION}: "
             "re-run musiclm tokenize into a new --out (without --tokenizer) to fit a new tokenizer"
         )
     return record
+
+
+# ---- checksums ------------------------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _sums_in_record(folder: Path, record: dict[str, Any], own: FileRecord | None = UNRECORDED) -> dict[str, FileRecord | None]:
+    """The files tokenizer.json names with their sha256 (quantizers, saved backbones), for a folder without
+    records.json. Their sizes were not recorded: each record takes the file's size as it is now, so that
+    only its sha256 is checked. ``own``: tokenizer.json's record (it has none: UNRECORDED)."""
+
+    def sums_only(rel: str, sha: str) -> FileRecord:
+        path = folder / rel
+        return FileRecord(path.stat().st_size if path.is_file() else 0, str(sha))
+
+    out: dict[str, FileRecord | None] = {TOKENIZER_FILE: own}
+    for fname, sha in (record.get("quantizers") or {}).items():
+        out[fname] = sums_only(fname, sha)
+    for entry in (record.get("backbones") or {}).values():
+        if isinstance(entry, dict) and entry.get("path"):
+            for fname, sha in (entry.get("sha256") or {}).items():
+                out[f"{entry['path']}/{fname}"] = sums_only(f"{entry['path']}/{fname}", sha)
+    return out
+
+
+def folder_records(folder: str | Path, record: dict[str, Any] | None) -> dict[str, FileRecord | None]:
+    """``{path relative to the folder: record}`` of every file of a tokenizer folder but records.json itself.
+
+    ``record``: its parsed tokenizer.json (None when unreadable). From records.json when there is one; a
+    folder written before record files is described by the sums in tokenizer.json. DamagedFile when
+    records.json is damaged, UserError when it is missing from a folder whose tokenizer.json says it has one.
+    """
+    folder = Path(folder)
+    try:
+        return dict(read_records(folder / RECORDS_FILE))
+    except FileNotFoundError:
+        if record is not None and record.get("records"):
+            raise UserError(f"{folder / RECORDS_FILE} is missing: {ADVICE}") from None
+    return _sums_in_record(folder, record or {})
+
+
+def read_checked_record(folder: str | Path) -> dict[str, Any]:
+    """:func:`read_record`, after tokenizer.json is checked against records.json (hashed), so that a damaged
+    tokenizer.json is told as such before its content is read."""
+    folder = tokenizer_folder(folder)
+    try:
+        recorded = read_records(folder / RECORDS_FILE).get(TOKENIZER_FILE)
+    except FileNotFoundError:
+        recorded = None
+    if recorded is not None:
+        require(folder / TOKENIZER_FILE, recorded, ADVICE, full=True)
+    return read_record(folder)
+
+
+def check_folder(folder: str | Path, full: bool = False) -> dict[str, Any]:
+    """The parsed tokenizer.json of a tokenizer folder whose files are all sound, else DamagedFile /
+    UserError (one line naming the file).
+
+    tokenizer.json and the quantizer arrays are hashed; the saved backbones are hashed only with ``full``,
+    else checked for size and their safetensors header."""
+    folder = tokenizer_folder(folder)
+    record = read_checked_record(folder)
+    small = {TOKENIZER_FILE, *QUANTIZER_FILES.values()}
+    for rel, rec in sorted(folder_records(folder, record).items()):
+        require(folder / rel, rec, ADVICE, full=full or rel in small)
+    return record
+
+
+def expected_files(folder: str | Path) -> dict[str, tuple[FileRecord | None, str]]:
+    """Every file a tokenizer folder should hold, for ``musiclm verify``: ``{relative path: (record, advice)}``.
+
+    When records.json is damaged or missing, it is listed (and so reported) and the files are checked against
+    the sums in tokenizer.json; when neither tells what belongs, every file there is checked for being whole."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / TOKENIZER_FILE).read_bytes())
+        record = record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        record = None
+    try:
+        records = folder_records(folder, record)
+        listed = (folder / RECORDS_FILE).exists()
+    except UserError:  # records.json damaged or missing: reported as such (and the files are not "unrecorded")
+        records, listed = _sums_in_record(folder, record or {}, own=None), True
+    if record is None and len(records) <= 1:  # nothing says which files belong: take what is there
+        records.update({p.relative_to(folder).as_posix(): None for p in folder.rglob("*") if p.is_file()})
+    out = {rel: (rec, ADVICE) for rel, rec in records.items()}
+    if listed:
+        out[RECORDS_FILE] = (None, ADVICE)
+    return out
