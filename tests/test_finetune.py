@@ -198,7 +198,7 @@ def test_adapters_alone_train_from_the_base_model_and_are_not_weight_decayed():
 def test_an_adapter_checkpoint_holds_the_adapter_and_its_optimizer_state_only(adapter_run, base_run):
     folder = ckpt.latest_checkpoint(adapter_run)
     assert [s for s, _ in ckpt.list_checkpoints(adapter_run)] == [20, 30]
-    assert sorted(p.name for p in folder.iterdir()) == [ckpt.ADAPTER, ckpt.STATE]
+    assert sorted(p.name for p in folder.iterdir()) == [ckpt.ADAPTER, ckpt.RECORDS, ckpt.STATE]
     weights = load_file(str(folder / ckpt.ADAPTER))
     assert set(weights) == {f"blocks.{i}.{t}.lora_{ab}.weight" for i in range(CFG.model.n_layers) for t in TARGETS for ab in "AB"}
     assert weights["blocks.0.attn.qkv.lora_A.weight"].shape == (RANK, CFG.model.d_model)
@@ -238,7 +238,7 @@ def test_an_adapter_run_loads_as_its_base_with_the_adapter_merged(adapter_run, b
 
     out = tmp_path / "merged"
     main(["merge", str(adapter_run), "--out", str(out)])
-    assert sorted(p.name for p in ckpt.latest_checkpoint(out).iterdir()) == [ckpt.WEIGHTS, ckpt.STATE]
+    assert sorted(p.name for p in ckpt.latest_checkpoint(out).iterdir()) == [ckpt.WEIGHTS, ckpt.RECORDS, ckpt.STATE]
     run = json.loads((out / "run.json").read_text())
     assert "lora" not in run and run["merged_from"]["step"] == 30 and (out / "tokenizer" / "tokenizer.json").is_file()
     again, *_ = load_stage(out, "cpu")

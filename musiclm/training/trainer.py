@@ -5,7 +5,7 @@ A run folder ``RUN`` (``--out``) holds::
     run.json            stage, full config, tokenizer info (with fingerprint), data paths, layout, world size
     tokenizer/          a copy of the data's tokenizer folder (tokenizer.json, quantizers, offline
                         backbones), so generation decodes with exactly the tokenizer trained on
-    checkpoints/        step-NNNNNNNNN/{model.safetensors,state.pt} and ``latest`` (see checkpoint.py)
+    checkpoints/        step-NNNNNNNNN/{model.safetensors,state.pt,records.json} and ``latest`` (see checkpoint.py)
     metrics.jsonl       one JSON object per logged step: "step", "train/loss", "train/lr", "val/loss", ...
     tb/                 the same scalars for TensorBoard
 
@@ -34,6 +34,11 @@ fp32); on CPU everything is fp32.
 Exact resume: a checkpoint stores the optimizer, scheduler and RNG states and
 how many batches each rank consumed; the loader restarts at that batch (see
 data.py), so a resumed run computes the same steps as an uninterrupted one.
+A resumed run continues from the newest *sound* checkpoint (every file hashed
+against its record, see checkpoint.py); newer damaged ones are named on stderr
+and moved aside (``checkpoints/damaged-step-…``), and their steps are trained
+again. With none sound left it refuses in one line. A damaged run.json is
+written again when the run's config is given (``--preset``/``--config``).
 
 Several processes: under ``torchrun`` (``WORLD_SIZE > 1``) each rank reads a
 disjoint part of the data, gradients are averaged by DistributedDataParallel
@@ -65,6 +70,7 @@ from torch import nn
 from musiclm import atomic
 from musiclm.config import Config, config_from_dict, load_config, to_dict
 from musiclm.errors import UserError
+from musiclm.integrity import DamagedFile, FileRecord
 from musiclm.models.layout import StageLayout, layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
@@ -75,6 +81,9 @@ from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loa
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"
+TOKENIZER_DIR = "tokenizer"
+RUN_ADVICE = "restore run.json from a copy; musiclm train --resume with the run's --preset/--config writes it again"
 DEBUG_KEYS_ENV = "MUSICLM_DEBUG_KEYS"  # a folder: each rank appends the clip keys of every batch it trains on
 
 
@@ -306,7 +315,7 @@ class Metrics:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
         except ImportError:  # tensorboard missing: metrics.jsonl still has everything
             self.tb = None
 
@@ -413,7 +422,16 @@ def run_train(
     Under torchrun (``WORLD_SIZE > 1``) a finished run ends the process instead of returning.
     """
     run_file = Path(out) / RUN_FILE
-    previous = json.loads(run_file.read_text()) if resume and run_file.is_file() else None
+    previous, run_problem = None, None  # run.json of the run resumed; what is wrong with it
+    if resume and run_file.is_file():
+        try:
+            previous = _read_run(Path(out))
+        except DamagedFile as e:
+            run_problem = f"is damaged ({e.problem})"
+    elif resume and ckpt.latest_checkpoint(out) is not None:
+        run_problem = "is missing"
+    if run_problem is not None and cfg is None:  # written again from the config given, if one is
+        raise UserError(f"{run_file} {run_problem}: pass the run's --preset/--config to resume it (run.json is written again), or restore run.json from a copy")
     if cfg is None:
         if previous is not None:
             cfg = config_from_dict(previous["config"])
@@ -445,11 +463,16 @@ def run_train(
         check_resumable(previous, stage, cfg, info, out)
         if latest is not None and previous.get("merged_from"):
             raise UserError(f"{out} was written by musiclm merge and holds no optimizer state to resume; fine-tune it with --init-from {out} and another --out")
-    start = resolve_start(stage, cfg, info, out, init_from, lora_rank, lora_alpha, previous, latest if resume else None)
+    point = resume_point(out, previous) if resume and latest is not None else None
+    if run_problem is not None and point is not None:
+        _check_without_run_file(out, info, point, f"{run_file} {run_problem}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: {run_file} {run_problem}; resuming with the config given, and writing it again", file=sys.stderr)
+    start = resolve_start(stage, cfg, info, out, init_from, lora_rank, lora_alpha, previous, point.folder if point is not None else None)
 
     d = setup_distributed(device)
     try:
-        _train(stage, data, out, cfg, layout, info, split, val_data, latest if resume else None, d, start)
+        _train(stage, data, out, cfg, layout, info, split, val_data, point, d, start)
     finally:
         if d.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -468,9 +491,90 @@ class Start:
 
 
 def _read_run(run_path: Path) -> dict[str, Any]:
-    if not (run_path / RUN_FILE).is_file():
-        raise UserError(f"{run_path} is not a musiclm run folder (no {RUN_FILE})")
-    return json.loads((run_path / RUN_FILE).read_text())
+    """The parsed run.json of a run folder: UserError without one, DamagedFile when it does not parse."""
+    path = run_path / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"{run_path} is not a musiclm run folder ({RUN_FILE} is missing)")
+    try:
+        run = json.loads(path.read_bytes())
+    except ValueError:  # UnicodeDecodeError included
+        raise DamagedFile(path, "not valid JSON", RUN_ADVICE) from None
+    if not isinstance(run, dict):
+        raise DamagedFile(path, "not a JSON object", RUN_ADVICE)
+    return run
+
+
+def read_run_lenient(run_path: str | Path) -> dict[str, Any] | None:
+    """The parsed run.json of a run folder, None when it is missing or damaged."""
+    try:
+        return _read_run(Path(run_path))
+    except UserError:
+        return None
+
+
+def run_files(run_dir: str | Path) -> dict[str, tuple[FileRecord | None, str]]:
+    """The files of a run folder besides its checkpoints, for ``musiclm verify``: run.json, and when there
+    metrics.jsonl, TensorBoard event files and manifest.json (logs and a copy: no records of their own,
+    they are checked for being whole), and the tokenizer copy's files with their records."""
+    from musiclm.shards.manifest import MANIFEST_FILE
+
+    run_dir = Path(run_dir)
+    out: dict[str, tuple[FileRecord | None, str]] = {RUN_FILE: (None, RUN_ADVICE)}
+    for name in (METRICS_FILE, MANIFEST_FILE):
+        if (run_dir / name).exists():
+            out[name] = (None, "musiclm train --resume writes it again")
+    for p in sorted((run_dir / TB_DIR).rglob("*")):
+        if p.is_file():
+            out[p.relative_to(run_dir).as_posix()] = (None, "TensorBoard's log; metrics.jsonl holds the same values")
+    if (run_dir / TOKENIZER_DIR).is_dir():
+        from musiclm.pipeline.tokenizer import expected_files as tokenizer_files  # verify only: training never imports the pipeline
+
+        out.update({f"{TOKENIZER_DIR}/{rel}": v for rel, v in tokenizer_files(run_dir / TOKENIZER_DIR).items()})
+    return out
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """The checkpoint a resumed run continues from, loaded, and the newer ones passed over as ``(folder, "file: problem")``."""
+
+    folder: Path
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    passed: list[tuple[Path, str]]
+
+
+def resume_point(out: Path, run: dict[str, Any] | None) -> ResumePoint:
+    """The newest sound checkpoint of the run folder ``out``, loaded (``run``: its parsed run.json, None when damaged).
+
+    Every file of each candidate is hashed against its record, newest first: resuming reads all of them
+    right after, and a flipped byte in state.pt loads without complaint. UserError when none is sound.
+    """
+
+    def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        weights = ckpt.weights_file(folder)
+        return ckpt.load_weights(folder, file=weights.name), ckpt.load_state(folder)
+
+    folder, loaded, passed = ckpt.sound_checkpoint(out, ckpt.records_from(run, out), load=load)
+    if folder is None:
+        found = "; ".join(f"{f.name}: {problem}" for f, problem in passed)
+        raise UserError(
+            f"no sound checkpoint left in {out} ({found}): restore one from a copy, "
+            f"or train from step 0 again (into another --out, or after removing {out / ckpt.CHECKPOINTS})"
+        )
+    return ResumePoint(folder, loaded[0], loaded[1], passed)
+
+
+def _check_without_run_file(out: Path, info: TokenInfo, point: ResumePoint, problem: str) -> None:
+    """Resuming with a damaged run.json (the config given instead): what run.json would have checked
+    that can still be, from the run's tokenizer copy and its checkpoint. UserError where it cannot."""
+    try:
+        fingerprint = json.loads((out / TOKENIZER_DIR / TOKENIZER_FILE).read_bytes()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        fingerprint = None
+    if fingerprint is not None and fingerprint != info.fingerprint:
+        raise UserError(f"{out} was trained on tokens of another tokenizer (fingerprint {fingerprint}, data has {info.fingerprint}); resume it on its own data")
+    if ckpt.weights_file(point.folder).name == ckpt.ADAPTER:
+        raise UserError(f"{problem}, and this run trains a LoRA adapter, whose base only run.json names: restore run.json from a copy")
 
 
 def resolve_start(
@@ -511,13 +615,15 @@ def resolve_start(
         return Start()
     folder = ckpt.checkpoint_folder(init_from)
     base_run = ckpt.run_folder(folder)
-    check_base(_read_run(base_run), stage, cfg, info, Path(init_from))
+    base = _read_run(base_run)
+    check_base(base, stage, cfg, info, Path(init_from))
+    ckpt.require_sound(folder, base, named=folder == Path(init_from))  # before its sha256 names it in run.json
     if spec is not None and ckpt.weights_file(folder).name == ckpt.ADAPTER:
         raise UserError(f"--init-from {init_from} is an adapter run; merge it first (musiclm merge {base_run} --out DIR) and train the adapter on DIR")
     return Start(ckpt.CheckpointRef.of(folder), spec)
 
 
-def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, val_data, latest: Path | None, d: Dist, start: Start) -> Path:
+def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, val_data, point: ResumePoint | None, d: Dist, start: Start) -> Path:
     tc = cfg.train
     stage_cfg = cfg.stages.get(stage)
     torch.manual_seed(tc.seed + d.rank)
@@ -525,18 +631,22 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
     np.random.seed(tc.seed + d.rank)
 
     model = MusicTransformer.for_layout(cfg.model, layout)
-    state = None
+    latest = point.folder if point is not None else None
+    state = point.state if point is not None else None
     if start.lora is not None:
         model.load_state_dict(ckpt.load_weights(start.base.folder))
         lora.add_adapters(model, start.lora)
-        if latest is not None:
-            lora.load_adapter_weights(model, ckpt.load_weights(latest, file=ckpt.ADAPTER), str(latest))
-    elif latest is not None:
-        model.load_state_dict(ckpt.load_weights(latest))
+        if point is not None:
+            lora.load_adapter_weights(model, point.weights, str(latest))
+    elif point is not None:
+        try:
+            model.load_state_dict(point.weights)
+        except RuntimeError as e:  # reached only when run.json was damaged: the config was not checked against the run's
+            raise UserError(f"{latest} does not fit the model of this config ({str(e).strip().splitlines()[0]}): pass the run's --preset/--config") from None
     elif start.base is not None:
         model.load_state_dict(load_stage(start.base.folder, device="cpu")[0].state_dict())
-    if latest is not None:
-        state = ckpt.load_state(latest)
+    if point is not None:
+        point.weights.clear()  # copied into the model: not kept for the whole run
     model.to(d.device)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, fused=d.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
@@ -562,7 +672,7 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
         step_module = torch.compile(step_module)
 
     if d.main:
-        _prepare_run_folder(out, stage, data, val_data, cfg, layout, info, split, model, d, step, resumed=latest is not None, start=start)
+        _prepare_run_folder(out, stage, data, val_data, cfg, layout, info, split, model, d, step, point=point, start=start)
     progress = Progress(d.main, tc.steps, step)
     progress.print(f"{layout.describe()}; {model.num_parameters():,} parameters on {d.device} x {d.world_size}")
     if start.base is not None:
@@ -571,7 +681,9 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         progress.print(f"LoRA rank {start.lora.rank}, alpha {start.lora.alpha:g} on {', '.join(start.lora.targets)}: {trainable:,} trainable parameters, the base frozen")
     progress.print(f"training: {sum(e.used for e in split.train)} clips in {len(split.train)} shards; {split.how}")
-    if latest is not None:
+    if point is not None:
+        for folder, problem in point.passed:
+            progress.print(f"checkpoint {folder.name} is damaged ({problem}); resuming from {latest.name} (the damaged one is moved to {ckpt.CHECKPOINTS}/{ckpt.DAMAGED_PREFIX}{folder.name})")
         progress.print(f"resuming from {latest} (step {step})")
     if step >= tc.steps:
         progress.print(f"nothing to do: the run is already at step {step} of {tc.steps}")
@@ -682,11 +794,22 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
 
 
 def _prepare_run_folder(
-    out: Path, stage: str, data: Path, val_data, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, model: MusicTransformer, d: Dist, step: int, resumed: bool, start: Start
+    out: Path, stage: str, data: Path, val_data, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, model: MusicTransformer, d: Dist, step: int, point: ResumePoint | None, start: Start
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(out)
-    old = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else {}
+    resumed = point is not None
+    old = read_run_lenient(out)
+    if resumed:
+        for folder, _ in point.passed:
+            ckpt.move_aside(folder)
+        atomic.write_text(out / ckpt.CHECKPOINTS / ckpt.LATEST, point.folder.name + "\n")
+        # checkpoints from here on carry a record file; older ones of a run begun before record files do not
+        records_from = ckpt.records_from(old, out)
+        records_from = int(records_from) if math.isfinite(records_from) else step + 1
+    else:
+        records_from = 0
+    old = old or {}
     run = {
         "format": 1,
         "stage": stage,
@@ -712,23 +835,28 @@ def _prepare_run_folder(
         "lora": start.lora.to_json() if start.lora is not None else None,
         "world_size": d.world_size,
         "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")) if resumed else time.strftime("%Y-%m-%dT%H:%M:%S"),
+        ckpt.RECORDS_FROM: records_from,
     }
     if resumed:
         run["resumed_at_step"] = step
     atomic.write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
-    _copy_tokenizer(data / "tokenizer", out / "tokenizer", info)
+    _copy_tokenizer(data / TOKENIZER_DIR, out / TOKENIZER_DIR, info)
     carry_manifest(data, out)  # the corpus these weights learned from travels with them
     if resumed:
         _truncate_metrics(out / METRICS_FILE, step)
     else:
         (out / METRICS_FILE).unlink(missing_ok=True)
-        shutil.rmtree(out / "tb", ignore_errors=True)
+        shutil.rmtree(out / TB_DIR, ignore_errors=True)
 
 
 def _copy_tokenizer(src: Path, dst: Path, info: TokenInfo) -> None:
-    """Copy the tokenizer folder into the run (atomically; kept when it is already the same tokenizer)."""
-    if (dst / TOKENIZER_FILE).is_file() and json.loads((dst / TOKENIZER_FILE).read_text()).get("fingerprint") == info.fingerprint:
-        return
+    """Copy the tokenizer folder into the run (atomically; kept when it is already the same tokenizer,
+    copied again when its tokenizer.json is another tokenizer's or unreadable)."""
+    try:
+        if json.loads((dst / TOKENIZER_FILE).read_bytes()).get("fingerprint") == info.fingerprint:
+            return
+    except (OSError, ValueError, AttributeError):
+        pass
     if (src / TOKENIZER_FILE).is_file():
         atomic.copy_folder(src, dst)
     else:
@@ -753,6 +881,7 @@ def load_stage(run_dir: str | Path, device: str | torch.device | None = None) ->
     folder = ckpt.checkpoint_folder(path)
     run_path = ckpt.run_folder(folder)
     run = _read_run(run_path)
+    ckpt.require_sound(folder, run, named=folder == path)
     cfg = config_from_dict(run["config"])
     info = TokenInfo.from_json(run["tokenizer"])
     layout = layout_for(run["stage"], info, cfg.stages.get(run["stage"]))
@@ -783,8 +912,9 @@ def merge_run(adapter_run: str | Path, out: str | Path) -> Path:
     if out.resolve() == run_path.resolve() or ckpt.latest_checkpoint(out) is not None:
         raise UserError(f"{out} already holds checkpoints; choose another --out")
     model, _, _, info = load_stage(folder, device="cpu")
-    step = int(ckpt.load_state(folder)["step"])
+    step = ckpt.checkpoint_step(folder)
     merged = {k: v for k, v in run.items() if k not in ("lora", "resumed_at_step", "trainable_parameters")}
+    merged[ckpt.RECORDS_FROM] = 0
     merged["merged_from"] = {"run": str(run_path.resolve()), "checkpoint": folder.name, "step": step, "lora": run["lora"]}
     merged["parameters"] = model.num_parameters()
     merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
