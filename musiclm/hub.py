@@ -10,9 +10,11 @@ A pushed model is one commit of a model repo::
     STAGE/manifest.json                         the corpus manifest summary, when the run carries one
     STAGE/checkpoints/latest                    names the one checkpoint below
     STAGE/checkpoints/step-N/model.safetensors  the weights only: no optimizer, scheduler or RNG state
+    STAGE/checkpoints/step-N/records.json       the weights' bytes and sha256 (musiclm.integrity)
 
 so that a pulled snapshot is a model folder :meth:`MusicLM.from_pretrained` reads like a local one
-(:func:`stage_source` finds a stage's weights without ``state.pt``).
+(:func:`stage_source` finds a stage's weights without ``state.pt``) and ``musiclm verify`` checks.
+A push refuses damaged weights or a damaged tokenizer (every file hashed against its record).
 
 Pulling goes through ``huggingface_hub.snapshot_download``: the cache (``HF_HUB_CACHE`` / ``HF_HOME``),
 offline mode (``HF_HUB_OFFLINE=1``), tokens and endpoints are the library's own. ``revision`` (a branch,
@@ -140,10 +142,10 @@ def stage_source(run: str | Path) -> Path:
     """What :func:`~musiclm.training.trainer.load_stage` should read for the stage folder ``run``: the folder
     itself when it has a complete checkpoint (a training run), else the checkpoint its ``checkpoints/latest``
     names when that holds the weights (a pushed or pulled model, which has no ``state.pt``)."""
-    from musiclm.training.checkpoint import CHECKPOINTS, LATEST, WEIGHTS, latest_checkpoint
+    from musiclm.training.checkpoint import CHECKPOINTS, LATEST, WEIGHTS, list_checkpoints
 
     run = Path(run)
-    if (run / WEIGHTS).is_file() or latest_checkpoint(run) is not None:
+    if (run / WEIGHTS).is_file() or list_checkpoints(run):
         return run
     pointer = run / CHECKPOINTS / LATEST
     if pointer.is_file():
@@ -216,15 +218,35 @@ def _tokenizer_dir(runs: Path, stages: dict[str, StageRun]) -> Path:
     raise UserError(f"cannot find the tokenizer (fingerprint {fingerprint}) of {runs}: put the corpus's DIR/tokenizer folder at {runs / TOKENIZER}")
 
 
+def _weights_record(s: StageRun) -> bytes:
+    """The record file of a pushed checkpoint: its weight file's record (from the run's record file, whose
+    sha256 the weights were just checked against; hashed now for a checkpoint written before record files)."""
+    import tempfile
+
+    from musiclm.integrity import FileRecord, read_records, write_records
+    from musiclm.training.checkpoint import RECORDS, WEIGHTS, require_sound
+
+    require_sound(s.weights.parent, s.record, advice="restore it from a copy (or musiclm train --resume the run past it), then push again")
+    try:
+        record = read_records(s.weights.parent / RECORDS)[WEIGHTS]
+    except FileNotFoundError:
+        record = FileRecord.of(s.weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_records(Path(tmp) / RECORDS, {WEIGHTS: record})
+        return (Path(tmp) / RECORDS).read_bytes()
+
+
 def push_operations(runs: str | Path, repo_id: str | None = None) -> list:
     """The ``CommitOperationAdd`` list of a push (see the module docstring): what :func:`push` commits."""
     from huggingface_hub import CommitOperationAdd
 
-    from musiclm.training.checkpoint import CHECKPOINTS, LATEST, WEIGHTS
+    from musiclm.pipeline.tokenizer import check_folder
+    from musiclm.training.checkpoint import CHECKPOINTS, LATEST, RECORDS, WEIGHTS
 
     runs = Path(runs)
     stages = _stage_runs(runs)
     tokenizer = _tokenizer_dir(runs, stages)
+    check_folder(tokenizer, full=True)
     ops = [CommitOperationAdd(README, model_card(runs, repo_id=repo_id).encode("utf-8"))]
     for path in sorted(p for p in tokenizer.rglob("*") if p.is_file()):
         rel = path.relative_to(tokenizer)
@@ -238,6 +260,7 @@ def push_operations(runs: str | Path, repo_id: str | None = None) -> list:
         ckpt = s.weights.parent.name
         ops.append(CommitOperationAdd(f"{s.name}/{CHECKPOINTS}/{LATEST}", (ckpt + "\n").encode()))
         ops.append(CommitOperationAdd(f"{s.name}/{CHECKPOINTS}/{ckpt}/{WEIGHTS}", str(s.weights)))
+        ops.append(CommitOperationAdd(f"{s.name}/{CHECKPOINTS}/{ckpt}/{RECORDS}", _weights_record(s)))
     return ops
 
 

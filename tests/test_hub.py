@@ -27,6 +27,7 @@ from musiclm import MusicLM
 from musiclm.config import STAGES
 from musiclm.errors import UserError
 from musiclm.hub import BACKBONE_LICENCES, model_card, push, push_operations, resolve_model, stage_source
+from musiclm.integrity import FileRecord, write_records
 from musiclm.shards.manifest import FileFacts, carry_manifest, read_manifest, write_manifest
 from tests.factories import torch_threads
 
@@ -113,6 +114,7 @@ def test_a_hub_id_loads_from_the_cache_offline_at_the_pinned_revision(runs, offl
     weights = stage_source(b / "semantic") / "model.safetensors"
     later = {k: v + 0.5 for k, v in load_file(weights).items()}  # a later commit: other semantic weights
     save_file(later, str(weights))
+    write_records(weights.parent / "records.json", {"model.safetensors": FileRecord.of(weights)})  # as that commit's push records them
     hub_cache(offline_cache, REPO, {SHA_A: a, SHA_B: b}, refs={"main": SHA_B, "v1": SHA_A})
 
     local = MusicLM.from_pretrained(runs, device="cpu", precision="fp32")
