@@ -197,14 +197,16 @@ def end_marker_problem(path: str | Path) -> str | None:
 
 
 def quick_check(path: str | Path, record: FileRecord | None) -> str | None:
-    """The problem with ``path`` found cheaply (missing, size differs from the record, end marker), or None."""
+    """The problem with ``path`` found cheaply (missing, end marker, size differs from the record), or None.
+    The end marker first: a cut file is told as truncated, a whole file of another size by its size."""
     path = Path(path)
     if not path.is_file():
         return "missing"
+    problem = end_marker_problem(path)
     size = path.stat().st_size
-    if record is not None and record is not UNRECORDED and size != record.bytes:
-        return f"{'truncated: ' if size < record.bytes else ''}{size} bytes, recorded {record.bytes}"
-    return end_marker_problem(path)
+    if problem is None and record is not None and record is not UNRECORDED and size != record.bytes:
+        return f"{size} bytes, recorded {record.bytes}"
+    return problem
 
 
 UNRECORDED = FileRecord(-1, "unrecorded")
