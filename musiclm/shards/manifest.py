@@ -277,9 +277,12 @@ def _version() -> str:
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     """The manifest summary of a tokenized folder or a run folder (``folder/manifest.json``); None when there is none."""
+    from musiclm.shards.writer import MANIFEST_RECORD, require_recorded
+
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         return None
+    require_recorded(folder, MANIFEST_RECORD, MANIFEST_FILE)  # a tokenized folder keeps a record of it
     try:
         summary = json.loads(path.read_text())
         summary["manifest_sha256"], summary["files"], summary["paths"]
@@ -290,12 +293,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 def read_file_table(folder: str | Path):
     """The per-file table (a pyarrow Table) of a tokenized folder."""
-    import pyarrow.parquet as pq
+    from musiclm.shards.writer import MANIFEST_RECORD, read_parquet, require_recorded
 
     path = Path(folder) / TABLE_FILE
     if not path.is_file():
         raise UserError(f"no manifest table at {path}: rerun musiclm tokenize on the corpus to write it")
-    return pq.read_table(path)
+    require_recorded(folder, MANIFEST_RECORD, TABLE_FILE)
+    return read_parquet(path, folder)
 
 
 def check_manifest(folder: str | Path) -> str:
@@ -322,10 +326,13 @@ def carry_manifest(data_dir: str | Path, run_dir: str | Path) -> None:
     it. Without a manifest in ``data_dir`` (tokenized by an older musiclm) a stale copy in ``run_dir`` is
     removed rather than left to describe other data.
     """
+    from musiclm.shards.writer import MANIFEST_RECORD, require_recorded
+
     src, dst = Path(data_dir) / MANIFEST_FILE, Path(run_dir) / MANIFEST_FILE
     if not src.is_file():
         dst.unlink(missing_ok=True)
         return
+    require_recorded(data_dir, MANIFEST_RECORD, MANIFEST_FILE)
     tmp = atomic.temp_path(dst)
     shutil.copyfile(src, tmp)
     atomic.fsync_replace(tmp, dst)

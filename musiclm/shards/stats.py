@@ -18,6 +18,12 @@ them one file at a time, so it stays fast for a corpus of a million clips and
 its memory grows only by each clip's duration (8 bytes) and each file's key
 (10 bytes). The training loader reads clip counts and keys of a shard from here
 (:func:`shard_clip_count`, :func:`shard_keys`) instead of scanning its tar.
+
+Every file read here is checked first against the record its shard keeps
+(:mod:`musiclm.shards.writer`): these files are small and read whole anyway, so
+by their sha256. A damaged, missing or unreadable one is a one-line
+:class:`~musiclm.integrity.DamagedFile` saying how to repair it, never a pyarrow
+traceback.
 """
 
 from __future__ import annotations
@@ -207,7 +213,7 @@ def _finished_shards(data_dir: Path) -> set[str]:
     return {p.stem for p in (Path(data_dir) / "shards").glob("shard-*.tar")}
 
 
-def _batches(files: list[str], columns: list[str], schema: pa.Schema | None = None) -> Iterator[pa.RecordBatch]:
+def _batches(files: list[str], columns: list[str], schema: pa.Schema | None = None, out: Path | None = None) -> Iterator[pa.RecordBatch]:
     """``columns`` of the rows of ``files``, one file at a time, as record batches in file order.
 
     Reducing file by file keeps memory flat however many files a corpus has (a
@@ -215,8 +221,10 @@ def _batches(files: list[str], columns: list[str], schema: pa.Schema | None = No
     consumer is slower); the batches are the chunks that reading the files as
     one table would give.
     """
+    from musiclm.shards.writer import read_parquet
+
     for path in files:
-        yield from pq.read_table(path, columns=columns, schema=schema).to_batches()
+        yield from read_parquet(path, out or Path(path).parent, columns=columns, schema=schema).to_batches()
 
 
 def clip_stats_file(shard: str | Path) -> Path:
@@ -227,8 +235,16 @@ def clip_stats_file(shard: str | Path) -> Path:
 
 def shard_clip_count(shard: str | Path) -> int | None:
     """Clips of a finished shard from its stats file's footer (no row is read); None when it has no stats file."""
+    from musiclm.integrity import DamagedFile
+    from musiclm.shards.writer import ARROW_ERRORS, repair_advice
+
     path = clip_stats_file(shard)
-    return pq.read_metadata(path).num_rows if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_metadata(path).num_rows
+    except ARROW_ERRORS as e:
+        raise DamagedFile(path, f"unreadable Parquet footer: {str(e).splitlines()[0][:200]}", repair_advice(path.parent.parent)) from None
 
 
 def shard_keys(shard: str | Path) -> list[str] | None:
@@ -237,8 +253,10 @@ def shard_keys(shard: str | Path) -> list[str] | None:
     :class:`~musiclm.shards.writer.ShardWriter` writes the tar members and the
     stats rows from one list of samples, so the orders agree.
     """
+    from musiclm.shards.writer import read_parquet
+
     path = clip_stats_file(shard)
-    return pq.read_table(path, columns=["key"]).column("key").to_pylist() if path.is_file() else None
+    return read_parquet(path, path.parent.parent, columns=["key"]).column("key").to_pylist() if path.is_file() else None
 
 
 def _check_corpus(data_dir: Path) -> TokenInfo:
@@ -253,13 +271,33 @@ def _check_corpus(data_dir: Path) -> TokenInfo:
     return TokenInfo.load(data_dir)
 
 
+def _checked_files(data_dir: Path, folder: Path, finished: set[str] | None, kind: str) -> list[str]:
+    """:func:`_parquet_files`, each checked whole against its record; with ``finished``, every one of
+    those shards must have its file. :class:`~musiclm.integrity.DamagedFile` otherwise."""
+    from musiclm.shards.writer import check_read, recorded_files, repair_advice
+
+    files = _parquet_files(folder, finished)
+    if finished:
+        missing = sorted(finished - {Path(f).stem for f in files})
+        if missing:
+            raise UserError(f"{folder / missing[0]}.parquet is missing (a finished shard without its {kind}): {repair_advice(data_dir)}")
+    records = recorded_files(data_dir, (kind,))
+    if kind == "errors":  # an errors file stands on its own: a recorded one must be there
+        lost = sorted(rel for rel in records if not (data_dir / rel).is_file())
+        if lost:
+            raise UserError(f"{data_dir / lost[0]} is missing: {repair_advice(data_dir)}")
+    for f in files:
+        check_read(f, data_dir, records, full=True)
+    return files
+
+
 def _stream_counts(data_dir: Path, info: TokenInfo, shards: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """stream -> [levels, K] code counts summed over the finished shards (or the named ones);
     K = codebook size, or more if a code exceeds it. Reads one file of code counts at a time."""
     names = _finished_shards(data_dir) if shards is None else _finished_shards(data_dir) & set(shards)
-    files = _parquet_files(Path(data_dir) / "stats" / CODES_DIR, names)
+    files = _checked_files(Path(data_dir), Path(data_dir) / "stats" / CODES_DIR, names, "codes")
     out = {s: np.zeros((info.stream(s).levels, info.stream(s).codebook_size), np.int64) for s in STREAMS}
-    for batch in _batches(files, ["stream", "level", "code", "count"], CODES_SCHEMA):
+    for batch in _batches(files, ["stream", "level", "code", "count"], CODES_SCHEMA, Path(data_dir)):
         for stream in STREAMS:
             rows = batch.filter(pc.equal(batch.column("stream"), stream))
             if not rows.num_rows:
@@ -274,7 +312,7 @@ def _stream_counts(data_dir: Path, info: TokenInfo, shards: Sequence[str] | None
     return out
 
 
-def _reduce_clips(files: list[str]) -> ClipTotals:
+def _reduce_clips(files: list[str], out: Path | None = None) -> ClipTotals:
     """Totals of the clip rows of ``files``, read one file at a time.
 
     Sources are told apart by their 10-byte file key (the key prefix resume
@@ -286,7 +324,7 @@ def _reduce_clips(files: list[str]) -> ClipTotals:
     sources: list[np.ndarray] = []  # [distinct sources of a batch] file keys as void10
     durations: list[np.ndarray] = []
     sums, counts = dict.fromkeys(MEAN_COLUMNS, 0.0), dict.fromkeys(MEAN_COLUMNS, 0)
-    for batch in _batches(files, ["source", "shard", "duration", *MEAN_COLUMNS], CLIP_SCHEMA):
+    for batch in _batches(files, ["source", "shard", "duration", *MEAN_COLUMNS], CLIP_SCHEMA, out):
         clips += batch.num_rows
         shards.update(pc.unique(batch.column("shard")).drop_null().to_pylist())
         keys = "".join(file_key(s) for s in pc.unique(batch.column("source")).drop_null().to_pylist())
@@ -305,11 +343,11 @@ def _reduce_clips(files: list[str]) -> ClipTotals:
     )
 
 
-def _reduce_errors(files: list[str]) -> ErrorTotals:
+def _reduce_errors(files: list[str], out: Path | None = None) -> ErrorTotals:
     """Failed sources and rows per step over the errors files, read one file at a time."""
     sources: set[str] = set()
     by_step: dict[str, int] = {}
-    for batch in _batches(files, ["source", "step"]):
+    for batch in _batches(files, ["source", "step"], None, out):
         sources.update(pc.unique(batch.column("source")).drop_null().to_pylist())
         for s in batch.column("step").value_counts():
             step = s["values"].as_py()
@@ -321,8 +359,8 @@ def read_corpus_stats(data_dir: Path) -> CorpusStats:
     """Read the Parquet statistics of a tokenized corpus folder; :class:`UserError` if it is not one."""
     data_dir = Path(data_dir)
     info = _check_corpus(data_dir)
-    clips = _reduce_clips(_parquet_files(data_dir / "stats", _finished_shards(data_dir)))
-    errors = _reduce_errors(_parquet_files(data_dir / "errors"))
+    clips = _reduce_clips(_checked_files(data_dir, data_dir / "stats", _finished_shards(data_dir), "stats"), data_dir)
+    errors = _reduce_errors(_checked_files(data_dir, data_dir / "errors", None, "errors"), data_dir)
     return CorpusStats(data_dir, info, clips, _stream_counts(data_dir, info), errors)
 
 

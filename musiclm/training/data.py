@@ -43,6 +43,14 @@ would cap the semantic stage near half a million tokens per second per core.
 members into clips with webdataset's own naming rule (``base_plus_ext``) and
 seeks over clips it does not need; :func:`decode_npy` parses each distinct
 ``.npy`` header once and decodes without copying: about 0.1 ms per clip.
+
+Damaged inputs. At start-up each shard's record (:mod:`musiclm.shards.writer`)
+is read, the tar's size is compared with it (a ``stat``, no tar is opened) and
+the stats file the counts come from gets a quick check (size and Parquet end
+markers); each time a tar is opened for reading, its end-of-archive blocks are
+checked. A damaged file, or a tar or ``.npy`` member that does not parse, stops
+training with one line naming the file and how to repair it. (A byte changed
+inside a clip's arrays passes these cheap checks; ``musiclm verify`` finds it.)
 """
 
 from __future__ import annotations
@@ -60,9 +68,11 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from musiclm.errors import UserError
+from musiclm.integrity import DamagedFile, quick_check, require
 from musiclm.models.layout import IGNORE, StageLayout
 from musiclm.shards.format import ARRAY_MEMBERS, TokenInfo, TokenSample, list_shards
 from musiclm.shards.stats import shard_clip_count, shard_keys
+from musiclm.shards.writer import RECORDS_DIR, ShardRecord, record_path, repair_advice, shard_files
 
 DEFAULT_SHUFFLE_BUFFER = 1000  # clips held (undecoded) for shuffling; ~45 KB each for 30 s clips of the small preset
 _VAL_SEED = 0x7661_6C  # validation crops depend on the clip key only, never on the training seed
@@ -155,13 +165,22 @@ def iter_tar_samples(
         yield pos, key, members
 
 
-def _unreadable(path: str | Path, e: ValueError) -> UserError:
-    return UserError(f"cannot read shard {path}: {e}; re-run musiclm tokenize to rewrite it")
+def _unreadable(path: str | Path, e: Exception) -> UserError:
+    # a plain UserError (one argument): DataLoader workers re-raise exceptions by their type and message
+    return UserError(f"cannot read shard {path}: {e}; {repair_advice(Path(path).parent.parent)}")
+
+
+def open_shard(path: str | Path) -> BinaryIO:
+    """The shard tar ``path`` opened for reading, once its end-of-archive blocks are where they belong."""
+    problem = quick_check(path, None)
+    if problem is not None:
+        raise UserError(f"{path} is {'missing' if problem == 'missing' else f'damaged ({problem})'}: {repair_advice(Path(path).parent.parent)}")
+    return open(path, "rb")
 
 
 def scan_keys(path: str | Path) -> list[str]:
     """Clip keys of one shard, in file order (reads headers only)."""
-    with open(path, "rb") as f:
+    with open_shard(path) as f:
         try:
             return [key for _, key, _ in iter_tar_samples(f, want=lambda _: False, where=str(path))]
         except ValueError as e:
@@ -201,11 +220,14 @@ def decode_npy(buf: bytes) -> np.ndarray:
 
 
 def decode_sample(key: str, members: dict[str, bytes]) -> TokenSample:
-    """One clip's members (extension -> bytes) as a :class:`TokenSample`."""
-    d: dict[str, Any] = {"__key__": key, "json": members.get("json", b"{}")}
-    for name in ARRAY_MEMBERS:
-        d[f"{name}.npy"] = decode_npy(members[f"{name}.npy"])
-    return TokenSample.from_wds(d)
+    """One clip's members (extension -> bytes) as a :class:`TokenSample`; UserError when they do not decode."""
+    try:
+        d: dict[str, Any] = {"__key__": key, "json": members.get("json", b"{}")}
+        for name in ARRAY_MEMBERS:
+            d[f"{name}.npy"] = decode_npy(members[f"{name}.npy"])
+        return TokenSample.from_wds(d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"clip {key} does not decode ({type(e).__name__}: {e}): its shard is damaged; musiclm verify names it") from None
 
 
 # ---- which clips: shard index, train/validation split, partitions ---------------------------------------------------
@@ -229,15 +251,38 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def check_shard(shard: str | Path) -> None:
+    """The cheap start-up checks of one shard (see the module docstring), without opening its tar;
+    :class:`~musiclm.integrity.DamagedFile` (or a UserError for a missing file) when one fails."""
+    shard = Path(shard)
+    out, name = shard.parent.parent, shard.stem
+    record = ShardRecord.read(out, name)  # DamagedFile when the record itself is damaged
+    files = record.files if record is not None else {}
+    rels = shard_files(name)
+    advice = repair_advice(out)
+    if record is None and (out / RECORDS_DIR).is_dir():
+        raise DamagedFile(shard, f"it has no record ({record_path(out, name)} is missing)", advice)
+    if not shard.is_file():
+        raise UserError(f"{shard} is missing: {advice}")
+    tar = files.get(rels["tar"])
+    size = shard.stat().st_size
+    if tar is not None and size != tar.bytes:
+        raise DamagedFile(shard, f"{size} bytes, recorded {tar.bytes}", advice)
+    if (out / rels["stats"]).is_file():  # without it the clips are counted by a header scan
+        require(out / rels["stats"], files.get(rels["stats"]), advice)
+
+
 def index_shards(paths: Sequence[str | Path]) -> list[ShardEntry]:
     """Count the clips of each shard; empty shards are left out.
 
     A shard's count comes from the footer of its stats file, so start-up reads
     one small Parquet footer per shard and opens no tar; a shard without a
-    stats file (copied without ``stats/``) is counted by a header scan.
+    stats file (copied without ``stats/``) is counted by a header scan. Each
+    shard is checked first (:func:`check_shard`).
     """
     entries = []
     for p in paths:
+        check_shard(p)
         count = shard_clip_count(p)
         entries.append(ShardEntry(str(p), len(scan_keys(p)) if count is None else count))
     return [e for e in entries if e.count > 0]
@@ -250,7 +295,16 @@ def _keys_of(shard: Path) -> list[str]:
 
 
 def _shards_or_error(data_dir: Path, what: str) -> list[Path]:
+    """The finished shards of ``data_dir``; UserError when there is none, or when a record names a shard that is gone."""
+    data_dir = Path(data_dir)
     shards = list_shards(data_dir)
+    listed = {p.stem for p in shards}
+    for path in sorted((data_dir / RECORDS_DIR).glob("shard-*.json")):
+        if path.stem not in listed:
+            record = ShardRecord.read(data_dir, path.stem)
+            tar = shard_files(path.stem)["tar"]
+            if record is not None and (tar in record.files or (record.redo or {}).get("clips")):
+                raise UserError(f"{data_dir / tar} is missing: {repair_advice(data_dir)}")
     if not shards:
         raise UserError(f"{what} {data_dir} has no shards (expected {Path(data_dir) / 'shards' / 'shard-000000.tar'}); run musiclm tokenize first")
     return shards
@@ -294,6 +348,7 @@ def split_data(data_dir: str | Path, info: TokenInfo, val_data: str | Path | Non
         val = index_shards([p for p in shards if p in held])
         train = index_shards([p for p in shards if p not in held])
         return DataSplit(train, val, f"validation: {k} of {len(shards)} shards held out ({sum(e.used for e in val)} clips)")
+    check_shard(shards[0])
     keys = _keys_of(shards[0])
     n_val = min(int(np.ceil(val_fraction * len(keys))), len(keys) - 1)
     ranked = sorted(range(len(keys)), key=lambda i: key_hash(keys[i]))
@@ -389,11 +444,11 @@ def read_planned(entries: Sequence[ShardEntry], shard: np.ndarray, position: np.
         for s in shard_order:
             path = entries[s].path
             try:
-                with open(path, "rb") as f:
+                with open_shard(path) as f:
                     for pos, key, members in iter_tar_samples(f, lambda p, s=s: (s, p) in index_of, where=path):
                         if members is not None:
                             yield index_of[(s, pos)], key, members
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 raise _unreadable(path, e) from None
 
     it = reader()
