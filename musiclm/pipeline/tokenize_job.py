@@ -22,6 +22,15 @@ so a batch is either all done or not started, and a rerun of the same command
 runs the same batches that are left, which give the same tokens. A lock file
 keeps a second run out of the same folder.
 
+Repair: every file written gets a checksum record (:mod:`musiclm.shards.writer`).
+A run first checks the folder against its records
+(:func:`~musiclm.shards.writer.check_shards`): a damaged shard's files are
+removed after its clips were put on record as to be redone, so the resume above
+tokenizes them again, in their planned batches, and writes them back into the
+damaged shard's index; clips whose audio is gone are listed in ``errors/``. A
+damaged plan is probed again (files keep the batches their shards' records
+name); the manifest is rewritten by every run anyway.
+
 Manifest: the probe tasks also hash each file they probe (size and sha256 go
 into plan.parquet with the duration), and the driver writes the corpus manifest
 (:mod:`musiclm.shards.manifest`) as soon as the plan is known: every file of
@@ -49,11 +58,30 @@ import numpy as np
 from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
+from musiclm.integrity import DamagedFile
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
 from musiclm.digest import file_digest
-from musiclm.shards.manifest import FileFacts, check_paths_mode, write_manifest
+from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
 from musiclm.shards.format import TokenSample, file_key, sample_key
-from musiclm.shards.writer import ShardWriter, clean_unfinished, done_files, next_shard_index, partial_keys
+from musiclm.shards.writer import (
+    MANIFEST_RECORD,
+    PLAN_RECORD,
+    FolderState,
+    ShardWriter,
+    check_shards,
+    clean_unfinished,
+    done_files,
+    folder_problems,
+    list_unrepairable,
+    next_shard_index,
+    partial_keys,
+    read_parquet,
+    record_folder_files,
+    repair_advice,
+    recorded_files,
+    record_path,
+    settle,
+)
 
 LOCK_FILE = ".musiclm.lock"
 PLAN_FILE = "plan.parquet"
@@ -72,6 +100,7 @@ class TokenizeSummary:
     elapsed: float
     out: Path
     compute: float = 0.0  # seconds the actors spent in the tokenizer (summed over actors)
+    repairs: list[str] = dataclasses.field(default_factory=list)  # what this run repaired, one line each
 
     @property
     def audio_seconds_per_second(self) -> float:
@@ -444,21 +473,22 @@ def _plan_schema():
 
 def _read_plan(out: Path) -> dict[str, tuple[float, str, int, int | None, str | None]]:
     """{rel: (seconds, error, batch, bytes, sha256)} of ``out/plan.parquet``; digests are None in a plan
-    written before plans kept them."""
-    import pyarrow.parquet as pq
-
+    written before plans kept them; a file pyarrow cannot read is a one-line DamagedFile."""
     path = out / PLAN_FILE
     if not path.is_file():
         return {}
-    t = pq.read_table(path)
+    t = read_parquet(path, out)
+    if not {"rel", "seconds", "error", "batch"} <= set(t.column_names):
+        raise DamagedFile(path, f"not a plan (columns {', '.join(t.column_names)})", repair_advice(out))
     cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in ("rel", "seconds", "error", "batch", "bytes", "sha256")]
     return {r[0]: tuple(r[1:]) for r in zip(*cols)}
 
 
-def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig) -> dict[str, tuple[float, str, int]]:
+def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig, pinned: dict[str, int] | None = None) -> dict[str, tuple[float, str, int]]:
     """{rel: (seconds, error, batch)} for every file of ``files``; batch -1 for a file that cannot
     be tokenized. Files planned by an earlier run keep their batches (``out/plan.parquet``), so a
-    resumed run runs the same batches; new files are probed (Ray tasks) and planned after them."""
+    resumed run runs the same batches; new files are probed (Ray tasks) and planned after them.
+    ``pinned``: {rel: batch} for files of a lost plan whose batches the shard records still name."""
     import pyarrow as pa
 
     path = out / PLAN_FILE
@@ -468,8 +498,11 @@ def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeCo
         ds = ray.data.from_items([{"rel": r} for r in new], override_num_blocks=max(1, min(len(new) // 64, 512)))
         probed = ds.map_batches(_probe_rows, fn_kwargs=dict(corpus=str(corpus), min_seconds=tcfg.audio.min_seconds), batch_size=64, num_cpus=1, batch_format="numpy")
         found = {row["rel"]: (row["seconds"], row["error"], row["bytes"], row["sha256"]) for row in probed.iter_rows()}
-        first = max((v[2] for v in planned.values()), default=-1) + 1
-        good = [(r, found[r][0]) for r in new if not found[r][1]]
+        kept = {r: b for r, b in (pinned or {}).items() if r in found and not found[r][1]}
+        for rel, number in kept.items():
+            planned[rel] = (found[rel][0], "", number, *found[rel][2:])
+        first = max([v[2] for v in planned.values()] + [-1]) + 1
+        good = [(r, found[r][0]) for r in new if not found[r][1] and r not in kept]
         for number, members in plan_batches(good, tcfg.batch_seconds, first):
             for rel, seconds in members:
                 planned[rel] = (seconds, "", number, *found[rel][2:])
@@ -479,6 +512,7 @@ def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeCo
         names = ("seconds", "error", "batch", "bytes", "sha256")
         rows = {"rel": list(planned), **{n: [v[i] for v in planned.values()] for i, n in enumerate(names)}}
         atomic.write_parquet(pa.Table.from_pydict(rows, schema=_plan_schema()), path)
+        record_folder_files(out, PLAN_RECORD, [PLAN_FILE])
     return {f: planned[f][:3] for f in files}
 
 
@@ -639,6 +673,131 @@ def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) 
     return given
 
 
+@dataclass
+class Repair:
+    """What the check at the start of a run found, and what its repair has to do (see :func:`_check_folder`)."""
+
+    state: FolderState | None = None
+    records: dict[str, Any] | None = None  # path -> FileRecord of every sound file: resume's reads are checked against them
+    redo: dict[str, dict] = dataclasses.field(default_factory=dict)  # shard name -> its clips and failed files to redo
+    pinned: dict[str, int] | None = None  # a lost plan: {rel: batch} as the shard records name them; None when the plan is sound
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was done before tokenizing, for the summary
+    gone: set[str] = dataclasses.field(default_factory=set)  # keys that cannot be redone (their audio is gone), listed in errors/
+
+
+def _check_folder(console, out: Path, files: list[str]) -> Repair:
+    """Check ``out`` against its records and prepare the repair of what is damaged (see the module docstring
+    of :mod:`musiclm.shards.writer`); print what was found. Files that ``files`` (the corpus) no longer holds
+    cannot be redone: their clips are listed in errors/ now."""
+    from musiclm.shards.format import TokenInfo
+    from musiclm.shards.writer import ShardRecord
+
+    if not (out / "shards").is_dir() and not (out / "errors").is_dir():
+        clean_unfinished(out)
+        return Repair()
+    repair = Repair()
+    plan_bad = folder_problems(out, PLAN_RECORD, [PLAN_FILE])
+    plan = None
+    if plan_bad:
+        try:  # changed since it was recorded, but whole: kept (the batches of clips to redo come from their records)
+            plan = _read_plan(out) if (out / PLAN_FILE).is_file() else None
+        except UserError:
+            plan = None
+    else:
+        plan = _read_plan(out)
+    state = check_shards(out, {rel: v[2] for rel, v in (plan or {}).items()})
+    clean_unfinished(out)
+    for f in state.found:
+        what = "; ".join(f"{rel}: {problem}" for rel, problem in f.problems.items())
+        console.print(f"damaged: {what}")
+        if "rebuilt" in f.actions:
+            repair.notes.append(f"rebuilt the statistics of {f.name} from its tar, which is sound")
+        if "recorded" in f.actions and any(rel.startswith("checksums/") for rel in f.problems):
+            repair.notes.append(f"recorded {f.name} again after reading its files whole (its record was damaged)")
+    if state.recorded:
+        repair.notes.append(f"recorded the checksums of {len(state.recorded)} shard{'s' if len(state.recorded) != 1 else ''} that had none")
+    if plan_bad:
+        what = "; ".join(f"{rel}: {problem}" for rel, problem in plan_bad.items())
+        if plan is not None:  # it reads whole, with its columns: kept, and recorded as it is now
+            console.print(f"{PLAN_FILE} does not match its record ({what}) but reads whole: kept, and recorded again")
+            record_folder_files(out, PLAN_RECORD, [PLAN_FILE])
+        else:
+            console.print(f"damaged: {what}")
+            (out / PLAN_FILE).unlink(missing_ok=True)
+            record_path(out, PLAN_RECORD).unlink(missing_ok=True)
+            repair.pinned = state.batches()
+            repair.notes.append(f"planned the corpus again ({PLAN_FILE} was damaged); files kept the batches their shards' records name")
+            plan = {}
+    elif (out / PLAN_FILE).is_file() and not record_path(out, PLAN_RECORD).is_file():
+        record_folder_files(out, PLAN_RECORD, [PLAN_FILE])  # written before records were kept; it reads whole
+    manifest_bad = folder_problems(out, MANIFEST_RECORD, [TABLE_FILE, MANIFEST_FILE])
+    if manifest_bad:
+        console.print("damaged: " + "; ".join(f"{rel}: {problem}" for rel, problem in manifest_bad.items()))
+        repair.notes.append(f"wrote the corpus manifest again ({', '.join(manifest_bad)} {'was' if len(manifest_bad) == 1 else 'were'} damaged)")
+    repair.state = state
+    if state.redo():
+        settle(out, state)  # a repair left by a killed run may be finished already
+        repair.redo = {name: json.loads(json.dumps(r)) for name, r in state.redo().items()}
+        info = TokenInfo.load(out)
+        listed = list_unrepairable(out, state, info, keep=set(files), reason="its source audio is gone, so this clip of damaged {shard} cannot be tokenized again")
+        repair.gone = {key for key, _, _ in listed}
+        unknown = [name for name, r in state.redo().items() if r.get("unknown")]
+        if unknown:
+            done = done_files(out)
+            corpus = set(files)
+            lost = [rel for rel, v in plan.items() if v[2] >= 0 and rel not in done and rel not in corpus]
+            if lost:
+                writer = ShardWriter(out, info, 1 << 62, next_shard_index(out))
+                for rel in lost:
+                    reason = f"its source audio is gone and no sound shard holds its tokens ({', '.join(unknown)} could not be read to tell which clips it held)"
+                    writer.add_error(file_key(rel), rel, "repair", reason)
+                writer.close()
+                repair.gone.update(file_key(rel) for rel in lost)
+            for name in unknown:  # told as far as it can be: what is left to redo are the clips it knows
+                rec = ShardRecord.read(out, name)
+                rec.redo["unknown"] = False
+                rec.drop_settled(frozenset())
+                rec.write(out)
+                state.records[name] = rec
+    # what resume reads is checked against these (an errors file written just above has its record on disk only)
+    repair.records = recorded_files(out, ("stats", "errors")) if repair.gone else state.file_records()
+    return repair
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _finish_repairs(out: Path, repair: Repair, summary: TokenizeSummary) -> None:
+    """After a run that went to its end: what the repair redid (for the summary); anything of a damaged shard
+    that the run did not produce again is listed in errors/ with the reason, so nothing is silently dropped."""
+    from musiclm.shards.format import TokenInfo
+
+    summary.repairs[:0] = repair.notes
+    if not repair.redo or repair.state is None:
+        return
+    settle(out, repair.state)
+    if repair.state.redo():
+        reason = "it was not produced again from its source audio (did the file change since it was tokenized?); it was in damaged {shard}"
+        left = list_unrepairable(out, repair.state, TokenInfo.load(out), keep=set(), reason=reason)
+        summary.repairs.append(f"{_count(len(left), 'clip or file', 'clips or files')} of damaged shards were not produced again (listed in {out / 'errors'})")
+    shards = {name: r for name, r in repair.redo.items() if r["clips"] or r.get("problems", {}).keys() & {f"shards/{name}.tar"}}
+    if shards:
+        parts = []
+        for name, r in sorted(shards.items()):
+            redone = [(src, [k for k in keys if k not in repair.gone]) for src, _, keys in r["clips"]]
+            redone = [(src, keys) for src, keys in redone if keys]
+            what = f"{_count(sum(len(k) for _, k in redone), 'clip', 'clips')} from {_count(len(redone), 'file', 'files')}" if r["clips"] else "its clips could not be read, so every file in no sound shard was tokenized"
+            parts.append(f"{name}: {what}")
+        summary.repairs.append(f"repaired {len(shards)} damaged shard{'s' if len(shards) != 1 else ''} ({'; '.join(parts)})")
+    failed = {name: r for name, r in repair.redo.items() if r["errors"]}
+    if failed:
+        n = len({src for r in failed.values() for _, src in r["errors"]})
+        summary.repairs.append(f"decoded again the {n} failed files listed in damaged {', '.join(f'errors/{name}.parquet' for name in sorted(failed))}")
+    if repair.gone:
+        summary.repairs.append(f"{_count(len(repair.gone), 'clip or file', 'clips or files')} of damaged shards could not be redone: their source audio is gone (listed in {out / 'errors'})")
+
+
 def run_tokenize(
     corpus: Path,
     out: Path,
@@ -678,8 +837,8 @@ def run_tokenize(
         record = _check_tokenizer(out, cfg, tokenizer_dir)
         if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
             atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
-        clean_unfinished(out)
-        settled = done_files(out)
+        repair = _check_folder(console, out, files)
+        settled = done_files(out, repair.records)
         finished = settled.intersection(files)
         pending = [f for f in files if f not in finished]
         summary = TokenizeSummary(len(files), len(finished), 0, 0.0, 0, 0, 0.0, out)
@@ -694,15 +853,16 @@ def run_tokenize(
             facts = backbone_facts(cfg.tokenize)
             check_backbones(cfg.tokenize, facts)
             plan = _fit_plan(console, files, corpus, cfg.tokenize, facts.mert_frame_rate)
-        if pending:
+        if pending or repair.pinned is not None:
             with _ray(address) as ray:
                 res = _resources(ray, workers, gpus_per_worker)
                 if plan is not None:
                     _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res)
-                opts = dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled, manifest=manifest)
+                opts = dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled, manifest=manifest, repair=repair)
                 _tokenize_all(ray, console, files, pending, corpus, out, opts, res, summary)
         else:
             manifest()
+        _finish_repairs(out, repair, summary)
     summary.elapsed = time.time() - t0
     _print_summary(console, summary)
     return summary
@@ -717,6 +877,7 @@ def _write_manifest(console, corpus: Path, out: Path, names: set[str], paths: st
         p = planned.get(rel)
         facts[rel] = FileFacts(p[3], p[4], p[0], p[1] or "") if p is not None else FileFacts(None, None, None, "")
     summary = write_manifest(out, corpus, facts, paths=paths, console=console)
+    record_folder_files(out, MANIFEST_RECORD, [TABLE_FILE, MANIFEST_FILE])
     lic = len(summary["licences"])
     console.print(f"manifest: {summary['files']} files, {lic} licence file{'s' if lic != 1 else ''}, sha256 {summary['manifest_sha256'][:12]} ({out / 'manifest.json'})")
 
@@ -733,20 +894,30 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     shard_size = opts.get("shard_size") or tcfg.shard_size
     if opts.get("batch_seconds"):
         tcfg = dataclasses.replace(tcfg, batch_seconds=opts["batch_seconds"])
-    plan = _batch_plan(ray, files, corpus, out, tcfg)
+    repair: Repair = opts.get("repair") or Repair()
+    plan = _batch_plan(ray, files, corpus, out, tcfg, repair.pinned)
     if opts.get("manifest"):
         opts["manifest"]()
     rates = tuple(sorted({int(s["sample_rate"]) for s in info.raw["streams"].values()}))
     writer = ShardWriter(out, info, 1 << 62, next_shard_index(out))  # closed here, between batches
     batches: dict[int, list[tuple[str, float]]] = {}
+    recorded = {src: b for r in repair.redo.values() for src, b, _ in r.get("clips", []) if b >= 0}  # as the damaged shard ran them
     for rel in pending:
         seconds, error, number = plan[rel]
+        number = recorded.get(rel, number)
         if error:
             writer.add_error(file_key(rel), rel, "decode", error)
             summary.failed += 1
         else:
             batches.setdefault(number, []).append((rel, seconds))
-    done = frozenset(partial_keys(out, opts["settled"]))  # keys of partly finished files only
+    if not batches:
+        writer.close()
+        summary.shards = writer.shards_written
+        return
+    routes = _repair_routes(out, batches, plan, repair.redo)  # batch -> the damaged shard it goes back into
+    rewriters = {name: ShardWriter(out, info, 1 << 62, int(name.split("-")[1])) for name in set(routes.values())}
+    waiting = {name: {b for b, n in routes.items() if n == name} for name in rewriters}  # batches still to come
+    done = frozenset(partial_keys(out, opts["settled"], repair.records))  # keys of partly finished files only
     t_run = time.time()
     try:
         kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res.threads)
@@ -755,26 +926,48 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
         total = sum(seconds for members in batches.values() for _, seconds in members)
         with _progress(console, total, res.workers) as bar:
             for row in ds.iter_rows():
-                left = open_rows.setdefault(row["batch"], row["rows"]) - 1
-                open_rows[row["batch"]] = left
+                number = row["batch"]
+                left = open_rows.setdefault(number, row["rows"]) - 1
+                open_rows[number] = left
                 if not left:
-                    del open_rows[row["batch"]]
+                    del open_rows[number]
                 if row["note"]:
                     console.print(f"tokenize: {row['note']}; carrying on")
                 if row["error"]:
                     writer.add_error(row["key"], row["rel"], row["step"], row["error"])
                     summary.failed += 1
                 else:
-                    writer.add(_unpack(row["sample"]))
+                    (rewriters[routes[number]] if number in routes else writer).add(_unpack(row["sample"]), batch=number)
                     summary.clips += 1
                     summary.seconds += row["seconds"]
                     summary.compute += row["compute"]
                 bar.update(row["seconds"], summary, time.time() - t_run, row["gpu"])
+                if not left and number in routes:
+                    name = routes[number]
+                    waiting[name].discard(number)
+                    if not waiting[name]:  # every batch of the damaged shard is back: write it whole
+                        rewriters[name].flush()
                 if not open_rows and len(writer.samples) >= shard_size:
                     writer.flush()
     finally:
         writer.close()  # whatever was tokenized before a crash or Ctrl-C is kept
-        summary.shards = writer.shards_written
+        # a shard being repaired is written whole or not at all (its record keeps what is still to redo)
+        summary.shards = writer.shards_written + sum(w.shards_written for w in rewriters.values())
+
+
+def _repair_routes(out: Path, batches: dict[int, list[tuple[str, float]]], plan: dict[str, tuple[float, str, int]], redo: dict[str, dict]) -> dict[int, str]:
+    """{planned batch: damaged shard name} for the batches that held only clips of one damaged shard,
+    whose tar is gone: they are written back into that shard's index. Other batches go to new shards."""
+    owner: dict[str, str] = {}
+    for name, r in redo.items():
+        if r.get("clips") and not (out / "shards" / f"{name}.tar").exists():
+            owner.update({src: name for src, _, _ in r["clips"]})
+    routes = {}
+    for number, members in batches.items():
+        names = {owner.get(rel) for rel, _ in members}
+        if len(names) == 1 and None not in names:
+            routes[number] = names.pop()
+    return routes
 
 
 class _progress:
@@ -813,6 +1006,8 @@ class _progress:
 
 
 def _print_summary(console, s: TokenizeSummary) -> None:
+    for line in s.repairs:
+        console.print(line)
     console.print(
         f"tokenized {s.clips} clips ({s.seconds / 3600:.2f} h of audio) into {s.shards} new shards in {s.elapsed:.1f} s "
         f"({s.audio_seconds_per_second:.1f} audio-s/s); {s.skipped} of {s.files} files were already done"
