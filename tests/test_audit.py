@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musiclm.audit.index import INDEX_DIR, INDEX_FORMAT, IndexParams, clap_projection, load_index, shard_arrays, write_shard
+from musiclm.audit.index import INDEX_DIR, INDEX_FORMAT, IndexParams, clap_projection, expected_files, load_index, shard_arrays, write_shard
 from musiclm.audit.ngrams import ngram_hashes, winnow
 from musiclm.audit.search import Query, search
 from musiclm.cli import main
@@ -147,6 +147,8 @@ def test_the_index_is_reused_and_a_new_shard_adds_its_files_only(tokenized, tmp_
     assert sorted(set(now) - set(files)) == sorted(f"{tar.stem}.{s}" for s in ("clap.npy", "clips.parquet", "ngrams.npy"))
     record = json.loads((data / INDEX_DIR / "index.json").read_text())
     assert record["calibration"]["clips"] == grown["index"]["clips"]  # calibrated again on the grown corpus
+    on_disk = {p.relative_to(data).as_posix() for p in (data / INDEX_DIR).iterdir() if not p.name.startswith(".")}
+    assert set(expected_files(data)) == on_disk  # what musiclm verify is told to expect there
 
 
 def test_cli_json_report_and_exit_codes(corpus, audio_corpus, tmp_path):
@@ -161,7 +163,8 @@ def test_cli_json_report_and_exit_codes(corpus, audio_corpus, tmp_path):
     for f in report["files"]:
         assert isinstance(f["flagged"], bool) and 1 <= len(f["matches"]) <= 2
         for m in f["matches"]:
-            assert set(m) >= {"source", "clip", "offset", "generated", "source_span", "semantic", "clap", "flagged_by"}
+            assert set(m) >= {"source", "clip", "offset", "generated", "source_span", "semantic", "clap", "flagged", "flagged_by"}
+            assert isinstance(m["flagged"], bool) and m["flagged"] == bool(m["flagged_by"])
     assert set(report["calibration"]["semantic"]) >= {"threshold", "used", "recall", "novel_max", "copied_p10"}
     assert report["index"]["reused"] == report["index"]["shards"]
 

@@ -113,7 +113,7 @@ def audit(generated: Sequence[str | Path], data: str | Path, top: int = 5, devic
         matches = search(index, q, depth=max(16, top))
         search_s = time.perf_counter() - t0
         matches.sort(key=lambda m: _strength(cal, m), reverse=True)
-        rows = [{**m.to_json(), "flagged_by": verdict(cal, m.semantic, m.clap)} for m in matches[:top]]
+        rows = [{**m.to_json(), "flagged": bool(by), "flagged_by": by} for m in matches[:top] for by in [verdict(cal, m.semantic, m.clap)]]
         by = sorted({s for m in matches for s in verdict(cal, m.semantic, m.clap)}, key=SIGNALS.index)
         files.append(
             {

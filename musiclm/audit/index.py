@@ -44,7 +44,7 @@ from musiclm.shards.format import TokenInfo, TokenSample, list_shards
 
 INDEX_DIR = "audit"
 INDEX_FILE = "index.json"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: one n-gram file per shard
 PROJECTION_FILE = "clap_projection.npy"
 SHARD_FILES = ("ngrams.npy", "clap.npy", "clips.parquet")
 
@@ -265,30 +265,34 @@ class AuditIndex:
         An n-gram that a shard holds more often than ``max(64, 4 x its clips)`` times is left out in that
         shard: it says nothing about which clip a query came from (a stop word), and looking it up would cost
         more than every informative n-gram together."""
-        order = np.argsort(hashes, kind="stable")
-        q = np.ascontiguousarray(hashes[order])
-        gids, frames, qidx = [], [], []
+        uniq, inv = np.unique(hashes, return_inverse=True)  # the phases of a query share most n-grams
+        gids, frames, which = [], [], []
         for s, sh in enumerate(self.shards):
             if sh.clips == 0 or int(sh.entry["entries"]) == 0:
                 continue
             h, post = sh.ngrams
-            lo = np.searchsorted(h, q, side="left")
-            cnt = np.searchsorted(h, q, side="right") - lo
+            lo = np.searchsorted(h, uniq, side="left")
+            cnt = np.searchsorted(h, uniq, side="right") - lo
             cnt[cnt > max(64, 4 * sh.clips)] = 0
             total = int(cnt.sum())
             if total == 0:
                 continue
-            starts = np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(total)  # every posting of every hit
-            perm = np.argsort(starts, kind="stable")  # read the memory map front to back
-            hit = np.asarray(post[starts[perm]])
-            which = np.repeat(order, cnt)[perm]
+            starts = np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(total)  # every posting of every hit, ascending
+            hit = np.asarray(post[starts])
             gids.append((hit >> np.uint64(32)).astype(np.int64) + self.clip_offsets[s])
             frames.append((hit & np.uint64(0xFFFFFFFF)).astype(np.int64))
-            qidx.append(which)
+            which.append(np.repeat(np.arange(len(uniq)), cnt))
         if not gids:
             z = np.zeros(0, np.int64)
             return z, z, z
-        return np.concatenate(gids), np.concatenate(frames), np.concatenate(qidx)
+        # each posting of a unique hash goes to every query n-gram that has it
+        u = np.concatenate(which)
+        occ = np.bincount(inv, minlength=len(uniq))
+        order = np.argsort(inv, kind="stable")
+        rep = occ[u]
+        total = int(rep.sum())
+        qidx = order[np.repeat(np.cumsum(occ)[u] - rep, rep) + np.arange(total) - np.repeat(np.cumsum(rep) - rep, rep)]
+        return np.repeat(np.concatenate(gids), rep), np.repeat(np.concatenate(frames), rep), qidx
 
     def clap_nearest(self, emb: np.ndarray, k: int) -> np.ndarray:
         """Global CLAP window rows nearest to the query windows ``emb`` [Q, D] by SimHash Hamming distance:
@@ -439,6 +443,18 @@ def open_index(data_dir: str | Path, params: IndexParams | None = None, progress
     index = load_index(data_dir, info, record, projection, by_name)
     index.built, index.reused, index.removed = built, reused, removed
     return index
+
+
+def expected_files(data_dir: str | Path) -> dict[str, tuple[None, str]]:
+    """For ``musiclm verify DIR``: the files of ``DIR/audit`` that its index.json names, relative to ``DIR``
+    (no checksums: the index is derived from the shards, and deleting it makes the next audit build it again)."""
+    folder = Path(data_dir) / INDEX_DIR
+    record = _read_record(folder)
+    if record is None:
+        return {}
+    advice = f"delete {folder}: the next musiclm audit builds it again from the shards"
+    names = [INDEX_FILE, PROJECTION_FILE] + [f"{name}.{s}" for name in record.get("shards", {}) for s in SHARD_FILES]
+    return {f"{INDEX_DIR}/{n}": (None, advice) for n in names}
 
 
 def _read_record(folder: Path) -> dict[str, Any] | None:

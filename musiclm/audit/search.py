@@ -163,6 +163,48 @@ def _best_stretch(agree: np.ndarray, frames: int) -> tuple[float, int, int]:
     return float(sums[j]) / L, j, j + L
 
 
+def _semantic(q: Query, phases: list[_Diagonals], gids: list[int], meta: dict, samples: dict, rate: float, window: int):
+    """The best verified agreement of one source's clips with the query over all phases, or None when none
+    of its clips got a vote: (share, phase, first and end query frame of the stretch, anchor clip, its diagonal,
+    its votes)."""
+    best = None
+    for k, p in enumerate(phases):
+        voted = [(g, *hit) for g in gids if (hit := p.get(g)) is not None]
+        if not voted:
+            continue
+        anchor, d0, votes = max(voted, key=lambda t: t[2])
+        file_diag = round(meta[anchor]["start"] * rate) + d0
+        agree = np.zeros(q.semantic.shape[1], bool)
+        d_anchor = d0
+        for g, d, _ in voted:
+            if abs(round(meta[g]["start"] * rate) + d - file_diag) > 2:
+                continue  # another place in the same file
+            dd, a = _agreement(q.semantic[k], samples[g].semantic.astype(np.int64), d)
+            agree |= a
+            if g == anchor:
+                d_anchor = dd
+        score, j0, j1 = _best_stretch(agree, window)
+        if best is None or score > best[0]:
+            best = (score, k, j0, j1, anchor, d_anchor, votes)
+    return best
+
+
+def _nearest_windows(q: Query, gids: list[int], meta: dict, samples: dict, hop: float) -> tuple[float, float, int]:
+    """The nearest pair of CLAP windows between the query and one source's clips: (cosine, source time -
+    query time of the pair, its clip); cosine 0 when either has no window."""
+    emb = np.asarray(q.clap, np.float32)
+    best = (0.0, 0.0, gids[0])
+    for g in gids:
+        c = np.asarray(samples[g].clap_emb, np.float32)
+        if len(c) == 0 or len(emb) == 0:
+            continue
+        sim = emb @ c.T / (np.linalg.norm(emb, axis=1, keepdims=True) * np.linalg.norm(c, axis=1) + 1e-12)  # [Wq, Wc]
+        i, j = np.unravel_index(int(sim.argmax()), sim.shape)
+        if sim[i, j] > best[0]:
+            best = (float(sim[i, j]), meta[g]["start"] + (j - i) * hop, g)
+    return best
+
+
 def search(index: AuditIndex, q: Query, depth: int = 16, clap_k: int = 8, exclude: np.ndarray | None = None) -> list[Match]:
     """Source files near the query ``q``, strongest first (by semantic share, then CLAP).
 
@@ -193,43 +235,16 @@ def search(index: AuditIndex, q: Query, depth: int = 16, clap_k: int = 8, exclud
 
     matches = []
     for source, gids in by_source.items():
-        best = None  # (score, phase, start, end, anchor gid, d, votes)
-        for k, p in enumerate(phases):
-            voted = [(g, *p.get(g)) for g in gids if p.get(g) is not None]
-            if not voted:
-                continue
-            anchor, d0, votes = max(voted, key=lambda t: t[2])
-            file_diag = round(meta[anchor]["start"] * rate) + d0
-            agree = np.zeros(q.semantic.shape[1], bool)
-            d_anchor = d0
-            for g, d, _ in voted:
-                if abs(round(meta[g]["start"] * rate) + d - file_diag) > 2:
-                    continue  # another place in the same file
-                dd, a = _agreement(q.semantic[k], samples[g].semantic.astype(np.int64), d)
-                agree |= a
-                if g == anchor:
-                    d_anchor = dd
-            score, j0, j1 = _best_stretch(agree, window)
-            if best is None or score > best[0]:
-                best = (score, k, j0, j1, anchor, d_anchor, votes)
-        emb = np.asarray(q.clap, np.float32)
-        clap, clap_offset, clap_gid = -1.0, 0.0, gids[0]
-        for g in gids:
-            c = np.asarray(samples[g].clap_emb, np.float32)
-            if len(c) == 0 or len(emb) == 0:
-                continue
-            sim = emb @ c.T / (np.linalg.norm(emb, axis=1, keepdims=True) * np.linalg.norm(c, axis=1) + 1e-12)  # [Wq, Wc]
-            i, j = np.unravel_index(int(sim.argmax()), sim.shape)
-            if sim[i, j] > clap:
-                clap, clap_offset, clap_gid = float(sim[i, j]), meta[g]["start"] + j * hop - i * hop, g
-        if best is None:
+        clap, clap_offset, clap_gid = _nearest_windows(q, gids, meta, samples, hop)
+        found = _semantic(q, phases, gids, meta, samples, rate, window)
+        if found is None:  # found by CLAP alone
             m = meta[clap_gid]
-            matches.append(Match(source, m["key"], m["start"], clap_offset, 0.0, 0.0, 0.0, max(clap, 0.0), clap_offset, 0, gids))
+            matches.append(Match(source, m["key"], m["start"], clap_offset, 0.0, 0.0, 0.0, clap, clap_offset, 0, gids))
             continue
-        score, k, j0, j1, anchor, d, votes = best
+        score, k, j0, j1, anchor, d, votes = found
         m = meta[anchor]
         shift = float(q.shifts[k])
-        offset = m["start"] + d / rate - shift
-        matches.append(Match(source, m["key"], m["start"], offset, j0 / rate + shift, j1 / rate + shift, score, max(clap, 0.0), clap_offset, votes, gids))
+        offset = m["start"] + d / rate - shift  # clip frame j + d is query frame j, which starts shift late
+        matches.append(Match(source, m["key"], m["start"], offset, j0 / rate + shift, j1 / rate + shift, score, clap, clap_offset, votes, gids))
     matches.sort(key=lambda m: (m.semantic, m.clap), reverse=True)
     return matches
