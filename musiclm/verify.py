@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -50,11 +49,8 @@ def _tokenized(folder: Path) -> Expected:
 
 
 def _tokenizer(folder: Path) -> Expected:
-    try:
-        from musiclm.pipeline.tokenizer import expected_files
-    except ImportError:  # a tokenizer module without records: its files must exist and be whole
-        advice = "re-run musiclm tokenize to write the tokenizer again"
-        return {p.relative_to(folder).as_posix(): (None, advice) for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    from musiclm.pipeline.tokenizer import expected_files
+
     return expected_files(folder)
 
 
@@ -71,6 +67,8 @@ def _model(folder: Path) -> Expected:
             out.update(_prefixed(stage, _run(folder / stage)))
     if (folder / "tokenizer").is_dir():
         out.update(_prefixed("tokenizer", _tokenizer(folder / "tokenizer")))
+    if (folder / "README.md").is_file():  # the model card of a model pulled from the hub
+        out["README.md"] = (None, "pull the model again")
     return out
 
 
@@ -80,7 +78,7 @@ def folder_kind(folder: Path) -> tuple[str, Callable[[Path], Expected]]:
         raise UserError(f"{folder} is not a folder: pass a tokenized folder, a run folder or a model folder")
     if (folder / "shards").is_dir() and (folder / "tokenizer").is_dir():
         return "tokenized folder", _tokenized
-    if (folder / "run.json").is_file():
+    if (folder / "run.json").is_file() or (folder / "checkpoints").is_dir():  # a run whose run.json is lost is still one
         return "run folder", _run
     if (folder / "tokenizer.json").is_file():
         return "tokenizer folder", _tokenizer
@@ -103,11 +101,14 @@ def _present(folder: Path) -> list[str]:
 
 
 def _explain(findings: list[Finding]) -> list[Finding]:
-    """Unexpected temporaries are the leftovers of a killed run: say so."""
+    """Unexpected temporaries are the leftovers of a killed run, and damaged-step-N checkpoints were set
+    aside by ``train --resume``: say so."""
     out = []
     for f in findings:
         if f.status == "unexpected" and Path(f.path).name.startswith(".") and f.path.endswith(".tmp"):
             f = Finding(f.path, f.status, "a leftover of a killed run", "the next run of the command that writes this folder removes it")
+        elif f.status == "unexpected" and any(part.startswith("damaged-step-") for part in Path(f.path).parts):
+            f = Finding(f.path, f.status, "a damaged checkpoint musiclm train --resume set aside", "delete it once you no longer need it")
         out.append(f)
     return out
 
@@ -130,10 +131,7 @@ def verify_folder(folder: str | Path, workers: int | None = None, progress: bool
 
 
 def run_verify(folder: str | Path, as_json: bool = False, workers: int | None = None) -> bool:
-    """``musiclm verify``: print the findings (a table, or JSON); True when all is well, else exit code 1.
-
-    It exits itself: ``musiclm.cli.main`` runs click with ``standalone_mode=False``, under which a
-    ``typer.Exit(1)`` raised by the command is returned by click and its code lost."""
+    """``musiclm verify``: print the findings (a table, or JSON); True when all is well (the command then exits 0, else 1)."""
     from rich.console import Console
 
     console = Console()
@@ -142,7 +140,7 @@ def run_verify(folder: str | Path, as_json: bool = False, workers: int | None = 
     if as_json:
         body = {"folder": str(folder), "kind": kind, "files_checked": checked, "ok": not findings, "counts": counts, "findings": [f.to_json() for f in findings]}
         print(json.dumps(body, indent=2))
-        return _result(not findings)
+        return not findings
     if not findings:
         console.print(f"{folder}: {kind}, {checked} files checked, all match their records")
         return True
@@ -155,11 +153,4 @@ def run_verify(folder: str | Path, as_json: bool = False, workers: int | None = 
         table.add_row(f.path, f.status, f.detail, f.advice)
     console.print(table)
     console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    return _result(False)
-
-
-def _result(ok: bool) -> bool:
-    if not ok:
-        sys.stdout.flush()
-        raise SystemExit(1)
-    return True
+    return False

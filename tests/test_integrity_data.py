@@ -98,10 +98,9 @@ def fake(tmp_path_factory) -> Path:
 def record_tokenizer(folder: Path) -> None:
     """A record of the stand-in tokenizer.json, as the tokenizer folder keeps one (its own business: pipeline/tokenizer.py)."""
     from musiclm.integrity import write_records
-    from musiclm.pipeline import tokenizer
+    from musiclm.pipeline.tokenizer import RECORDS_FILE
 
-    if hasattr(tokenizer, "RECORDS_FILE"):
-        write_records(folder / tokenizer.RECORDS_FILE, {"tokenizer.json": FileRecord.of(folder / "tokenizer.json")})
+    write_records(folder / RECORDS_FILE, {"tokenizer.json": FileRecord.of(folder / "tokenizer.json")})
 
 
 @pytest.fixture

@@ -105,6 +105,13 @@ def test_verify_names_exactly_the_damaged_file(model, kind, how):
     assert findings[0].advice
 
 
+def test_verify_of_a_run_folder_that_lost_its_run_json_names_it(model):
+    (model / "fine" / "run.json").unlink()
+    kind_of, _, findings = verify_folder(model / "fine")
+    assert kind_of == "run folder"
+    assert [(f.path, f.status) for f in findings] == [("run.json", "missing")]
+
+
 @pytest.mark.slow
 def test_verify_command_exits_0_on_a_clean_copy_and_1_naming_a_damaged_file(model):
     proc = run_cli("verify", model / "coarse")
@@ -229,8 +236,10 @@ def test_resume_goes_back_to_the_newest_sound_checkpoint_and_trains_to_the_end(r
     assert_trained_to_the_end(run, reference)
     # the damaged checkpoint is moved aside, not deleted; verify lists it as not part of the run
     assert (run / "checkpoints" / "damaged-step-000000004").is_dir()
-    assert {f.status for f in verify_folder(run)[2]} == {"unexpected"}
-    assert {f.path.split("/")[1] for f in verify_folder(run)[2]} == {"damaged-step-000000004"}
+    findings = verify_folder(run)[2]
+    assert {f.status for f in findings} == {"unexpected"}
+    assert {f.path.split("/")[1] for f in findings} == {"damaged-step-000000004"}
+    assert all("set aside" in f.detail for f in findings)
 
 
 def test_resume_refuses_in_one_line_when_no_checkpoint_is_sound(resumable, tokenized, tmp_path):
@@ -341,7 +350,7 @@ def test_a_pushed_model_carries_the_weights_record_and_verifies(trained_runs, mo
     from musiclm.hub import push_operations
 
     pulled = pushed(push_operations(trained_runs, "owner/name"), tmp_path / "pulled")
-    (pulled / "README.md").unlink()  # the model card: verify.py's model-folder hook does not list it (yet)
+    assert (pulled / "README.md").is_file()  # the model card is part of a pulled model
     folder = pulled / "semantic" / "checkpoints" / STEP
     assert sorted(p.name for p in folder.iterdir()) == [ckpt.WEIGHTS, ckpt.RECORDS]
     assert read_records(folder / ckpt.RECORDS) == {ckpt.WEIGHTS: FileRecord.of(folder / ckpt.WEIGHTS)}
