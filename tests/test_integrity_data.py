@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from musiclm.cli import main
 from musiclm.errors import UserError
@@ -404,3 +405,17 @@ def test_a_kill_during_the_repair_leaves_a_folder_the_next_run_completes(tokeniz
     for key, s in got.items():
         for stream in ("semantic", "acoustic", "clap", "clap_emb"):
             np.testing.assert_array_equal(getattr(s, stream), getattr(want[key], stream))
+
+
+class _DamagedInWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        raise DamagedFile("/data/shards/shard-000001.tar", "truncated", "re-run musiclm tokenize CORPUS --out DIR to repair it")
+        yield  # a generator: the error is raised in the worker, when it starts iterating
+
+
+def test_damage_found_inside_a_data_loader_worker_is_still_one_line():
+    """torch re-raises a worker's error as its type called with the worker's whole traceback: the sentence is kept."""
+    with pytest.raises(DamagedFile) as e:
+        for _ in torch.utils.data.DataLoader(_DamagedInWorker(), num_workers=1):
+            pass
+    assert str(e.value) == "/data/shards/shard-000001.tar is damaged (truncated): re-run musiclm tokenize CORPUS --out DIR to repair it"
