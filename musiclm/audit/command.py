@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from musiclm.audit.calibration import MIN_FILES, SIGNALS, calibrate, corpus_root, verdict
+from musiclm.audit.calibration import EXCERPTS, MIN_FILES, SIGNALS, calibrate, corpus_root, verdict
 from musiclm.audit.index import check_corpus, index_lock, open_index
 from musiclm.audit.search import search
 from musiclm.errors import UserError
@@ -81,7 +81,7 @@ def prepare(data: str | Path, device: str | None = None, say: Callable[[str], No
             if files < MIN_FILES:
                 raise UserError(f"--data {data} holds {files} files: calibrating the audit needs at least {MIN_FILES} (excerpts of some are scored against the others)")
             root = corpus_root(data)
-            say(f"audit index: calibrating on excerpts of {min(files, 64)} files ({'corpus audio ' + str(root) if root else 'stored tokens: the corpus audio is not found'})")
+            say(f"audit index: calibrating on excerpts of {min(files, EXCERPTS)} files ({'corpus audio ' + str(root) if root else 'stored tokens: the corpus audio is not found'})")
             t1 = time.perf_counter()
             index.save_calibration(calibrate(index, tokenizer, root))
             say(f"audit index: calibrated in {time.perf_counter() - t1:.1f} s")
