@@ -55,6 +55,9 @@ def tokenize(
     manifest_paths: str = typer.Option(
         "names", "--manifest-paths", help="How the corpus manifest names files: names (relative paths) or hashed (sha256 of each path, for private corpora)."
     ),
+    verify: bool = typer.Option(
+        False, "--verify", help="Before resuming, hash every file of --out against its record (finds damage that left sizes and times alone) and repair what differs."
+    ),
 ) -> None:
     """Turn a folder of music into integer-token shards, once."""
     from musiclm.pipeline.tokenize_job import run_tokenize
@@ -71,6 +74,7 @@ def tokenize(
         shard_size=shard_size,
         batch_seconds=batch_seconds,
         manifest_paths=manifest_paths,
+        verify=verify,
     )
 
 

@@ -280,6 +280,19 @@ def test_a_file_changed_in_place_is_hashed_even_when_its_mtime_is_put_back(copy)
     assert [(f.name, f.problems) for f in state.found] == [("shard-000001", {"shards/shard-000001.tar": "sha256 differs from the record"})]
 
 
+def test_a_full_check_finds_damage_that_left_size_and_times_alone(copy):
+    """Bit rot changes no time: only ``tokenize --verify`` (check_shards(full=True)) hashes such a file."""
+    tar = copy / "shards" / "shard-000001.tar"
+    damage(tar, "flip")
+    rec = ShardRecord.read(copy, "shard-000001")
+    rec.note(copy, "shards/shard-000001.tar")  # the record's times now match the damaged file's ...
+    rec.files["shards/shard-000001.tar"] = ShardRecord.read(copy, "shard-000001").files["shards/shard-000001.tar"]  # ... its digest does not
+    rec.write(copy)
+    assert check_shards(copy).found == []  # the cheap check cannot see it
+    state = check_shards(copy, full=True)
+    assert [(f.name, f.problems) for f in state.found] == [("shard-000001", {"shards/shard-000001.tar": "sha256 differs from the record"})]
+
+
 # ---- musiclm tokenize repairs (Ray, the tiny preset) ---------------------------------------------------------------
 
 

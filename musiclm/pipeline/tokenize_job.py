@@ -685,10 +685,10 @@ class Repair:
     gone: set[str] = dataclasses.field(default_factory=set)  # keys that cannot be redone (their audio is gone), listed in errors/
 
 
-def _check_folder(console, out: Path, files: list[str]) -> Repair:
+def _check_folder(console, out: Path, files: list[str], full: bool = False) -> Repair:
     """Check ``out`` against its records and prepare the repair of what is damaged (see the module docstring
     of :mod:`musiclm.shards.writer`); print what was found. Files that ``files`` (the corpus) no longer holds
-    cannot be redone: their clips are listed in errors/ now."""
+    cannot be redone: their clips are listed in errors/ now. ``full``: hash every shard file (``--verify``)."""
     from musiclm.shards.format import TokenInfo
     from musiclm.shards.writer import ShardRecord
 
@@ -705,7 +705,7 @@ def _check_folder(console, out: Path, files: list[str]) -> Repair:
             plan = None
     else:
         plan = _read_plan(out)
-    state = check_shards(out, {rel: v[2] for rel, v in (plan or {}).items()})
+    state = check_shards(out, {rel: v[2] for rel, v in (plan or {}).items()}, full=full)
     clean_unfinished(out)
     for f in state.found:
         what = "; ".join(f"{rel}: {problem}" for rel, problem in f.problems.items())
@@ -810,12 +810,14 @@ def run_tokenize(
     shard_size: int | None = None,
     batch_seconds: float | None = None,
     manifest_paths: str = "names",
+    verify: bool = False,
     console=None,
 ) -> TokenizeSummary:
     """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring).
 
     ``manifest_paths``: how the corpus manifest names files, "names" (relative paths) or "hashed"
-    (sha256 of each relative path; see :mod:`musiclm.shards.manifest`)."""
+    (sha256 of each relative path; see :mod:`musiclm.shards.manifest`). ``verify``: hash every file of
+    ``out`` against its record before resuming, not only those whose size or times changed."""
     from rich.console import Console
 
     from musiclm.pipeline.tokenizer import tokenizer_folder
@@ -837,7 +839,7 @@ def run_tokenize(
         record = _check_tokenizer(out, cfg, tokenizer_dir)
         if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
             atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
-        repair = _check_folder(console, out, files)
+        repair = _check_folder(console, out, files, full=verify)
         settled = done_files(out, repair.records)
         finished = settled.intersection(files)
         pending = [f for f in files if f not in finished]

@@ -555,11 +555,12 @@ def _shard_names(out: Path) -> list[str]:
     return sorted(names)
 
 
-def check_shards(out_dir: str | Path, batch_of: dict[str, int] | None = None) -> FolderState:
+def check_shards(out_dir: str | Path, batch_of: dict[str, int] | None = None, full: bool = False) -> FolderState:
     """Check every shard of ``out_dir`` against its record and prepare the repair of damaged ones (see the
     module docstring): rewrite records, rebuild stats from sound tars, remove damaged files after their
     clips were written into ``redo``. ``batch_of``: {source: planned batch} from the plan, for the
-    records of shards that had none. Call before :func:`clean_unfinished`."""
+    records of shards that had none. A file is hashed when its times moved since it was recorded, or
+    always with ``full`` (damage that left size and times alone: bit rot). Call before :func:`clean_unfinished`."""
     out = Path(out_dir)
     batch_of = batch_of or {}
     state = FolderState({}, [], [])
@@ -582,7 +583,7 @@ def check_shards(out_dir: str | Path, batch_of: dict[str, int] | None = None) ->
         for rel, fr in list(rec.files.items()):
             path = out / rel
             problem = quick_check(path, fr)
-            if problem is None and rec.stat.get(rel) != _stat(path):
+            if problem is None and (full or rec.stat.get(rel) != _stat(path)):
                 problem = full_check(path, fr)  # changed since it was recorded: hash it
                 if problem is None:
                     rec.stat[rel] = _stat(path)
