@@ -3,8 +3,10 @@
 The folder is one of
 
 - a tokenized folder (``tokenizer/`` + ``shards/``): shards, stats, errors, the
-  plan and manifest (records: :func:`musiclm.shards.writer.expected_files`) and
-  its tokenizer;
+  plan and manifest (records: :func:`musiclm.shards.writer.expected_files`),
+  its tokenizer, and the audit index if one was built
+  (:func:`musiclm.audit.index.expected_files`: derived from the shards, so
+  checked for being whole, not against checksums);
 - a tokenizer folder (``tokenizer.json``): quantizer arrays and saved backbones
   (:func:`musiclm.pipeline.tokenizer.expected_files`);
 - a run folder (``run.json``): checkpoints, run files and its tokenizer copy
@@ -32,7 +34,7 @@ from typing import Callable
 from musiclm.errors import UserError
 from musiclm.integrity import FileRecord, Finding, check_files
 
-IGNORED = (".musiclm.lock",)  # the lock file musiclm tokenize leaves in its --out folder
+IGNORED = (".musiclm.lock", "audit/.lock")  # the lock files musiclm tokenize and musiclm audit leave
 
 Expected = dict[str, tuple[FileRecord | None, str]]
 STAGES = ("semantic", "coarse", "fine")
@@ -43,9 +45,10 @@ def _prefixed(prefix: str, files: Expected) -> Expected:
 
 
 def _tokenized(folder: Path) -> Expected:
+    from musiclm.audit.index import expected_files as audit_files
     from musiclm.shards.writer import expected_files as shard_files
 
-    return {**shard_files(folder), **_prefixed("tokenizer", _tokenizer(folder / "tokenizer"))}
+    return {**shard_files(folder), **_prefixed("tokenizer", _tokenizer(folder / "tokenizer")), **audit_files(folder)}
 
 
 def _tokenizer(folder: Path) -> Expected:

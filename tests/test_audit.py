@@ -150,6 +150,17 @@ def test_the_index_is_reused_and_a_new_shard_adds_its_files_only(tokenized, tmp_
     on_disk = {p.relative_to(data).as_posix() for p in (data / INDEX_DIR).iterdir() if not p.name.startswith(".")}
     assert set(expected_files(data)) == on_disk  # what musiclm verify is told to expect there
 
+    # verify checks the index is whole; audit makes a damaged index file again
+    from musiclm.verify import verify_folder
+
+    assert verify_folder(data)[2] == []
+    cut = data / INDEX_DIR / f"{tar.stem}.ngrams.npy"
+    cut.write_bytes(cut.read_bytes()[:-8])
+    assert [(f.path, f.status) for f in verify_folder(data)[2]] == [(cut.relative_to(data).as_posix(), "damaged")]
+    mended = audit([novel], data)
+    assert (mended["index"]["built"], mended["index"]["reused"]) == (1, shards)
+    assert verify_folder(data)[2] == []
+
 
 def test_cli_json_report_and_exit_codes(corpus, audio_corpus, tmp_path):
     root, _ = audio_corpus

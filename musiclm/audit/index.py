@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from musiclm import atomic
 from musiclm.audit.ngrams import ngram_hashes, winnow
 from musiclm.errors import UserError
+from musiclm.integrity import quick_check
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards
 
 INDEX_DIR = "audit"
@@ -393,7 +394,8 @@ def _remove_shard_files(folder: Path, name: str) -> None:
 def open_index(data_dir: str | Path, params: IndexParams | None = None, progress=None) -> AuditIndex:
     """The index of ``data_dir``, built or brought up to date first (call it under :func:`index_lock`).
 
-    New shards are indexed, shards whose tar changed are re-indexed, index files of shards that are gone are
+    New shards are indexed, shards whose tar changed or whose index files are not whole (a cheap check: npy
+    header against size, Parquet markers) are re-indexed, index files of shards that are gone are
     removed; everything else is reused as it is. The calibration is dropped when anything changed.
     ``progress(name, done, total)`` is told about each shard indexed."""
     data_dir, info, tars = check_corpus(data_dir)
@@ -408,7 +410,7 @@ def open_index(data_dir: str | Path, params: IndexParams | None = None, progress
     proj_path = folder / PROJECTION_FILE
     if proj_path.is_file() and not record["shards"]:
         proj_path.unlink()
-    if not proj_path.is_file():
+    if quick_check(proj_path, None) is not None:  # missing, or cut short: it is made again from its seed
         _save_npy(proj_path, clap_projection(info.clap_embed_dim, params))
     projection = np.load(proj_path, allow_pickle=False)
 
@@ -421,7 +423,7 @@ def open_index(data_dir: str | Path, params: IndexParams | None = None, progress
     todo = []
     for name, tar in by_name.items():
         entry = record["shards"].get(name)
-        if entry is not None and {k: entry.get(k) for k in ("tar_bytes", "tar_mtime_ns")} == _tar_stamp(tar) and all((folder / f"{name}.{s}").is_file() for s in SHARD_FILES):
+        if entry is not None and {k: entry.get(k) for k in ("tar_bytes", "tar_mtime_ns")} == _tar_stamp(tar) and all(quick_check(folder / f"{name}.{s}", None) is None for s in SHARD_FILES):
             reused.append(name)
         else:
             todo.append(name)
