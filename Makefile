@@ -8,16 +8,24 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO ?= demo
 
-.PHONY: install test test-fast demo bench clean-demo
+.PHONY: install system-deps test test-fast demo bench clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,app]"
 	touch $@
 
-install: $(VENV)/.installed
+# tests/test_app.py drives Debian's Chromium (Playwright, never `playwright install`); the page
+# streams audio through gradio, which encodes with ffmpeg. As root they are installed with apt;
+# otherwise the app's tests fail and say how to install them.
+system-deps:
+	@missing=""; test -x /usr/bin/chromium || missing="chromium"; command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
+		echo "apt-get install -y $$missing"; apt-get update -qq && apt-get install -y -qq $$missing; fi
+
+install: $(VENV)/.installed system-deps
 
 test: install
 	$(PY) -m pytest -q
