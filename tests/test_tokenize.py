@@ -132,12 +132,16 @@ def test_shard_tokens_equal_tokenizing_the_planned_batch_directly(tokenized, aud
 
 
 def test_tokenizer_folder_holds_backbones_and_checksummed_quantizers(tokenized):
-    from musiclm.pipeline.tokenizer import QUANTIZER_FILES, sha256_file
+    from musiclm.digest import sha256_file
+    from musiclm.integrity import FileRecord, read_records
+    from musiclm.pipeline.tokenizer import QUANTIZER_FILES, RECORDS_FILE
 
     out, _ = tokenized
     record = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    records = read_records(out / "tokenizer" / RECORDS_FILE)
     for fname in QUANTIZER_FILES.values():
         assert record["quantizers"][fname] == sha256_file(out / "tokenizer" / fname)
+        assert records[fname] == FileRecord.of(out / "tokenizer" / fname)
     for name in ("clap", "mert", "encodec"):
         assert record["backbones"][name]["path"] == name
         assert (out / "tokenizer" / name / "config.json").is_file()
