@@ -70,6 +70,14 @@ class DamagedFile(UserError):
         super().__init__(str(path) if problem is None else f"{path} is damaged ({problem}): {advice}")
 
 
+def read_json(path: str | Path, advice: str) -> Any:
+    """The parsed JSON file ``path``; :class:`DamagedFile` when it does not parse (call it on a file that exists)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except ValueError:  # UnicodeDecodeError included
+        raise DamagedFile(path, "not valid JSON", advice) from None
+
+
 # ---- record files ----------------------------------------------------------------
 
 _SELF = b'"record_sha256": "'  # the record file's own digest; written first, so found at once

@@ -77,3 +77,13 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def materialize(ops, folder: Path) -> Path:
+    """The files a commit of ``ops`` (CommitOperationAdd) would hold, written under ``folder``."""
+    for op in ops:
+        dst = folder / op.path_in_repo
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src = op.path_or_fileobj
+        dst.write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
+    return folder

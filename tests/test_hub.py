@@ -29,7 +29,7 @@ from musiclm.errors import UserError
 from musiclm.hub import BACKBONE_LICENCES, model_card, push, push_operations, resolve_model, stage_source
 from musiclm.integrity import FileRecord, write_records
 from musiclm.shards.manifest import FileFacts, carry_manifest, read_manifest, write_manifest
-from tests.factories import torch_threads
+from tests.factories import materialize, torch_threads
 
 REPO = "musiclm-tests/tiny"
 
@@ -51,16 +51,6 @@ def test_every_trained_run_carries_its_corpus_manifest(runs, tokenized):
     assert corpus is not None and corpus["files"] > 0
     for stage in STAGES:
         assert read_manifest(runs / stage) == corpus
-
-
-def materialize(ops, folder: Path) -> Path:
-    """The files a commit of ``ops`` (CommitOperationAdd) would hold, written under ``folder``."""
-    for op in ops:
-        dst = folder / op.path_in_repo
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        src = op.path_or_fileobj
-        dst.write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
-    return folder
 
 
 def hub_cache(cache: Path, repo_id: str, commits: dict[str, Path], refs: dict[str, str]) -> Path:

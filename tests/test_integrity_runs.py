@@ -25,7 +25,7 @@ from musiclm.training import checkpoint as ckpt
 from musiclm.training.trainer import load_stage, run_train
 from musiclm.verify import verify_folder
 from tests.conftest import run_cli
-from tests.factories import torch_threads
+from tests.factories import materialize, torch_threads
 
 DAMAGES = ("truncate", "flip", "delete")
 STEP = "step-000000004"  # the one checkpoint of each session run (trained_runs: 4 steps, saved at the end)
@@ -332,24 +332,13 @@ def test_an_unrecorded_checkpoint_that_torch_cannot_read_is_passed_over(resumabl
     assert_trained_to_the_end(run, reference)
 
 
-
 # ---- pushed and pulled models -------------------------------------------------------------------------------------------
-
-
-def pushed(ops, folder: Path) -> Path:
-    """The files a push commits (``CommitOperationAdd``s), written under ``folder`` as a pull would."""
-    for op in ops:
-        dst = folder / op.path_in_repo
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        src = op.path_or_fileobj
-        dst.write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
-    return folder
 
 
 def test_a_pushed_model_carries_the_weights_record_and_verifies(trained_runs, model, tmp_path):
     from musiclm.hub import push_operations
 
-    pulled = pushed(push_operations(trained_runs, "owner/name"), tmp_path / "pulled")
+    pulled = materialize(push_operations(trained_runs, "owner/name"), tmp_path / "pulled")
     assert (pulled / "README.md").is_file()  # the model card is part of a pulled model
     folder = pulled / "semantic" / "checkpoints" / STEP
     assert sorted(p.name for p in folder.iterdir()) == [ckpt.WEIGHTS, ckpt.RECORDS]

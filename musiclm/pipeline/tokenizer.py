@@ -36,7 +36,7 @@ import torch
 from musiclm import atomic
 from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
-from musiclm.integrity import UNRECORDED, DamagedFile, FileRecord, read_records, require, write_records
+from musiclm.integrity import UNRECORDED, DamagedFile, FileRecord, read_json, read_records, require, write_records
 from musiclm.models.clap_mel import ClapMel
 from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
 from musiclm.pipeline.fit_plan import check_clap_window
@@ -462,10 +462,7 @@ def read_record(folder: str | Path) -> dict[str, Any]:
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(f"no tokenizer at {folder}: expected {path} (a DIR/tokenizer folder written by musiclm tokenize)")
-    try:
-        record = json.loads(path.read_bytes())
-    except ValueError:  # UnicodeDecodeError included
-        raise DamagedFile(path, "not valid JSON", ADVICE) from None
+    record = read_json(path, ADVICE)
     try:
         record["config"], record["quantizers"], record["backbones"], record["fingerprint"]
     except (KeyError, TypeError) as e:

@@ -70,7 +70,7 @@ from torch import nn
 from musiclm import atomic
 from musiclm.config import Config, config_from_dict, load_config, to_dict
 from musiclm.errors import UserError
-from musiclm.integrity import DamagedFile, FileRecord
+from musiclm.integrity import DamagedFile, FileRecord, read_json
 from musiclm.models.layout import StageLayout, layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
@@ -495,10 +495,7 @@ def _read_run(run_path: Path) -> dict[str, Any]:
     path = run_path / RUN_FILE
     if not path.is_file():
         raise UserError(f"{run_path} is not a musiclm run folder ({RUN_FILE} is missing)")
-    try:
-        run = json.loads(path.read_bytes())
-    except ValueError:  # UnicodeDecodeError included
-        raise DamagedFile(path, "not valid JSON", RUN_ADVICE) from None
+    run = read_json(path, RUN_ADVICE)
     if not isinstance(run, dict):
         raise DamagedFile(path, "not a JSON object", RUN_ADVICE)
     return run
