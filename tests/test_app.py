@@ -187,6 +187,14 @@ def test_app_refuses_a_model_folder_without_runs_in_one_line(tmp_path):
     assert proc.stderr.startswith("error: no semantic stage") and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("limit", [0.0, -1.0, float("nan")])
+def test_an_upload_limit_that_is_not_a_positive_number_is_refused_before_the_model_loads(tmp_path, limit):
+    from musiclm.app import run_app
+
+    with pytest.raises(UserError, match="--max-upload-mb must be a positive number"):
+        run_app(tmp_path / "no-model-here", max_upload_mb=limit)
+
+
 # ---- the page, in a browser ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def connections():

@@ -51,8 +51,7 @@ def serve(lm, *, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float
     (default: a new temporary folder)."""
     from musiclm.app.page import Page
 
-    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
-        raise UserError(f"--max-upload-mb must be a positive number, got {max_upload_mb:g}")
+    _check_upload_limit(max_upload_mb)
     gr = import_gradio()
     port = _free(host, port)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="musiclm-app-"))
@@ -82,6 +81,11 @@ def serve(lm, *, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float
     return demo, url
 
 
+def _check_upload_limit(max_upload_mb: float) -> None:
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise UserError(f"--max-upload-mb must be a positive number, got {max_upload_mb:g}")
+
+
 def _free(host: str, port: int) -> int:
     """``port`` if it can be bound on ``host`` (0: a free port the system picks), else a :class:`UserError`."""
     try:
@@ -107,8 +111,7 @@ def run_app(
     from musiclm.models.precision import check_precision
 
     import_gradio()  # before loading anything: a missing extra is the first thing to say
-    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
-        raise UserError(f"--max-upload-mb must be a positive number, got {max_upload_mb:g}")
+    _check_upload_limit(max_upload_mb)
     if precision is not None:
         check_precision(precision)
     lm = MusicLM.from_pretrained(model, device=device, precision=precision, revision=revision)
