@@ -1011,7 +1011,7 @@ def _print_summary(console, s: TokenizeSummary) -> None:
     for line in s.repairs:
         console.print(line)
     console.print(
-        f"tokenized {s.clips} clips ({s.seconds / 3600:.2f} h of audio) into {s.shards} new shards in {s.elapsed:.1f} s "
+        f"tokenized {s.clips} clips ({s.seconds / 3600:.2f} h of audio) into {s.shards} shard{'' if s.shards == 1 else 's'} in {s.elapsed:.1f} s "
         f"({s.audio_seconds_per_second:.1f} audio-s/s); {s.skipped} of {s.files} files were already done"
     )
     if s.failed:
