@@ -33,7 +33,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-demo: install
+demo: $(VENV)/.installed  # the demo needs no browser: system-deps are for the tests
 	$(PY) -m musiclm.demo --out $(DEMO)
 
 clean-demo:
