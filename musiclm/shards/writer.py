@@ -130,6 +130,15 @@ def _stat(path: Path) -> list[int]:
     return [st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _recorded_problem(path: Path, record: FileRecord, stat: list[int] | None, full: bool = False) -> str | None:
+    """The problem of a recorded file: the quick check, then its hash when its times moved since ``stat``
+    was taken (or always with ``full``); None when it is sound."""
+    problem = quick_check(path, record)
+    if problem is None and (full or stat != _stat(path)):
+        problem = full_check(path, record)
+    return problem
+
+
 @dataclass
 class ShardRecord:
     """The record file of one shard index (see the module docstring)."""
@@ -582,12 +591,10 @@ def check_shards(out_dir: str | Path, batch_of: dict[str, int] | None = None, fu
         before = json.dumps([rec.files, rec.stat, rec.clips, rec.errors, rec.redo], sort_keys=True, default=str)
         for rel, fr in list(rec.files.items()):
             path = out / rel
-            problem = quick_check(path, fr)
-            if problem is None and (full or rec.stat.get(rel) != _stat(path)):
-                problem = full_check(path, fr)  # changed since it was recorded: hash it
-                if problem is None:
-                    rec.stat[rel] = _stat(path)
-            if problem is not None:
+            problem = _recorded_problem(path, fr, rec.stat.get(rel), full)
+            if problem is None:
+                rec.stat[rel] = _stat(path)  # hashed when its times moved: they are the record's now
+            else:
                 problems[rel] = problem
         redo = rec.redo or {}
         for kind in ("tar", "stats", "codes", "errors"):
@@ -736,9 +743,7 @@ def folder_problems(out_dir: str | Path, name: str, rels: Iterable[str]) -> dict
                 except ARROW_ERRORS as e:
                     problem = f"unreadable: {type(e).__name__}"
         else:
-            problem = quick_check(path, fr)
-            if problem is None and stat.get(rel) != _stat(path):
-                problem = full_check(path, fr)
+            problem = _recorded_problem(path, fr, stat.get(rel))
         if problem is not None:
             problems[rel] = problem
     return problems
