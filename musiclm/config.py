@@ -1,7 +1,7 @@
 """Configs: every number the system uses, loaded from a TOML preset or file.
 
-A config is a tree of frozen dataclasses. Presets live in ``configs/<name>.toml``
-at the repository root. A user's config file may start with ``base = "tiny"``
+A config is a tree of frozen dataclasses. Presets live in ``musiclm/configs/<name>.toml``,
+package data that an installed wheel carries. A user's config file may start with ``base = "tiny"``
 and override any subset of keys; unknown keys and wrong types are refused with
 a one-line :class:`~musiclm.errors.UserError`.
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from musiclm.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data (pyproject: tool.setuptools.package-data)
 STAGES = ("semantic", "coarse", "fine")
 PRECISIONS = ("fp32", "bf16", "fp16")  # tokenize.precision: the backbones' arithmetic
 
