@@ -106,6 +106,12 @@ class ModelConfig:
     mlp_hidden: int = 0  # 0: SwiGLU width 8/3 * d_model rounded up to a multiple of 64
     dropout: float = 0.0
     rope_base: float = 10000.0
+    # rotary position of a token: "time" (its frame's time, shared by every stream; models.layout)
+    # or "index" (its index in the flat sequence: runs recorded before positions were a setting)
+    positions: str = "time"
+
+
+POSITIONS = ("time", "index")
 
 
 @dataclass(frozen=True)
@@ -271,8 +277,19 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> Co
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Inverse of :meth:`Config.to_dict` (used to read a run's or a tokenizer's recorded config)."""
+    """Inverse of :meth:`Config.to_dict` (used to read a run's or a tokenizer's recorded config).
+
+    A recorded config lacks the keys added after it was written; each is read with the value that
+    behaves as the code that wrote it did (:func:`recorded_model`)."""
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = {**data, "model": recorded_model(data["model"])}
     return from_dict(Config, data)
+
+
+def recorded_model(model: dict[str, Any]) -> dict[str, Any]:
+    """A recorded ``[model]`` table with the keys added since filled as its run behaved: runs made
+    before ``positions`` was a setting used sequence indices."""
+    return {"positions": "index", **model}
 
 
 def tokenize_config_from_dict(data: dict[str, Any]) -> TokenizeConfig:
@@ -326,6 +343,8 @@ def check_config(cfg: Config) -> None:
                 f"config '{cfg.name}': stages.{stage}.window_seconds = {w:g} does not fit whole in every segment: files are split into "
                 f"segments no shorter than half of tokenize.audio.segment_seconds = {seg:g}; raise segment_seconds to at least {2 * w:g}"
             )
+    if cfg.model.positions not in POSITIONS:
+        raise UserError(f"config '{cfg.name}': model.positions = '{cfg.model.positions}' is not one of {', '.join(POSITIONS)}")
     if t.precision not in PRECISIONS:
         raise UserError(f"config '{cfg.name}': tokenize.precision = '{t.precision}' is not one of {', '.join(PRECISIONS)}")
     if t.batch_seconds <= 0:

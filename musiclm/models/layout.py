@@ -20,6 +20,17 @@ follow the slices: ``null_id`` replaces the CLAP prefix when conditioning is
 dropped (classifier-free guidance) and ``pad_id`` fills windows longer than a
 clip.
 
+Positions: every slot of the sequence has a rotary position (:meth:`StageLayout.positions`).
+With ``"time"`` (the default) a token's position is the time of its frame on one
+grid for every stream, ticks of ``1 / lcm(frame rates)`` seconds (1/150 s at 50 and
+75 Hz), counted from the window's start: a conditioning frame and the target frame
+of the same instant share one, the levels of a frame share their frame's, and the
+CLAP tokens, which hold for the whole window, sit at 0, before the timeline that
+starts at 1. Attention then finds "the same instant" at a fixed relative distance
+whatever the frame. With ``"index"`` the position is the slot's index in the flat
+sequence (runs made before positions were a setting); there the distance between
+an acoustic frame and its semantic frame grows along the window.
+
 Labels: position ``i`` predicts the token at ``i + 1``. ``labels[i]`` is that
 token's code within its codebook (``IGNORE`` where it is not a target token)
 and ``label_levels[i]`` says which of the target's codebooks it belongs to, so
@@ -138,6 +149,40 @@ class StageLayout:
     @property
     def target_codebook(self) -> int:
         return self.target.codebook_size
+
+    # ---- positions ---------------------------------------------------------------
+    @property
+    def ticks_per_second(self) -> Fraction:
+        """The position grid: the least rate of which every time stream's frame rate divides a whole
+        number of ticks per frame (150 at 50 and 75 Hz)."""
+        rates = [s.frame_rate for s in (self.info.semantic, self.info.acoustic) if s.frame_rate]
+        num, den = rates[0].numerator, rates[0].denominator
+        for r in rates[1:]:
+            num, den = math.lcm(num, r.numerator), math.gcd(den, r.denominator)
+        return Fraction(num, den)
+
+    def ticks_per_frame(self, stream: str) -> int:
+        """Position ticks between consecutive frames of ``stream``."""
+        return int(self.ticks_per_second / self.info.stream(stream).frame_rate)
+
+    def positions(self, kind: str = "time") -> np.ndarray:
+        """The rotary position of every slot of the sequence, [seq_len] int64 (see the module docstring).
+
+        ``"index"``: the slot's index. ``"time"``: 0 for the CLAP tokens, ``1 + frame * ticks_per_frame``
+        for a frame's tokens, so slots of the same instant in different streams share a position.
+        Pad slots keep the position of the slot they fill."""
+        if kind == "index":
+            return np.arange(self.seq_len, dtype=np.int64)
+        if kind != "time":
+            raise ValueError(f"positions must be 'time' or 'index', got {kind!r}")
+        pieces = []
+        for part in (*self.cond, self.target):
+            if part.stream == "clap":
+                pieces.append(np.zeros(part.length, dtype=np.int64))
+            else:
+                frames = np.arange(part.frames, dtype=np.int64) * self.ticks_per_frame(part.stream)
+                pieces.append(1 + np.repeat(frames, len(part.levels)))  # frame-major: a frame's levels share it
+        return np.concatenate(pieces)
 
     # ---- training windows -----------------------------------------------------
     def crop(self, sample: TokenSample, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:

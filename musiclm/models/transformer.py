@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,15 +54,23 @@ class KVCache:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (half-split form): rotates channel pairs (i, i + D/2) by position * freq_i."""
+    """Rotary position embedding (half-split form): rotates channel pairs (i, i + D/2) by position * freq_i.
 
-    def __init__(self, head_dim: int, base: float, max_len: int):
+    Callers name *slots* (indices in the sequence); ``positions`` [S] says the rotary position of each
+    slot (a stage's layout: :meth:`~musiclm.models.layout.StageLayout.positions`), so every path that
+    names a slot (training, the KV cache, the fixed-shape step) gets the same position from one table.
+    Without ``positions`` a slot's position is its index, ``max_len`` of them tabled and any later one
+    computed on the fly; with a table, a slot past it has no position and is refused.
+    """
+
+    def __init__(self, head_dim: int, base: float, max_len: int = 0, positions: torch.Tensor | None = None):
         super().__init__()
         self.head_dim = head_dim
         self.base = base
-        cos, sin = self._table(torch.arange(max_len))
+        self.continues = positions is None  # index positions extend past the table; a layout's do not
+        cos, sin = self._table(torch.arange(max_len) if positions is None else torch.as_tensor(positions))
         # not persistent: derived from the config, so checkpoints hold only learned weights
-        self.register_buffer("cos", cos, persistent=False)  # [max_len, D/2]
+        self.register_buffer("cos", cos, persistent=False)  # [S, D/2], row = slot
         self.register_buffer("sin", sin, persistent=False)
 
     def _table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,19 +80,21 @@ class Rotary(nn.Module):
         return angles.cos().float(), angles.sin().float()
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """``x`` [B, H, N, D] at positions ``start .. start + N - 1`` -> rotated, same shape and dtype."""
+        """``x`` [B, H, N, D] at slots ``start .. start + N - 1`` -> rotated, same shape and dtype."""
         n = x.shape[-2]
         if start + n <= self.cos.shape[0]:
             cos = self.cos[start : start + n]  # [N, D/2]
             sin = self.sin[start : start + n]
-        else:  # past the planned length (e.g. a long prompt): compute these positions on the fly
+        elif self.continues:  # past the planned length (e.g. a long prompt): compute these positions on the fly
             cos, sin = self._table(torch.arange(start, start + n, device=x.device))
+        else:
+            raise ValueError(f"slots {start}..{start + n - 1} lie past the {self.cos.shape[0]} slots of this stage's sequence")
         return self._rotate(x, cos, sin)
 
     def at(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, H, 1, D] at ``position``, a 0-d int64 tensor on the device -> rotated, same shape.
+        """``x`` [B, H, 1, D] at slot ``position``, a 0-d int64 tensor on the device -> rotated, same shape.
 
-        The position is read on the device (no host sync, fixed shapes), so a captured CUDA graph can
+        The slot is read on the device (no host sync, fixed shapes), so a captured CUDA graph can
         replay it at every position; it must lie within the table."""
         cos = self.cos.index_select(0, position.view(1))  # [1, D/2]
         sin = self.sin.index_select(0, position.view(1))
@@ -185,7 +196,8 @@ class Block(nn.Module):
 class MusicTransformer(nn.Module):
     """Decoder-only transformer over one stage's flat id sequence, with one output head per target codebook."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, target_levels: int, codebook_size: int, max_seq_len: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, target_levels: int, codebook_size: int, max_seq_len: int, positions: np.ndarray | None = None):
+        """``positions`` [max_seq_len]: the rotary position of each slot (a layout's); None: the slot's index."""
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
@@ -197,13 +209,16 @@ class MusicTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model)
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, codebook_size, bias=False) for _ in range(target_levels))
-        self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base, max_seq_len)
+        if positions is not None and len(positions) != max_seq_len:
+            raise ValueError(f"{len(positions)} positions for a sequence of {max_seq_len} slots")
+        table = None if positions is None else torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.rope_base, max_seq_len, table)
         self._init_weights()
 
     @classmethod
     def for_layout(cls, cfg: ModelConfig, layout: StageLayout) -> MusicTransformer:
-        """The model of one stage: vocabulary, heads and length from ``layout``."""
-        return cls(cfg, layout.vocab_size, layout.target_levels, layout.target_codebook, layout.seq_len)
+        """The model of one stage: vocabulary, heads, length and positions (``cfg.positions``) from ``layout``."""
+        return cls(cfg, layout.vocab_size, layout.target_levels, layout.target_codebook, layout.seq_len, layout.positions(cfg.positions))
 
     def _init_weights(self) -> None:
         # GPT-2: N(0, 0.02) everywhere; projections that add into the residual stream are scaled
@@ -221,7 +236,7 @@ class MusicTransformer(nn.Module):
 
         ``tokens`` [B, N] int64 -> [B, N, d]. With ``cache``, ``tokens`` are the new positions only:
         they attend to the ``cache.length`` cached positions and causally among themselves, their
-        rotary positions continue from ``cache.length``, and the cache is extended in place.
+        slots continue from ``cache.length``, and the cache is extended in place.
         """
         if cache is not None:
             if tokens.shape[0] != cache.batch_size:

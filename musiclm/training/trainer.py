@@ -68,7 +68,7 @@ import torch.distributed as dist
 from torch import nn
 
 from musiclm import atomic
-from musiclm.config import Config, config_from_dict, load_config, to_dict
+from musiclm.config import Config, config_from_dict, load_config, recorded_model, to_dict
 from musiclm.errors import UserError
 from musiclm.integrity import DamagedFile, FileRecord, read_json
 from musiclm.models.layout import StageLayout, layout_for
@@ -287,7 +287,7 @@ def _check_same_stage(run: dict[str, Any], stage: str, cfg: Config, info: TokenI
         )
     old_cfg = run.get("config", {})
     for what, new in (("model", to_dict(cfg.model)), (f"stages.{stage}", to_dict(cfg.stages.get(stage)))):
-        old = old_cfg.get("model") if what == "model" else old_cfg.get("stages", {}).get(stage)
+        old = recorded_model(old_cfg.get("model") or {}) if what == "model" else old_cfg.get("stages", {}).get(stage)
         if old != _jsonable(new):
             diff = _first_difference(old, _jsonable(new), what)
             raise UserError(f"{what_run} was trained with another config ({diff}); pass the run's --preset/--config or {other}")
