@@ -143,6 +143,94 @@ def test_bad_file_raises_audio_error_with_its_reason(bad, name):
         assert error.reason == str(error) and "\n" not in error.reason and str(bad[name]) not in error.reason
 
 
+# ---- headers that promise more than decodes ----------------------------------------------------------------------------
+
+
+def ogg_crc(data: bytes) -> int:
+    """Ogg's page CRC-32: polynomial 0x04c11db7, not reflected, initial value 0, no final xor."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if crc & 0x80000000 else (crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+def rewrite_last_ogg_page(data: bytes, granule_delta: int, flags: int | None = None) -> bytes:
+    """``data`` (an Ogg file) with its last page's granule position moved by ``granule_delta`` and
+    its header type flags set to ``flags``, the page's CRC computed again."""
+    at, pages = 0, []
+    while (at := data.find(b"OggS", at)) >= 0:
+        size = 27 + data[at + 26] + sum(data[at + 27 : at + 27 + data[at + 26]])
+        pages.append((at, size))
+        at += size
+    at, size = pages[-1]
+    assert at + size == len(data)
+    page = bytearray(data[at:])
+    assert ogg_crc(bytes(page[:22]) + bytes(4) + bytes(page[26:])) == int.from_bytes(page[22:26], "little")
+    page[6:14] = (int.from_bytes(page[6:14], "little") + granule_delta).to_bytes(8, "little")
+    if flags is not None:
+        page[5] = flags
+    page[22:26] = ogg_crc(bytes(page[:22]) + bytes(4) + bytes(page[26:])).to_bytes(4, "little")
+    return data[:at] + bytes(page)
+
+
+@pytest.fixture(scope="module")
+def vorbis(tmp_path_factory) -> bytes:
+    """A 20 s Vorbis file of several pages (22.05 kHz mono)."""
+    path = tmp_path_factory.mktemp("vorbis") / "whole.ogg"
+    sf.write(path, 0.3 * np.sin(np.arange(20 * 22050) * 2 * np.pi * 440 / 22050), 22050, format="OGG", subtype="VORBIS")
+    return path.read_bytes()
+
+
+def test_an_ogg_whose_last_granule_promises_more_than_decodes_is_used_with_what_decodes(tmp_path, vorbis):
+    """Debian's hyperrogue-music has three such tracks (104 frames more in the header); sox plays them whole."""
+    path = tmp_path / "overstated.ogg"
+    path.write_bytes(rewrite_last_ogg_page(vorbis, 30_000))
+    promised = sf.info(path).frames
+    decodable = len(sf.read(path, dtype="float32")[0])  # libsndfile reads to the end of the stream and stops cleanly
+    assert promised == 20 * 22050 + 30_000 and decodable < promised
+
+    info = probe(path)
+    assert (info.frames, info.header_frames, info.duration) == (decodable, promised, decodable / 22050)
+    whole, sr = read_mono(path)
+    assert len(whole) == decodable
+    end = 0
+    for start, seconds in plan_segments(info.duration, 8.0):
+        part, _ = read_mono(path, start, seconds)
+        first = round(start * sr)
+        assert abs(len(part) - seconds * sr) <= 1, "every planned segment decodes whole"
+        np.testing.assert_allclose(part, whole[first : first + len(part)], atol=1e-4)
+        end = first + len(part)
+    assert abs(end - decodable) <= 1
+
+
+def test_an_ogg_whose_header_agrees_has_no_header_frames(tmp_path, vorbis):
+    path = tmp_path / "whole.ogg"
+    path.write_bytes(vorbis)
+    info = probe(path)
+    assert info.frames == sf.info(path).frames == 20 * 22050 and info.header_frames is None
+
+
+def test_an_ogg_that_decodes_short_without_its_end_of_stream_page_is_refused(tmp_path, vorbis):
+    """The decoder ends cleanly, but the stream does not say it ended: something was cut off."""
+    path = tmp_path / "no-eos.ogg"
+    path.write_bytes(rewrite_last_ogg_page(vorbis, 30_000, flags=0))
+    with pytest.raises(AudioError, match="truncated: the header promises 471000 frames, the stream ends after .* without its end-of-stream page"):
+        probe(path)
+
+
+def test_a_flac_cut_at_a_frame_boundary_is_refused_though_it_decodes_cleanly(tmp_path):
+    """libsndfile says nothing when a FLAC ends between frames; its header's count is exact, so it is truncated."""
+    path = tmp_path / "a.flac"
+    sf.write(path, 0.3 * np.sin(np.arange(3 * 16000) / 7), 16000, subtype="PCM_16")
+    data = path.read_bytes()
+    syncs = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xF8, 0xF9)]
+    path.write_bytes(data[: syncs[len(syncs) // 2]])
+    with pytest.raises(AudioError, match="truncated: the header promises 48000 frames, the stream ends after"):
+        probe(path)
+
+
 def test_missing_file_raises_audio_error(tmp_path):
     with pytest.raises(AudioError, match="no such file"):
         probe(tmp_path / "gone.wav")

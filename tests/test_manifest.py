@@ -137,6 +137,30 @@ def test_a_changed_table_fails_the_check(corpus, tmp_path):
         check_manifest(tmp_path)
 
 
+def test_a_file_whose_header_promised_more_than_decodes_says_so_without_changing_the_hash(corpus, tmp_path):
+    """header_seconds: what the header promised, for a file tokenized with fewer seconds (pipeline.audio.probe)."""
+    plain, marked = tmp_path / "plain", tmp_path / "marked"
+    plain.mkdir(), marked.mkdir()
+    facts = facts_of(corpus)
+    before = write_manifest(plain, corpus, facts, console=quiet())
+    facts["album/disc 1/b.flac"] = facts["album/disc 1/b.flac"]._replace(header_seconds=12.5)
+    after = write_manifest(marked, corpus, facts, console=quiet())
+    rows = {r["path"]: r for r in read_file_table(marked).to_pylist()}
+    assert (rows["album/disc 1/b.flac"]["seconds"], rows["album/disc 1/b.flac"]["header_seconds"]) == (12.0, 12.5)
+    assert rows["a.wav"]["header_seconds"] is None and rows["album/c.mp3"]["header_seconds"] is None
+    assert (before["header_overstated"], after["header_overstated"]) == (0, 1)
+    assert after["manifest_sha256"] == before["manifest_sha256"] == check_manifest(marked), "the hash covers what the corpus is"
+
+
+def test_a_table_written_before_header_seconds_reads_with_it_empty(corpus, tmp_path):
+    summary = write_manifest(tmp_path, corpus, facts_of(corpus), console=quiet())
+    pq.write_table(pq.read_table(tmp_path / "manifest.parquet").drop_columns(["header_seconds"]), tmp_path / "manifest.parquet")
+    table = read_file_table(tmp_path)
+    assert table.column_names == ["path", "bytes", "sha256", "seconds", "error", "header_seconds"]
+    assert table.column("header_seconds").to_pylist() == [None] * 3
+    assert check_manifest(tmp_path) == summary["manifest_sha256"]
+
+
 def test_licence_files_are_found_by_name_only(corpus):
     names = [lic["path"] for lic in find_licences(corpus)]
     assert names == ["LICENSE", "album/COPYING.txt", "album/c.mp3.license"]
@@ -247,3 +271,34 @@ def test_a_resumed_tokenize_keeps_the_manifest_right(tokenized, tmp_path, monkey
     gone_key = hashlib.sha256(gone.encode()).hexdigest()
     assert hashed[gone_key]["sha256"] is None and read_manifest(out)["unhashed"] == 1
     assert json.loads((out / "manifest.json").read_text())["paths"] == "hashed"
+
+
+@pytest.mark.slow
+def test_an_ogg_whose_header_promises_more_than_decodes_is_tokenized_with_what_decodes(tokenized, tmp_path):
+    """An overstated last granule position (as in three of Debian's hyperrogue-music tracks): the file is
+    tokenized, not refused, and its clips cover the audio that decodes."""
+    import numpy as np
+    import soundfile as sf
+    import webdataset as wds
+
+    from musiclm.pipeline.tokenize_job import run_tokenize
+    from musiclm.shards.format import TokenSample, list_shards
+    from tests.test_audio import rewrite_last_ogg_page
+
+    tok, _ = tokenized
+    root = tmp_path / "corpus"
+    root.mkdir()
+    whole = root / "whole.ogg"
+    sf.write(whole, 0.3 * np.sin(np.arange(20 * 22050) * 2 * np.pi * 440 / 22050), 22050, format="OGG", subtype="VORBIS")
+    (root / "overstated.ogg").write_bytes(rewrite_last_ogg_page(whole.read_bytes(), 30_000))
+    decodable = len(sf.read(root / "overstated.ogg")[0]) / 22050
+    assert decodable < sf.info(root / "overstated.ogg").duration
+
+    out = tmp_path / "out"
+    run_tokenize(root, out, None, tokenizer_dir=tok / "tokenizer", console=quiet())
+    assert not list((out / "errors").glob("*.parquet")) or pq.read_table(out / "errors").num_rows == 0
+    samples = [TokenSample.from_wds(s) for s in wds.WebDataset([str(p) for p in list_shards(out)], shardshuffle=False, empty_check=False)]
+    clips = sorted((s.meta["start"], s.duration) for s in samples if s.meta["source"] == "overstated.ogg")
+    assert clips and clips[-1][0] + clips[-1][1] == pytest.approx(decodable), "the clips end where the audio does"
+    rows = {r["path"]: r for r in read_file_table(out).to_pylist()}
+    assert rows["overstated.ogg"]["error"] == "" and rows["overstated.ogg"]["seconds"] == pytest.approx(decodable)

@@ -20,6 +20,19 @@ Facts about libsndfile 1.2 that shape this module (measured, see tests):
   without complaint, its frame count silently shortened; the header's
   ``(should be N)`` note in ``extra_info`` is how a truncated file is told
   apart from a short one.
+- An Ogg file's frame count comes from the granule position of its last page,
+  and it may promise more than decodes: three of the 17 tracks of Debian's
+  ``hyperrogue-music`` promise 104 frames more, and sox decodes them whole.
+  A seek past the frames that decode may still "succeed" and read a frame, so
+  :func:`probe` counts Ogg frames by decoding, as it does for MP3. When fewer
+  decode than promised, the file is used with the frames that decode if the
+  decoder reached the end without an error *and* the file ends with an intact
+  Ogg page (its CRC right) that marks the end of the stream: nothing was cut
+  off. ``AudioInfo.header_frames`` keeps the promise.
+- A FLAC cut mid-frame makes the decoder fail ("lost sync"); one cut at a frame
+  boundary decodes without a word from libsndfile. FLAC has no end-of-stream
+  mark and its header's count is exact, so fewer frames than it promises is
+  always truncation.
 """
 
 from __future__ import annotations
@@ -69,6 +82,7 @@ class AudioInfo:
     duration: float  # seconds, frames / sample_rate
     format: str  # libsndfile's container name: "WAV", "FLAC", "OGG", "MP3", ...
     subtype: str = ""  # libsndfile's encoding: "PCM_16", "FLOAT", "VORBIS", "OPUS", ...
+    header_frames: int | None = None  # what the header promised when more than decode (an Ogg whose stream ends whole)
 
 
 def list_audio_files(root: Path) -> list[Path]:
@@ -118,6 +132,8 @@ def audio_files_in(folder: Path | str, what: str = "corpus") -> list[Path]:
 def probe(path: Path | str) -> AudioInfo:
     """What the file holds, checked to decode: frames, rate, channels, duration, format.
 
+    ``frames`` are the frames that decode. When an Ogg header promises more and the
+    stream ends whole (module docstring), ``header_frames`` keeps the promise.
     Raises :class:`AudioError` for a missing path, a folder, an empty file, a
     file libsndfile cannot open, a truncated file, or one with no frames.
     """
@@ -129,9 +145,12 @@ def probe(path: Path | str) -> AudioInfo:
             frames = _count_frames(f) if f.format == "MP3" else f.frames
             if frames <= 0:
                 raise AudioError("no audio frames")
-            if f.format != "MP3":
-                _check_last_frame(f, frames)
-            return AudioInfo(frames, f.samplerate, f.channels, frames / f.samplerate, f.format, f.subtype)
+            header = None
+            if f.format == "OGG":
+                frames, header = _ogg_frames(f, path, frames)
+            elif f.format != "MP3" and not _last_frame_decodes(f, frames):
+                raise AudioError(_why_short(path, frames))
+            return AudioInfo(frames, f.samplerate, f.channels, frames / f.samplerate, f.format, f.subtype, header)
     except (sf.LibsndfileError, RuntimeError) as error:
         raise AudioError(_decode_reason(error)) from error
 
@@ -326,15 +345,101 @@ def _check_declared_size(f: sf.SoundFile) -> None:
             raise AudioError(f"truncated: header declares {declared} data bytes, file holds {actual}")
 
 
-def _check_last_frame(f: sf.SoundFile, frames: int) -> None:
-    """Decode the last frame: a FLAC or OGG cut short opens fine and fails only here."""
+def _last_frame_decodes(f: sf.SoundFile, frames: int) -> bool:
+    """Whether the last frame the header promises decodes: a FLAC or Ogg cut short opens fine and fails only here."""
     try:
         f.seek(frames - 1)
-        ok = len(f.read(1, dtype="float32")) == 1
-    except (sf.LibsndfileError, RuntimeError) as error:
-        raise AudioError(f"truncated or corrupt: the last of {frames} frames does not decode ({error})") from error
-    if not ok:
-        raise AudioError(f"truncated or corrupt: the last of {frames} frames does not decode")
+        return len(f.read(1, dtype="float32")) == 1
+    except (sf.LibsndfileError, RuntimeError):
+        return False
+
+
+def _ogg_frames(f: sf.SoundFile, path: Path, promised: int) -> tuple[int, int | None]:
+    """(frames that decode, what the header promised when more) of an Ogg file, counted by decoding
+    it all; raises :class:`AudioError` unless the decoder ends without an error and, when it ends
+    early, the file ends with a whole end-of-stream page (module docstring)."""
+    frames, error = _decode_to_the_end(f)
+    if error:
+        raise AudioError(f"truncated or corrupt: decoding stops after {frames} of {promised} frames ({error})")
+    if frames >= promised:
+        return promised, None
+    if frames == 0:
+        raise AudioError(f"no audio frames decode (the header promises {promised})")
+    if not _ogg_ends_whole(path):
+        raise AudioError(f"truncated: the header promises {promised} frames, the stream ends after {frames} without its end-of-stream page")
+    return frames, promised
+
+
+def _why_short(path: Path, promised: int) -> str:
+    """The reason for a file whose last promised frame does not decode: how far it decodes, and why it stops."""
+    try:
+        with sf.SoundFile(path) as f:  # a fresh handle: a failed seek can leave the first one unusable
+            frames, error = _decode_to_the_end(f)
+    except (sf.LibsndfileError, RuntimeError) as e:
+        frames, error = 0, str(e)
+    if error:
+        return f"truncated or corrupt: decoding stops after {frames} of {promised} frames ({error})"
+    return f"truncated: the header promises {promised} frames, the stream ends after {frames}"
+
+
+def _decode_to_the_end(f: sf.SoundFile) -> tuple[int, str]:
+    """(frames decoded from the start until the decoder stops, its error or "").
+
+    libsndfile is called directly: ``SoundFile.read`` seeks after every read, and at an early
+    end of a FLAC that seek fails whatever the decoder said, so its error would say nothing."""
+    f.seek(0)
+    block = np.empty((1 << 16, f.channels), np.float32)
+    out = sf._ffi.cast("float *", block.ctypes.data)
+    total = 0
+    while True:
+        n = sf._snd.sf_readf_float(f._file, out, len(block))
+        total += n
+        if sf._snd.sf_error(f._file):
+            message = sf._ffi.string(sf._snd.sf_strerror(f._file)).decode("utf-8", "replace")
+            return total, re.sub(r"^\s*Error\s*:\s*", "", message).strip()  # libsndfile's "Error : flac decoder lost sync."
+        if n == 0:
+            return total, ""
+
+
+def _ogg_ends_whole(path: Path) -> bool:
+    """Whether the file's bytes end exactly with an Ogg page whose CRC is right and that marks the
+    end of its logical stream (header type flag 0x04): a file cut anywhere ends otherwise."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - _OGG_MAX_PAGE))
+        tail = fh.read()
+    at = len(tail)
+    while (at := tail.rfind(b"OggS", 0, at)) >= 0:
+        page = tail[at:]
+        if len(page) >= 27 and len(page) >= 27 + page[26]:
+            body = 27 + page[26] + sum(page[27 : 27 + page[26]])
+            if body == len(page):  # the page that ends the file
+                crc = struct.unpack_from("<I", page, 22)[0]
+                return bool(page[5] & 0x04) and crc == _ogg_crc(page[:22] + b"\0\0\0\0" + page[26:])
+    return False
+
+
+def _ogg_crc_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        r = i << 24
+        for _ in range(8):
+            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else r << 1
+        table.append(r & 0xFFFFFFFF)
+    return tuple(table)
+
+
+_OGG_CRC = _ogg_crc_table()
+_OGG_MAX_PAGE = 27 + 255 + 255 * 255  # header, segment table, body
+
+
+def _ogg_crc(data: bytes) -> int:
+    """The CRC-32 of an Ogg page (polynomial 0x04c11db7, not reflected, initial value 0), computed with
+    the page's own CRC field set to zero."""
+    crc = 0
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[(crc >> 24) ^ byte]
+    return crc
 
 
 def _count_frames(f: sf.SoundFile) -> int:

@@ -3,7 +3,7 @@
 ``musiclm tokenize CORPUS --out DIR`` writes, beside the shards::
 
     DIR/manifest.json      the summary: counts, licence files, the command, the manifest hash
-    DIR/manifest.parquet   one row per audio file: path, bytes, sha256, seconds, error
+    DIR/manifest.parquet   one row per audio file: path, bytes, sha256, seconds, error, header_seconds
 
 The table is Parquet so that a corpus of a million files stays a few tens of
 MB and reads in a second; the summary is small enough to travel with every run
@@ -14,6 +14,12 @@ folder trained on ``DIR`` (:func:`carry_manifest`) and with a pushed model.
 the corpus folder and any path on the recorded command line. A hashed manifest
 still proves which files were used to whoever holds them, without naming them
 to anyone else. (The shards themselves still name their source files.)
+
+**Seconds** are what decodes. ``header_seconds`` is set only for a file whose
+header promised more than that and that was tokenized all the same, because its
+stream ends whole (an Ogg file whose last granule position is overstated; see
+:mod:`musiclm.pipeline.audio`); a table written before the column existed reads
+with it empty.
 
 **Content hashes** come from the job's probe pass (Ray tasks over every new
 file, see :mod:`musiclm.pipeline.tokenize_job`), which keeps them in
@@ -68,6 +74,7 @@ class FileFacts(NamedTuple):
     sha256: str | None
     seconds: float | None
     error: str = ""  # why the probe refused the file; empty when it could be tokenized
+    header_seconds: float | None = None  # what the header promised, when more than the ``seconds`` that decode
 
 
 # ---- small pieces ------------------------------------------------------------------------------------------------------
@@ -195,7 +202,7 @@ def _fill_digests(corpus: Path, facts: dict[str, FileFacts], console) -> dict[st
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("path", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("seconds", pa.float64()), ("error", pa.string())])
+    return pa.schema([("path", pa.string()), ("bytes", pa.int64()), ("sha256", pa.string()), ("seconds", pa.float64()), ("error", pa.string()), ("header_seconds", pa.float64())])
 
 
 def write_manifest(
@@ -234,6 +241,7 @@ def write_manifest(
         "sha256": [facts[rels[i]].sha256 for i in order],
         "seconds": [facts[rels[i]].seconds for i in order],
         "error": [facts[rels[i]].error for i in order],
+        "header_seconds": [facts[rels[i]].header_seconds for i in order],
     }
     licences = [{**lic, "path": path_key(lic["path"], paths)} for lic in find_licences(corpus)]
     licences.sort(key=lambda r: r["path"])
@@ -255,6 +263,7 @@ def write_manifest(
         "failed": len(facts) - len(good),
         "bytes": sum(f.bytes or 0 for f in facts.values()),
         "seconds": round(sum(f.seconds or 0.0 for f in good), 3),
+        "header_overstated": sum(f.header_seconds is not None for f in good),  # tokenized with fewer seconds than their header promised
         "unhashed": sum(f.sha256 is None for f in facts.values()),  # files gone from the corpus before they were hashed
         "formats": dict(sorted(Counter(Path(r).suffix.lower() for r in rels).items())),
         "licences": licences,
@@ -292,14 +301,21 @@ def read_manifest(folder: str | Path) -> dict[str, Any] | None:
 
 
 def read_file_table(folder: str | Path):
-    """The per-file table (a pyarrow Table) of a tokenized folder."""
+    """The per-file table (a pyarrow Table) of a tokenized folder, with every column of today's
+    manifests (one written before a column existed has it empty)."""
+    import pyarrow as pa
+
     from musiclm.shards.writer import MANIFEST_RECORD, read_parquet, require_recorded
 
     path = Path(folder) / TABLE_FILE
     if not path.is_file():
         raise UserError(f"no manifest table at {path}: rerun musiclm tokenize on the corpus to write it")
     require_recorded(folder, MANIFEST_RECORD, TABLE_FILE)
-    return read_parquet(path, folder)
+    table = read_parquet(path, folder)
+    for column in _schema():
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    return table
 
 
 def check_manifest(folder: str | Path) -> str:
