@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from musiclm.errors import UserError
+from musiclm.errors import Stopped, UserError
 
 try:  # typer >= 0.29 vendors its own click
     from typer._click import exceptions as click_exceptions
@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # without standalone mode, click returns the code of a typer.Exit (audit, verify) instead of exiting
         code = command.main(args=argv, prog_name="musiclm", standalone_mode=False)
+    except Stopped as e:  # SIGINT or SIGTERM, after the command cleaned up
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

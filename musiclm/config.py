@@ -96,6 +96,9 @@ class TokenizeConfig:
     shard_size: int = 256  # clips per shard, at least: a shard closes at the end of the batch that fills it
     batch_seconds: float = 240.0  # audio per planned batch: whole files, their segments through the backbones together
     precision: str = "fp32"  # backbone arithmetic: fp32, bf16 or fp16 (autocast); part of what tokens mean
+    # the watchdog: a run where no batch has finished for this long (and for 5x the slowest batch so far) while
+    # work is pending says what Ray reports as pending and stops, keeping its finished shards
+    stall_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -349,6 +352,8 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"config '{cfg.name}': tokenize.precision = '{t.precision}' is not one of {', '.join(PRECISIONS)}")
     if t.batch_seconds <= 0:
         raise UserError(f"config '{cfg.name}': tokenize.batch_seconds must be positive")
+    if t.stall_seconds <= 0:
+        raise UserError(f"config '{cfg.name}': tokenize.stall_seconds must be positive")
     f = t.fit
     if f.min_points_per_code < 1 or f.clap_hop_seconds <= 0 or not 0 <= f.heldout_fraction < 0.5 or f.mert_seconds > f.max_seconds:
         raise UserError(

@@ -20,3 +20,12 @@ class UserError(Exception):
             last = text.rstrip().splitlines()[-1]
             text = last.split(": ", 1)[1] if ": " in last else last
         super().__init__(text)
+
+
+class Stopped(Exception):
+    """A run stopped by SIGINT or SIGTERM, after it cleaned up. The CLI prints ``str(error)`` on one
+    line (no ``error:`` prefix: nothing went wrong) and exits with :attr:`exit_code`, 128 + the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

@@ -1,17 +1,25 @@
-"""``musiclm tokenize``: a folder of audio → integer-token shards, as a Ray Data job.
+"""``musiclm tokenize``: a folder of audio → integer-token shards, as a Ray job.
 
 ::
 
-    list files, probe durations (tasks), plan batches   driver; the plan is kept in plan.parquet
-      → decode, segment, resample a planned batch        CPU tasks (one row per batch)
+    list files, probe durations (Ray Data tasks), plan batches   driver; the plan is kept in plan.parquet
+      → decode, segment, resample a planned batch        CPU tasks (one per batch)
       → tokenize the batch                               actor pool holding the Tokenizer (1 GPU each if any)
+      → in plan order (a bounded reorder window)         driver (:mod:`musiclm.pipeline.batch_runner`)
       → ShardWriter (driver)                             shards/, stats/, errors/
     corpus manifest (driver, once the plan is known)   manifest.json, manifest.parquet
 
 The batch plan is the driver's: whole files, in listing order, up to
 ``tokenize.batch_seconds`` of audio per batch (a longer file is a batch of its
-own). Ray Data would regroup rows in arrival order, so each planned batch
-travels as one row and tokens do not depend on scheduling.
+own). Each planned batch goes through the backbones whole, and batches reach
+the writer in plan order, so tokens and shard membership do not depend on
+scheduling, on the number of actors or on timing.
+
+Resources (:func:`plan_resources`, printed at start-up): what each actor reserves
+always leaves CPU to the decode tasks that feed the actors, or the arrangement is
+refused in one line. A watchdog names what is pending when no batch finishes for
+``tokenize.stall_seconds``; SIGINT and SIGTERM stop the run cleanly (finished
+shards kept, lock released, one line).
 
 Without ``--tokenizer`` the quantizers are fitted first, on a sample of the
 corpus, by the same decode stage feeding a feature-extracting actor pool.
@@ -57,8 +65,9 @@ import numpy as np
 
 from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
-from musiclm.errors import UserError
+from musiclm.errors import Stopped, UserError
 from musiclm.integrity import DamagedFile
+from musiclm.pipeline.batch_runner import InPlanOrder, Stalled
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
 from musiclm.digest import file_digest
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
@@ -101,6 +110,7 @@ class TokenizeSummary:
     out: Path
     compute: float = 0.0  # seconds the actors spent in the tokenizer (summed over actors)
     repairs: list[str] = dataclasses.field(default_factory=list)  # what this run repaired, one line each
+    reorder_peak: int = 0  # the most finished batches held at once, waiting for an earlier one (batch_runner)
 
     @property
     def audio_seconds_per_second(self) -> float:
@@ -191,6 +201,7 @@ def _ray(address: str | None) -> Iterator[Any]:
             where = f"the Ray cluster at {address}" if address else "a local Ray instance"
             raise UserError(f"cannot start or join {where}: {str(e).splitlines()[0]}") from None
         started = True
+    _reinstall_stop_handler()
     _quiet_ray_loggers()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -204,25 +215,65 @@ def _ray(address: str | None) -> Iterator[Any]:
 
 
 class Resources(NamedTuple):
+    """The resource plan of the actor pool (:func:`plan_resources`)."""
+
     workers: int  # actors in the pool
     gpus: float  # per actor
-    cpus: float  # per actor
+    cpus: float  # per actor, reserved
     threads: int  # torch threads per actor
+    decode_cpus: float = 1.0  # CPUs the actors leave to the decode tasks
+    task_cpus: float = 1.0  # what one decode task reserves
+    cluster_cpus: float = 0.0
+    cluster_gpus: float = 0.0
+
+    def line(self) -> str:
+        """The plan as the start-up line prints it."""
+        n = lambda x: f"{x:g}"  # noqa: E731
+        return (
+            f"resources: {self.workers} actor{'s' if self.workers != 1 else ''} x ({n(self.cpus)} CPU, {n(self.gpus)} GPU, "
+            f"{self.threads} thread{'s' if self.threads != 1 else ''}); {n(self.decode_cpus)} CPU left for decoding "
+            f"(Ray cluster: {n(self.cluster_cpus)} CPUs, {n(self.cluster_gpus)} GPUs)"
+        )
 
 
-def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> Resources:
-    total = ray.cluster_resources()
-    cpus = int(total.get("CPU", 1))
-    gpus = float(total.get("GPU", 0))
+# the least CPU an actor is given: a GPU actor only feeds its GPU; a CPU actor under half a core is not worth starting
+MIN_ACTOR_CPUS = {True: 0.25, False: 0.5}
+
+
+def plan_resources(cpus: float, gpus: float, workers: int | None, gpus_per_worker: float | None) -> Resources:
+    """What each actor reserves on a cluster of ``cpus`` CPUs and ``gpus`` GPUs, so that decoding always has
+    room: at least one CPU (half of a lone one) is left to the decode tasks that feed the actors, else the
+    actors wait for ever on a batch that no CPU decodes. Actors reserve the cores their torch threads use
+    where they can, fewer (fractions) where they cannot. ``workers`` None: one per GPU (else one), as many
+    as fit. An arrangement that cannot leave decode room is refused in one line (UserError)."""
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if gpus >= 1 else 0.0
     if gpus_per_worker > 0 and gpus < gpus_per_worker:
         raise UserError(f"--gpus-per-worker {gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs")
+    gpu = gpus_per_worker > 0
+    decode = 1.0 if cpus >= 2 else cpus / 2
+    fit = int((cpus - decode) / MIN_ACTOR_CPUS[gpu] + 1e-9)  # actors the CPUs hold besides decoding
+    by_gpu = int(gpus / gpus_per_worker + 1e-9) if gpu else 1
     if workers is None:
-        workers = max(1, int(gpus // gpus_per_worker)) if gpus_per_worker > 0 else 1
-    threads = actor_threads(cpus, workers, gpus_per_worker > 0)
-    # an actor reserves the cores its torch threads use, so decode tasks do not crowd them
-    return Resources(workers, gpus_per_worker, float(min(threads, max(1, cpus - 1))), threads)
+        workers = max(1, min(by_gpu, fit))
+    if gpu and workers > by_gpu:
+        raise UserError(
+            f"--workers {workers} with {gpus_per_worker:g} GPU each needs {workers * gpus_per_worker:g} GPUs, but the Ray cluster has {gpus:g}: "
+            f"use --workers {by_gpu}, or a smaller --gpus-per-worker"
+        )
+    if workers > fit:
+        way = f"use --workers {fit}, or a cluster with more CPUs" if fit else "use a cluster with more CPUs"
+        cluster = f"{cpus:g} CPU{'s' if cpus != 1 else ''}" + (f" and {gpus:g} GPUs" if gpu else "")
+        raise UserError(f"--workers {workers} leaves no CPU for decoding on a cluster of {cluster}: {way}")
+    threads = actor_threads(int(cpus), workers, gpu)
+    per = min(float(threads), math.floor((cpus - decode) / workers * 100) / 100)  # Ray takes fractions to 1e-4
+    left = round(cpus - workers * per, 4)
+    return Resources(workers, gpus_per_worker, per, threads, left, min(1.0, left), float(cpus), float(gpus))
+
+
+def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> Resources:
+    total = ray.cluster_resources()
+    return plan_resources(float(total.get("CPU", 0)), float(total.get("GPU", 0)), workers, gpus_per_worker)
 
 
 def actor_threads(cpus: int, workers: int, gpu: bool) -> int:
@@ -231,6 +282,46 @@ def actor_threads(cpus: int, workers: int, gpu: bool) -> int:
     if gpu:
         return max(1, min(4, cpus // workers))
     return max(1, (max(1, cpus - 1) if cpus > 1 else 1) // workers)
+
+
+@contextmanager
+def _stop_on_signals(out: Path) -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`~musiclm.errors.Stopped`, raised in the main thread: the run unwinds
+    (Ray shut down, the lock released, finished shards kept) and the CLI prints one line. Installed again after
+    ``ray.init`` (:func:`_ray`), whose core worker would otherwise print a C++ stack dump on SIGTERM."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal while unwinding does not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        kept = len(list((out / "shards").glob("shard-*.tar")))
+        raise Stopped(f"stopped: {kept} shard{'s' if kept != 1 else ''} kept; re-run the same command to resume", signum)
+
+    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    global _STOP_HANDLER
+    _STOP_HANDLER = stop
+    try:
+        yield
+    finally:
+        _STOP_HANDLER = None
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+_STOP_HANDLER = None  # the handler of the run under way, installed again once Ray has started
+
+
+def _reinstall_stop_handler() -> None:
+    import signal
+
+    if _STOP_HANDLER is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _STOP_HANDLER)
 
 
 # ---- decode stage (Ray tasks) ------------------------------------------------------------
@@ -244,11 +335,33 @@ def _reason(e: Exception) -> str:
     return e.reason if isinstance(e, AudioError) else f"{type(e).__name__}: {e}"
 
 
+TEST_FAULT_ENV = "MUSICLM_TEST_DECODE_FAULT"
+
+
+def _test_fault(row: dict[str, Any]) -> None:
+    """For the tests of scheduling only: ``MUSICLM_TEST_DECODE_FAULT`` (JSON, in the environment the Ray workers
+    inherit) delays decode tasks, ``{"delay": S}`` up to S seconds at random, ``{"first": S}`` the first
+    batch S seconds, or never lets one return, ``{"hang": "rel"}`` (the batch holding that file)."""
+    spec = os.environ.get(TEST_FAULT_ENV)
+    if not spec:
+        return
+    fault = json.loads(spec)
+    files = [rel for rel, _ in json.loads(row["files"])]
+    if fault.get("hang") in files:
+        while True:
+            time.sleep(60)
+    if fault.get("first") and row["index"] == 0:
+        time.sleep(float(fault["first"]))
+    if fault.get("delay"):
+        time.sleep(float(np.random.default_rng().uniform(0, float(fault["delay"]))))
+
+
 def _decode_batch(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], segment_seconds: float, done: frozenset) -> dict[str, Any]:
     """One planned batch → one row: its number and its segments still to do, pickled.
 
     A segment is a dict of the meta data of a shard sample, ``error``/``step`` (empty when it
     decoded) and ``audio``, {sample rate: float32 samples}."""
+    _test_fault(row)
     segments: list[dict[str, Any]] = []
     for rel, seconds in json.loads(row["files"]):
         path = Path(corpus) / rel
@@ -270,25 +383,6 @@ def _decode_batch(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], s
             meta = dict(segment=i, segments=len(spans), start=float(start), seconds=float(length), sample_rate=int(info.sample_rate), channels=int(info.channels))
             segments.append({"key": key, "rel": rel, **meta, "error": "", "step": "", "audio": {sr: np.ascontiguousarray(audio[sr], dtype=np.float32) for sr in rates}})
     return {"batch": int(row["batch"]), "payload": pickle.dumps(segments, protocol=5)}
-
-
-def _actor_pool(ds, ray, actor: type, kwargs: dict[str, Any], res: Resources) -> Any:
-    """``ds`` (one row per planned batch) through an actor pool of ``actor``. A crashed actor fails the run loudly (rerunning
-    resumes it) instead of being restarted with constructor arguments Ray may have lost."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return ds.map_batches(
-            actor,
-            fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(size=res.workers),
-            batch_size=1,  # one planned batch per call
-            num_gpus=res.gpus,
-            num_cpus=res.cpus,
-            batch_format="numpy",
-            max_restarts=0,
-        )
 
 
 # ---- actor stage -----------------------------------------------------------------------------
@@ -314,7 +408,16 @@ def _gpu_utilization() -> float:
         return -1.0
 
 
-class TokenizeActor:
+class _BatchActor:
+    def run(self, row: dict[str, Any]) -> dict[str, list]:
+        """The output rows of one decoded planned batch (``_decode_batch``'s row)."""
+        return self({"batch": [row["batch"]], "payload": [row["payload"]]})
+
+    def ready(self) -> bool:
+        return True
+
+
+class TokenizeActor(_BatchActor):
     """Holds the tokenizer; turns the decoded segments of a planned batch into shard samples."""
 
     def __init__(self, tokenizer_dir: str, threads: int):
@@ -375,7 +478,7 @@ def _unpack(data: bytes) -> TokenSample:
     return TokenSample.from_wds(members)
 
 
-class FitActor:
+class FitActor(_BatchActor):
     """Extracts the features that quantizers are fitted on: CLAP windows of every clip, MERT frames
     (and Encodec latents) of the clips of ``mert_files``."""
 
@@ -516,11 +619,32 @@ def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeCo
     return {f: planned[f][:3] for f in files}
 
 
-def _decoded(ray, batches: dict[int, list[tuple[str, float]]], corpus: Path, tcfg: TokenizeConfig, rates: tuple[int, ...], done: frozenset):
-    """One row per planned batch: its decoded segments (``_decode_batch``)."""
+def _in_plan_order(ray, actor: type, kwargs: dict[str, Any], res: Resources, batches: dict[int, list[tuple[str, float]]], corpus: Path, tcfg: TokenizeConfig,
+                   rates: tuple[int, ...], done: frozenset, stall_seconds: float) -> InPlanOrder:
+    """The planned ``batches`` decoded (``_decode_batch``) and run through a pool of ``actor``, out in plan order
+    (:mod:`musiclm.pipeline.batch_runner`). A crashed actor fails the run loudly (rerunning resumes it)."""
     items = [{"batch": b, "files": json.dumps(members)} for b, members in sorted(batches.items())]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2048)))
-    return ds.map(_decode_batch, fn_kwargs=dict(corpus=str(corpus), rates=rates, segment_seconds=tcfg.audio.segment_seconds, done=done), num_cpus=1)
+    decode_kwargs = dict(corpus=str(corpus), rates=rates, segment_seconds=tcfg.audio.segment_seconds, done=done)
+    return InPlanOrder(ray, _decode_batch, decode_kwargs, actor, kwargs, res, items, stall_seconds)
+
+
+def _rows(output: dict[str, list]) -> Iterator[dict[str, Any]]:
+    """The rows of an actor's output columns."""
+    names = list(output)
+    for values in zip(*output.values()):
+        yield dict(zip(names, values))
+
+
+def _stalled(console, out: Path, e: Stalled, stall_seconds: float) -> UserError:
+    """Print what Ray reports pending (one line each) and the one-line error that ends the run."""
+    console.print(f"tokenize stalled: no batch finished for {e.seconds:.0f} s (tokenize.stall_seconds = {stall_seconds:g}); pending:")
+    for line in e.lines:
+        console.print(f"  {line}")
+    kept = len(list((out / "shards").glob("shard-*.tar")))
+    return UserError(
+        f"tokenize stalled (pending work listed above); {kept} shard{'s' if kept != 1 else ''} kept: re-run the same command to resume, "
+        "or raise tokenize.stall_seconds (--config) if a batch is really this slow"
+    )
 
 
 def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
@@ -548,7 +672,7 @@ def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mer
     return plan
 
 
-def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources) -> None:
+def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources, stall_seconds: float) -> None:
     """Fit the quantizers on the files of ``plan`` and save the tokenizer to ``out/tokenizer``."""
     from musiclm.models.backbones import set_encodec_codebooks
     from musiclm.pipeline.fit_plan import check_enough
@@ -566,19 +690,23 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
     t0 = time.time()
     batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
-    ds = _actor_pool(_decoded(ray, batches, corpus, tcfg, tok.sample_rates, frozenset()), ray, FitActor, kwargs, res)
+    runner = _in_plan_order(ray, FitActor, kwargs, res, batches, corpus, tcfg, tok.sample_rates, frozenset(), stall_seconds)
     heldout = frozenset(plan.heldout)
     feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
     dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
     cpu_seconds = 0.0
     with _fit_progress(console, len(plan.files)) as bar:
-        for row in ds.iter_rows():
-            bar.update(row["rel"])
-            cpu_seconds += row["cpu"]
-            for name in ("mert", "clap", "encodec"):
-                if row[name]:
-                    x = np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name])
-                    feats["heldout" if name == "clap" and row["rel"] in heldout else name].append(x)
+        try:
+            for _, output in runner:  # in plan order: the fit does not depend on which actor was first
+                for row in _rows(output):
+                    bar.update(row["rel"])
+                    cpu_seconds += row["cpu"]
+                    for name in ("mert", "clap", "encodec"):
+                        if row[name]:
+                            x = np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name])
+                            feats["heldout" if name == "clap" and row["rel"] in heldout else name].append(x)
+        except Stalled as e:
+            raise _stalled(console, out, e, stall_seconds) from None
     if not feats["mert"] or not feats["clap"]:
         raise UserError(f"none of the {len(plan.files)} sampled files could be decoded to fit the tokenizer; see musiclm tokenize's errors")
     extract = time.time() - t0
@@ -835,7 +963,7 @@ def run_tokenize(
         _check_reachable(address)  # a bad --address is told before the corpus is probed for the fit
     files = [p.relative_to(corpus).as_posix() for p in abs_files]
     t0 = time.time()
-    with _lock(out):
+    with _lock(out), _stop_on_signals(out):
         record = _check_tokenizer(out, cfg, tokenizer_dir)
         if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
             atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
@@ -858,9 +986,11 @@ def run_tokenize(
         if pending or repair.pinned is not None:
             with _ray(address) as ray:
                 res = _resources(ray, workers, gpus_per_worker)
+                console.print(res.line())
+                stall = cfg.tokenize.stall_seconds if cfg is not None else None  # else the tokenizer's recorded config's
                 if plan is not None:
-                    _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res)
-                opts = dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled, manifest=manifest, repair=repair)
+                    _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res, stall)
+                opts = dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled, manifest=manifest, repair=repair, stall_seconds=stall)
                 _tokenize_all(ray, console, files, pending, corpus, out, opts, res, summary)
         else:
             manifest()
@@ -887,7 +1017,10 @@ def _write_manifest(console, corpus: Path, out: Path, names: set[str], paths: st
 def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Path, out: Path, opts: dict[str, Any], res: Resources, summary: TokenizeSummary) -> None:
     """The main pass: every segment of ``pending`` not yet done → shards; counts go into ``summary``.
 
-    Shards close only between planned batches, so that a batch is either all written or not at all."""
+    Batches reach the writer in plan order (:mod:`musiclm.pipeline.batch_runner`) and a shard closes at the
+    end of the batch that fills it, so which clips a shard holds is a function of the plan: the same for
+    any number of actors, any timing, and for a killed run resumed (a shard still filling when the run
+    stops is not written: the rerun fills it again from the same batches)."""
     from musiclm.pipeline.tokenizer import read_record
     from musiclm.shards.format import TokenInfo
 
@@ -921,39 +1054,42 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     waiting = {name: {b for b, n in routes.items() if n == name} for name in rewriters}  # batches still to come
     done = frozenset(partial_keys(out, opts["settled"], repair.records))  # keys of partly finished files only
     t_run = time.time()
+    kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res.threads)
+    runner = _in_plan_order(ray, TokenizeActor, kwargs, res, batches, corpus, tcfg, rates, done, opts.get("stall_seconds") or tcfg.stall_seconds)
+    total = sum(seconds for members in batches.values() for _, seconds in members)
+    finished = False
     try:
-        kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res.threads)
-        ds = _actor_pool(_decoded(ray, batches, corpus, tcfg, rates, done), ray, TokenizeActor, kwargs, res)
-        open_rows: dict[int, int] = {}  # batch -> rows still to come
-        total = sum(seconds for members in batches.values() for _, seconds in members)
         with _progress(console, total, res.workers) as bar:
-            for row in ds.iter_rows():
-                number = row["batch"]
-                left = open_rows.setdefault(number, row["rows"]) - 1
-                open_rows[number] = left
-                if not left:
-                    del open_rows[number]
-                if row["note"]:
-                    console.print(f"tokenize: {row['note']}; carrying on")
-                if row["error"]:
-                    writer.add_error(row["key"], row["rel"], row["step"], row["error"])
-                    summary.failed += 1
-                else:
-                    (rewriters[routes[number]] if number in routes else writer).add(_unpack(row["sample"]), batch=number)
-                    summary.clips += 1
-                    summary.seconds += row["seconds"]
-                    summary.compute += row["compute"]
-                bar.update(row["seconds"], summary, time.time() - t_run, row["gpu"])
-                if not left and number in routes:
+            for item, output in runner:
+                number = item["batch"]
+                for row in _rows(output):
+                    if row["note"]:
+                        console.print(f"tokenize: {row['note']}; carrying on")
+                    if row["error"]:
+                        writer.add_error(row["key"], row["rel"], row["step"], row["error"])
+                        summary.failed += 1
+                    else:
+                        (rewriters[routes[number]] if number in routes else writer).add(_unpack(row["sample"]), batch=number)
+                        summary.clips += 1
+                        summary.seconds += row["seconds"]
+                        summary.compute += row["compute"]
+                    bar.update(row["seconds"], summary, time.time() - t_run, row["gpu"])
+                if number in routes:
                     name = routes[number]
                     waiting[name].discard(number)
                     if not waiting[name]:  # every batch of the damaged shard is back: write it whole
                         rewriters[name].flush()
-                if not open_rows and len(writer.samples) >= shard_size:
+                if len(writer.samples) >= shard_size:
                     writer.flush()
+        finished = True
+    except Stalled as e:
+        raise _stalled(console, out, e, runner.stall_seconds) from None
     finally:
-        writer.close()  # whatever was tokenized before a crash or Ctrl-C is kept
-        # a shard being repaired is written whole or not at all (its record keeps what is still to redo)
+        summary.reorder_peak = runner.peak
+        if finished:
+            writer.close()
+        # else the shard still filling is dropped: the rerun writes it whole, from the same batches (a shard
+        # being repaired is written whole or not at all; its record keeps what is still to redo)
         summary.shards = writer.shards_written + sum(w.shards_written for w in rewriters.values())
 
 
