@@ -126,7 +126,7 @@ def test_the_installed_wheel_runs_the_tiny_chain_outside_the_checkout(installed,
     assert list((tmp_path / "data" / "shards").glob("shard-*.tar")), "tokenize wrote shards"
     for stage in ("semantic", "coarse", "fine"):
         run_installed(installed, tmp_path, "musiclm", "train", stage, "--data", "data", "--out", f"runs/{stage}", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--device", "cpu")
-    run_installed(installed, tmp_path, "musiclm", "generate", "a calm piano", "--model", "runs", "--seconds", "1", "--out", "out.wav", "--device", "cpu")
+    run_installed(installed, tmp_path, "musiclm", "generate", "a calm piano", "--model", "runs", "--seconds", "1", "--out", "out.wav", "--device", "cpu", "--precision", "fp32")  # int8's quantisation costs more than it saves at tiny
     import soundfile as sf
 
     info = sf.info(tmp_path / "out.wav")
