@@ -154,7 +154,7 @@ def merge(
 
 @app.command()
 def generate(
-    prompts: list[str] = typer.Argument(..., help="Text prompt; several prompts with --every make a story."),
+    prompts: Optional[list[str]] = typer.Argument(None, help="Text prompt; several prompts with --every make a story."),
     model: Optional[Path] = typer.Option(None, "--model", help="Folder holding semantic/, coarse/, fine/ runs."),
     semantic: Optional[Path] = typer.Option(None, "--semantic", help="Semantic run folder (overrides --model)."),
     coarse: Optional[Path] = typer.Option(None, "--coarse", help="Coarse run folder (overrides --model)."),
@@ -169,6 +169,7 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     prompt_audio: Optional[Path] = typer.Option(None, "--prompt-audio", help="Continue this audio."),
+    style_audio: Optional[Path] = typer.Option(None, "--style-audio", help="Instead of text: music like this file (its CLAP audio tokens)."),
     every: Optional[float] = typer.Option(None, "--every", help="Seconds per prompt when several prompts are given."),
     coarse_only: bool = typer.Option(False, "--coarse-only", help="Skip the fine stage."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence per token (slow; for checks)."),
@@ -199,6 +200,7 @@ def generate(
         top_p=top_p,
         seed=seed,
         prompt_audio=prompt_audio,
+        style_audio=style_audio,
         every=every,
         coarse_only=coarse_only,
         use_cache=not no_cache,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from musiclm.errors import UserError
-from musiclm.generation.model import MusicLM, Progress, _check_prompt_audio, _prompt_list, check_request
+from musiclm.generation.model import MusicLM, Progress, _check_prompt_audio, check_request, conditioning_prompts
 from musiclm.generation.stages import temperatures
 from musiclm.version import __version__
 
@@ -43,7 +43,7 @@ def output_paths(out: str | Path, fmt: str | None, keep: int) -> tuple[list[Path
 
 
 def run_generate(
-    prompts: list[str],
+    prompts: list[str] | None,
     *,
     model: str | Path | None = None,
     semantic: str | Path | None = None,
@@ -59,6 +59,7 @@ def run_generate(
     top_p: float | None = None,
     seed: int = 0,
     prompt_audio: str | Path | None = None,
+    style_audio: str | Path | None = None,
     every: float | None = None,
     coarse_only: bool = False,
     use_cache: bool = True,
@@ -79,7 +80,7 @@ def run_generate(
     """
     from musiclm.models.precision import check_precision
 
-    prompts = _prompt_list(prompts)
+    prompts = conditioning_prompts(prompts or None, None, style_audio)  # checks a style audio is readable
     to_stdout = str(out) == STDOUT
     check_request(prompts, seconds, num_samples, keep, every, top_k, top_p, cfg_scale, stream=stream)
     if to_stdout and ((keep or 1) > 1 or fmt not in (None, "wav")):
@@ -118,18 +119,19 @@ def run_generate(
     t0 = time.perf_counter()
     lm = MusicLM.from_runs(runs["semantic"], runs["coarse"], runs["fine"], tokenizer=tokenizer, device=device, precision=precision)
     load_s = time.perf_counter() - t0
-    kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only)
+    kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only, style_audio=style_audio)
+    text = None if style_audio is not None else prompts
     samples = lm.stages["coarse"].layout.frames_of("acoustic", seconds) * lm.hop
     with _ProgressDisplay() as progress:
         if stream:
-            run = lm.stream(prompts, seconds, progress=progress, **kw)
+            run = lm.stream(text, seconds, progress=progress, **kw)
             files = [] if to_stdout else output_paths(out, fmt, 1)[0]
             with _AudioSink(out, fmt, lm.sample_rate, samples) as sink:
                 for chunk in run:
                     sink(chunk)
             g = run.generation
         else:
-            g = lm.generate_with_details(prompts, seconds, num_samples=num_samples, keep=keep, use_cache=use_cache, progress=progress, **kw)
+            g = lm.generate_with_details(text, seconds, num_samples=num_samples, keep=keep, use_cache=use_cache, progress=progress, **kw)
             if to_stdout:
                 files = []
                 with _AudioSink(out, fmt, lm.sample_rate, samples) as sink:

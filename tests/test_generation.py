@@ -372,6 +372,51 @@ def test_unreadable_prompt_audio_is_a_one_line_error(capsys, model_dir, tmp_path
     assert "cannot read the prompt audio" in error_of(capsys, "generate", "x", "--model", model_dir, "--prompt-audio", tmp_path / "missing.wav")
 
 
+# ---- conditioning on audio: --style-audio -----------------------------------------------------------------------------
+def reference_clip(lm: MusicLM, path: Path, seconds: float) -> Path:
+    from musiclm.pipeline.synth import synth_clip
+
+    sf.write(path, synth_clip("mix", seconds, 32000, seed=11), 32000)
+    return path
+
+
+def test_the_style_tokens_of_a_clip_are_the_clap_tokens_its_tokenization_gave_it(lm, tmp_path):
+    from musiclm.pipeline.audio import load_for_rates
+
+    window = lm.tokenizer.cfg.clap.window_seconds  # one CLAP window: tokenize keeps its tokens as they are
+    ref = reference_clip(lm, tmp_path / "ref.wav", window)
+    codes, emb = lm.style_tokens(ref)
+    tokenized = lm.tokenizer.tokenize(load_for_rates(ref, 0.0, None, lm.tokenizer.sample_rates))
+    assert codes.shape == (1, lm.info.clap.levels) and np.array_equal(codes[0], tokenized["clap"][0])
+    assert np.allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=1e-5)
+
+
+def test_style_audio_generates_what_its_clap_tokens_generate(lm, tmp_path):
+    ref = reference_clip(lm, tmp_path / "ref.wav", 6.0)
+    codes, emb = lm.style_tokens(ref)
+    by_audio = lm.generate_with_details(None, 1.2, style_audio=ref, seed=3)
+    by_codes = lm.generate_with_details(None, 1.2, clap_tokens=codes[0], seed=3)
+    assert np.array_equal(by_audio.semantic, by_codes.semantic) and np.array_equal(by_audio.acoustic, by_codes.acoustic)
+    assert by_audio.prompts == ["like ref.wav"]
+    # ranked against the reference clip's own embedding; given codes against the embedding they stand for
+    score = (clap_audio_embeddings(lm.tokenizer, [by_audio.audio[0]], lm.sample_rate) * emb).sum()
+    assert by_audio.scores[0] == pytest.approx(score, abs=1e-5)
+    assert np.allclose(lm.tokenizer.clap_embedding(codes), lm.conditioning([], clap_tokens=codes[0])[1])
+
+
+def test_generate_style_audio_writes_music_like_a_reference(model_dir, lm, tmp_path, capsys):
+    ref = reference_clip(lm, tmp_path / "ref.wav", 3.0)
+    out = tmp_path / "like.wav"
+    main(["generate", "--style-audio", str(ref), "--model", str(model_dir), "--seconds", "0.8", "--out", str(out)])
+    assert sf.info(out).frames == samples_for(lm, 0.8)
+    assert json.loads((tmp_path / "like.json").read_text())["prompts"] == ["like ref.wav"]
+    bad = tmp_path / "bad.wav"
+    bad.write_text("not audio")
+    assert "cannot read the style audio" in error_of(capsys, "generate", "--style-audio", bad, "--model", model_dir)
+    assert "condition on one thing" in error_of(capsys, "generate", "a calm piano", "--style-audio", ref, "--model", model_dir)
+    assert "nothing to condition on" in error_of(capsys, "generate", "--model", model_dir)
+
+
 # ---- streaming -------------------------------------------------------------------------------------------------------
 def test_streamed_chunks_join_to_exactly_the_generated_audio(lm):
     """Stream and generate run the same windows with the same per-window random numbers and decode in

@@ -133,14 +133,49 @@ def check_request(
         raise UserError(f"--cfg-scale must be >= 0 (1 is no guidance), got {cfg_scale:g}")
 
 
-def _check_prompt_audio(path: str | Path) -> float:
-    """Duration of a readable prompt audio file, else UserError."""
+def _check_prompt_audio(path: str | Path, what: str = "prompt audio") -> float:
+    """Duration of a readable audio file (the ``what`` of a generation), else UserError."""
     from musiclm.pipeline.audio import AudioError, probe
 
     try:
         return probe(path).duration
     except AudioError as e:
-        raise UserError(f"cannot read the prompt audio {path}: {e.reason}") from None
+        raise UserError(f"cannot read the {what} {path}: {e.reason}") from None
+
+
+def check_clap_tokens(tokens, levels: int, codebook_size: int) -> np.ndarray:
+    """Given CLAP codes, ``[L]`` or one row per story prompt ``[P, L]`` -> [P, L] int64; a one-line
+    :class:`UserError` for anything else (wrong level count, codes out of range, not whole numbers)."""
+    try:
+        arr = np.asarray(tokens)
+    except (TypeError, ValueError):
+        arr = np.asarray([], dtype=object)
+    if arr.ndim == 1:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.size == 0 or arr.dtype.kind not in "iu":
+        raise UserError(f"clap_tokens must be whole-number codes, [{levels}] or one row of {levels} per prompt: got {np.asarray(tokens, dtype=object).shape} of {arr.dtype}")
+    if arr.shape[1] != levels:
+        raise UserError(f"clap_tokens has {arr.shape[1]} codes per row; this model's CLAP quantizer has {levels} levels")
+    if arr.min() < 0 or arr.max() >= codebook_size:
+        raise UserError(f"clap_tokens must be codes in [0, {codebook_size}), got {int(arr.min())}..{int(arr.max())}")
+    return arr.astype(np.int64)
+
+
+def conditioning_prompts(prompt: str | Sequence[str] | None, clap_tokens: np.ndarray | None, style_audio: str | Path | None) -> list[str]:
+    """What a generation is conditioned on, as the labels it reports: the text prompts, else one label per
+    row of ``clap_tokens`` (checked: [P, L]), else the style audio's. Exactly one of the three must be
+    given (UserError)."""
+    given = [name for name, v in (("a text prompt", prompt), ("clap_tokens", clap_tokens), ("--style-audio", style_audio)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"condition on one thing: {' and '.join(given)} were both given")
+    if clap_tokens is not None:
+        return [f"clap tokens {' '.join(str(int(c)) for c in row)}" for row in clap_tokens]
+    if style_audio is not None:
+        _check_prompt_audio(style_audio, "style audio")
+        return [f"like {Path(style_audio).name}"]
+    if prompt is None:
+        raise UserError('nothing to condition on: give a text prompt such as "a calm piano over soft rain", or --style-audio FILE')
+    return _prompt_list(prompt)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
@@ -218,6 +253,9 @@ class MusicLM:
         if self.cuda_graphs and device.type != "cuda":
             raise UserError(f"CUDA graphs need a CUDA device; the stages are on {device}")
         self._samplers: dict = {}  # fixed-shape samplers (and their graphs) by stage, batch and settings
+        # sample on the fixed-shape steps of static_sampling: captured as graphs with cuda_graphs; set it
+        # without them (any device) to run those same steps eagerly, as the checks of that path do
+        self.fixed_steps = self.cuda_graphs
         self.info = self.stages["semantic"].layout.info
         if tokenizer.info.fingerprint != self.info.fingerprint:
             raise UserError(
@@ -309,7 +347,7 @@ class MusicLM:
     # ---- the public calls ------------------------------------------------------------------------------------------
     def generate(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None,
         seconds: float = 10.0,
         *,
         num_samples: int | None = None,
@@ -323,6 +361,8 @@ class MusicLM:
         every: float | None = None,
         coarse_only: bool = False,
         use_cache: bool = True,
+        clap_tokens: np.ndarray | Sequence | None = None,
+        style_audio: str | Path | None = None,
     ) -> tuple[np.ndarray, int]:
         """Music for ``prompt``: ``(audio, sample_rate)``, audio float32 [samples] when ``keep`` is 1,
         else [keep, samples] best first; samples = round(seconds * frame_rate) * hop, at the codec rate.
@@ -334,19 +374,22 @@ class MusicLM:
         is no guidance. Settings left None come from each stage's ``[generate]`` config (its own
         temperature, top-k, top-p and guidance; samples and keep from the semantic stage's).
         ``prompt_audio``: a file to continue; the output is the new music only, not the prompt
-        (see the module docstring). ``coarse_only`` skips the fine stage and decodes the coarse
+        (see the module docstring). Instead of text (``prompt`` None), ``clap_tokens`` conditions on
+        given CLAP codes, [L] or one row per story prompt [P, L], and ``style_audio`` on the CLAP audio
+        tokens of a reference clip (:meth:`style_tokens`). ``coarse_only`` skips the fine stage and decodes the coarse
         codebooks alone. ``use_cache=False`` recomputes the whole sequence per token (for checks).
         The same arguments and ``seed`` give the same audio on the same device and precision.
         """
         g = self.generate_with_details(
             prompt, seconds, num_samples=num_samples, keep=keep, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only, use_cache=use_cache,
+            clap_tokens=clap_tokens, style_audio=style_audio,
         )  # fmt: skip
         return (g.audio[0] if len(g.audio) == 1 else g.audio), g.sample_rate
 
     def generate_with_details(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None,
         seconds: float = 10.0,
         *,
         num_samples: int | None = None,
@@ -361,6 +404,8 @@ class MusicLM:
         coarse_only: bool = False,
         use_cache: bool = True,
         progress: Progress | None = None,
+        clap_tokens: np.ndarray | Sequence | None = None,
+        style_audio: str | Path | None = None,
     ) -> Generation:
         """:meth:`generate` returning a :class:`Generation`: the kept audio [K, samples], every sample's
         tokens and score, the windows sampled, the resolved settings and timings. ``progress`` is
@@ -368,7 +413,7 @@ class MusicLM:
         run = GenerationRun(
             self, prompt, seconds, num_samples=num_samples, keep=keep, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
             top_p=top_p, seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only, use_cache=use_cache,
-            progress=progress, stream=False,
+            progress=progress, stream=False, clap_tokens=clap_tokens, style_audio=style_audio,
         )  # fmt: skip
         for _ in run:
             pass
@@ -376,7 +421,7 @@ class MusicLM:
 
     def stream(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None,
         seconds: float = 10.0,
         *,
         cfg_scale: float | None = None,
@@ -388,6 +433,8 @@ class MusicLM:
         every: float | None = None,
         coarse_only: bool = False,
         progress: Progress | None = None,
+        clap_tokens: np.ndarray | Sequence | None = None,
+        style_audio: str | Path | None = None,
     ) -> GenerationRun:
         """Music for ``prompt`` as it is made: iterate the result for float32 audio chunks [samples] at
         :attr:`sample_rate`, each as soon as its fine tokens are sampled and decoded. The chunks
@@ -400,6 +447,7 @@ class MusicLM:
         return GenerationRun(
             self, prompt, seconds, num_samples=1, keep=1, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only, use_cache=True, progress=progress, stream=True,
+            clap_tokens=clap_tokens, style_audio=style_audio,
         )  # fmt: skip
 
     # ---- the steps -------------------------------------------------------------------------------------------------
@@ -422,6 +470,30 @@ class MusicLM:
         ticks = min(tokens[s].shape[-1] // n for s, n in self.per_tick.items())
         kept = {s: tokens[s][..., : ticks * n].astype(np.int64) for s, n in self.per_tick.items()}
         return kept, ticks * self.tick, start
+
+    def style_tokens(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """The CLAP *audio* tokens of a reference clip, "music like this": ([1, L] codes, [1, D] embedding),
+        the normalised mean of its CLAP windows' embeddings, quantized as training's CLAP tokens are."""
+        from musiclm.metrics import clap_audio_embeddings
+        from musiclm.pipeline.audio import AudioError, read_mono
+
+        try:
+            audio, rate = read_mono(path)
+        except AudioError as e:
+            raise UserError(f"cannot read the style audio {path}: {e.reason}") from None
+        emb = clap_audio_embeddings(self.tokenizer, [audio], rate)  # [1, D]
+        return self.tokenizer.clap_codes(torch.from_numpy(emb).to(self.tokenizer.device)).cpu().numpy(), emb
+
+    def conditioning(self, prompts: list[str], clap_tokens=None, style_audio: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The CLAP tokens [P, L] each window is conditioned on, and the embeddings [P, D] samples are
+        scored against: of the text ``prompts``, else the given ``clap_tokens`` (scored against the
+        embedding they quantize), else the ``style_audio``'s."""
+        if clap_tokens is not None:
+            codes = check_clap_tokens(clap_tokens, self.info.clap.levels, self.info.clap.codebook_size)
+            return codes, self.tokenizer.clap_embedding(codes)
+        if style_audio is not None:
+            return self.style_tokens(style_audio)
+        return self.tokenizer.text_tokens(prompts)
 
     def decoder(self, start: int = 0) -> ChunkDecoder:
         """The chunked Encodec decoder every generation uses, streamed or not (the same chunks give the
@@ -450,9 +522,12 @@ class GenerationRun:
     [samples]) as the last stage finishes frames. ``generation`` is set once the iteration ends."""
 
     def __init__(self, lm: MusicLM, prompt, seconds: float, *, num_samples, keep, cfg_scale, temperature, top_k, top_p, seed,
-                 prompt_audio, every, coarse_only, use_cache, progress, stream):  # fmt: skip
+                 prompt_audio, every, coarse_only, use_cache, progress, stream, clap_tokens=None, style_audio=None):  # fmt: skip
         self.lm, self.seconds, self.seed, self.use_cache, self.progress, self.streamed = lm, seconds, seed, use_cache, progress, stream
-        self.prompts = _prompt_list(prompt)
+        if clap_tokens is not None:
+            clap_tokens = check_clap_tokens(clap_tokens, lm.info.clap.levels, lm.info.clap.codebook_size)
+        self.prompts = conditioning_prompts(prompt, clap_tokens, style_audio)
+        self.clap_tokens, self.style_audio = clap_tokens, style_audio
         defaults = lm.stages["semantic"].cfg.generate
         self.n = defaults.num_samples if num_samples is None else num_samples
         self.k = min(defaults.keep, self.n) if keep is None else keep
@@ -475,7 +550,7 @@ class GenerationRun:
     def __iter__(self) -> Iterator[np.ndarray]:
         lm, info, n = self.lm, self.lm.info, self.n
         t_start = t0 = time.perf_counter()
-        clap_codes, text_emb = lm.tokenizer.text_tokens(self.prompts)  # [P, L] uint16, [P, D]
+        clap_codes, text_emb = lm.conditioning(self.prompts, self.clap_tokens, self.style_audio)  # [P, L], [P, D]
         prompt_tokens, prompt_seconds, read_from = lm._prompt_tokens(self.prompt_audio) if self.prompt_audio is not None else (None, Fraction(0), None)
         self.timings["prompts"] = time.perf_counter() - t0
 
@@ -505,7 +580,7 @@ class GenerationRun:
             self.timings[name] = 0.0
         windows: list[Window] = []
         capture = lm.cuda_graphs
-        samplers = lm._samplers if capture else None  # on a GPU, fixed-shape steps captured as graphs
+        samplers = lm._samplers if lm.fixed_steps or capture else None  # on a GPU, fixed-shape steps captured as graphs
 
         def run_until(name: str, frames: int) -> None:
             """Sample windows of stage ``name`` (and first what they are conditioned on) until its

@@ -40,7 +40,7 @@ from musiclm.integrity import UNRECORDED, DamagedFile, FileRecord, read_json, re
 from musiclm.models.clap_mel import ClapMel
 from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
 from musiclm.pipeline.fit_plan import check_clap_window
-from musiclm.pipeline.quantizers import assign, residual_encode
+from musiclm.pipeline.quantizers import assign, residual_decode, residual_encode
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
 
 FORMAT_VERSION = 3  # 3: full-length segments, batched backbones, tokenize.precision; 2: the dense CLAP fit
@@ -321,6 +321,12 @@ class Tokenizer:
     def clap_codes(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Residual codes of CLAP embeddings [N, D] → [N, L] int64."""
         return residual_encode(embeddings, self._need_quantizers()["clap_codebooks"])
+
+    def clap_embedding(self, codes: np.ndarray) -> np.ndarray:
+        """The normalised CLAP embeddings [N, D] float32 that residual codes [N, L] stand for (the sum of
+        their centroids): where given tokens sit in CLAP's shared space."""
+        emb = residual_decode(np.asarray(codes, dtype=np.int64), self._need_quantizers()["clap_codebooks"].cpu())
+        return torch.nn.functional.normalize(emb.float(), dim=-1).numpy()
 
     def text_tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """CLAP text tokens [B, L] uint16 and embeddings [B, D] float32 for prompts."""
