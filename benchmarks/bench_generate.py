@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py --seconds 10 --threads 2                      # CPU: small, fp32 vs bf16 vs int8
     python benchmarks/bench_generate.py --device cuda --presets small large --seconds 10   # GPU: + bf16 + CUDA graphs
+    python benchmarks/bench_generate.py --positions --seconds 10 --threads 2          # stages with index vs time positions
 
 Everything runs at random weights, built in memory: the small preset's three
 backbones at their full architectures (as ``bench_tokenize.py`` builds them),
@@ -55,8 +56,9 @@ from musiclm.pipeline.tokenizer import FORMAT_VERSION, Tokenizer, fingerprint  #
 PROMPT = "an upbeat jazz trio with brushed drums"
 
 
-def random_parts(preset: str, device: str, seed: int = 0) -> tuple[Tokenizer, dict[str, Stage]]:
-    """The small backbones (random weights, noise quantizers) and ``preset``'s three stages at random weights, fp32."""
+def random_parts(preset: str, device: str, seed: int = 0, positions: str | None = None) -> tuple[Tokenizer, dict[str, Stage]]:
+    """The small backbones (random weights, noise quantizers) and ``preset``'s three stages at random weights, fp32
+    (with ``positions``: that ``model.positions`` instead of the preset's)."""
     cfg = small_random_config(clap_codes=1024)
     t = cfg.tokenize
     tok = Tokenizer.from_config(t, device=device)
@@ -65,6 +67,8 @@ def random_parts(preset: str, device: str, seed: int = 0) -> tuple[Tokenizer, di
     record["fingerprint"] = fingerprint(record)
     tok.record = record
     stage_cfg = replace(load_config(preset), tokenize=t)
+    if positions is not None:
+        stage_cfg = replace(stage_cfg, model=replace(stage_cfg.model, positions=positions))
     torch.manual_seed(seed)
     stages = {}
     for name in STAGES:
@@ -148,6 +152,24 @@ def bench_preset(preset: str, args) -> None:
     print(f"  first chunk after {first:.2f} s, first second of audio after {first_second:.2f} s, all {args.seconds:g} s after {total:.2f} s")
 
 
+def bench_positions(preset: str, args) -> None:
+    """One sample of --seconds with stages of each positions kind, the device's default precision, side by side."""
+    print(f"\n4. {preset}: positions index vs time, one sample of {args.seconds:g} s each, {args.repeats} alternating runs")
+    lms = {}
+    for kind in ("index", "time"):
+        tok, stages = random_parts(preset, args.device, positions=kind)
+        lms[kind] = MusicLM(tok, stages)
+        lms[kind].generate_with_details(PROMPT, min(args.seconds, 2.0), num_samples=1, seed=123)  # warm-up
+    walls: dict[str, list[float]] = {"index": [], "time": []}
+    for _ in range(args.repeats):
+        for kind, lm in lms.items():
+            walls[kind].append(timed_generation(lm, args.seconds, 1, 0, args.device)[1])
+    best = {k: min(v) for k, v in walls.items()}
+    for kind, wall in best.items():
+        print(f"  {kind:<6} best {wall:7.2f} s  (runs: {', '.join(f'{w:.2f}' for w in walls[kind])})  RTF {wall / args.seconds:.2f}")
+    print(f"  time / index: {best['time'] / best['index']:.3f}x the wall time ({lms['time'].precision})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="audio of each timed generation (default 10)")
@@ -156,6 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--presets", nargs="+", default=None, help="small and/or large (default: small on CPU, small large on CUDA)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--positions", action="store_true", help="only compare stages with index and with time positions")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per positions kind (default 3)")
     args = ap.parse_args(argv)
     args.batch_seconds = args.batch_seconds or args.seconds
     torch.set_num_threads(args.threads)
@@ -163,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"generation benchmark on {args.device} ({where}), torch {torch.__version__}")
     for preset in presets:
-        bench_preset(preset, args)
+        (bench_positions if args.positions else bench_preset)(preset, args)
     print(f"\nload average at the end (1/5/15 min): {' / '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs "
           f"(other work on the machine skews wall times)")
 
