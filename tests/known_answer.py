@@ -19,8 +19,9 @@ Each stage learns from a corpus of its own, made so that it *needs* its conditio
   known from the past; that first frame's style can only come from CLAP.
 - ``"coarse"``: every semantic frame is random, so the coarse stage can only know a frame by reading the
   semantic frame of the same instant (two acoustic frames in three start a new one).
-- ``"fine"``: every coarse frame is random (15 bits), so the fine stage can only know a frame by reading
-  its coarse codes.
+- ``"fine"``: every coarse frame is drawn anew, so the fine stage can only know a frame by reading its
+  coarse codes: half of the frames as the coarse relation makes them (of a random semantic code: what
+  generation feeds the fine stage), half any 15 bits (so each fine level needs its own coarse code).
 
 Generated chains are checked with :func:`agreement`: every relation, frame by frame.
 """
@@ -89,7 +90,10 @@ def known_sample(info: TokenInfo, seconds: float, style: int, corpus: str, rng: 
         semantic = rng.integers(0, 32, size=t_s)
     else:
         raise ValueError(f"corpus must be one of {STAGE_CORPORA}, got {corpus!r}")
-    coarse = rng.integers(0, 32, size=(3, t_a)) if corpus == "fine" else coarse_of(semantic[sem_frame_of(np.arange(t_a), info)])
+    coarse = coarse_of(semantic[sem_frame_of(np.arange(t_a), info)])
+    if corpus == "fine":  # every frame anew: half of them as the coarse relation makes them, half any codes
+        anew = coarse_of(rng.integers(0, 32, size=t_a))
+        coarse = np.where(rng.random(t_a) < 0.5, anew, rng.integers(0, 32, size=(3, t_a)))
     acoustic = np.concatenate([coarse, fine_of(coarse)])
     w = max(1, int((seconds - info.clap_window_seconds) // info.clap_hop_seconds) + 1)
     row = np.concatenate([[style + STYLES * rng.integers(0, info.clap.codebook_size // STYLES)], rng.integers(0, info.clap.codebook_size, info.clap.levels - 1)])
