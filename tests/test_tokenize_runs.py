@@ -265,9 +265,55 @@ def test_the_reorder_buffer_holds_a_window_of_batches_behind_one_that_never_come
     assert "resources: 2 actors x (3 CPU, 0 GPU, 3 threads); 2 CPU left for decoding (Ray cluster: 8 CPUs, 0 GPUs)" in err
     assert f"decode task of batch 2 ({stuck}): not returned after" in err and "running: 1 of 8 CPUs are free" in err
     held = reorder_window(2) - 1
-    assert f"{held} later batches finished and wait for batch 2 ({stuck}) (reorder buffer, at most {held})" in err
+    assert f"{held} later batches finished and wait for batch 2 ({stuck}) (reorder buffer, at most {held})" in err, proc.stderr
     assert keys(out) == keys(uninterrupted)[: len(keys(out))]
 
     proc = cli(*a)  # again on this machine's local Ray (2 CPUs), without the fault
     assert proc.returncode == 0, proc.stderr
     assert keys(out) == keys(uninterrupted)
+
+
+def _actor_pids(name: str) -> list[int]:
+    """Processes whose title Ray set to ``ray::NAME`` (an actor of this class)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().split(b"\0")[0].startswith(f"ray::{name}".encode()):
+                found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the parent's pid
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_actor_killed_mid_run_ends_it_in_one_line_and_a_rerun_completes(tokenized, corpus, uninterrupted, tmp_path):
+    """The kernel's OOM killer takes an actor: one line (which actor, which batch), exit 2, finished shards kept."""
+    out = tmp_path / "killed"
+    a = args(corpus[0], out, tokenized[0] / "tokenizer", "--workers", "1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", TEST_FAULT_ENV: SLOW_DECODE}
+    run = subprocess.Popen([sys.executable, "-m", "musiclm", *map(str, a)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    _wait_for_shards(out, 1, run)
+    mine = [pid for pid in _actor_pids("TokenizeActor") if _descends(pid, run.pid)]
+    assert len(mine) == 1
+    os.kill(mine[0], signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: tokenize stopped: actor 1 of 1 died while on batch ") and last.endswith("re-run the same command to resume")
+    assert "Traceback" not in err
+    proc = cli(*a)
+    assert proc.returncode == 0, proc.stderr
+    assert shards(out) == shards(uninterrupted)

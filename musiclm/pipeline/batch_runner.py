@@ -11,7 +11,7 @@ task was slow, or on timing. A batch enters (its decode task is submitted) only 
 ``window`` batches are in flight or held, so a slow batch makes the others wait, never pile up: the
 reorder buffer holds at most ``window - 1`` finished batches.
 
-The watchdog: when no batch has finished for ``stall_seconds`` (and for 5x the slowest batch so far)
+The watchdog: when no batch has finished (nor an actor come up) for ``stall_seconds`` (and for 5x the slowest batch so far)
 while batches are pending, :class:`Stalled` is raised with one line per thing Ray reports pending:
 decode tasks and their files (and whether a CPU is free for them), actors that are not alive,
 the object store when it is full.
@@ -34,6 +34,10 @@ class Stalled(Exception):
         super().__init__(f"no batch finished for {seconds:.0f} s")
         self.seconds = seconds
         self.lines = lines
+
+
+class ActorLost(Exception):
+    """A backbone actor or a decode task's worker died (killed for memory, its node lost, a crash in native code)."""
 
 
 def reorder_window(workers: int) -> int:
@@ -69,6 +73,7 @@ class InPlanOrder:
         started: dict[int, float] = {}  # item index -> when its actor call was submitted
         held: dict[int, dict] = {}  # item index -> output, waiting for the batches before it
         head = entered = 0
+        starting = {actor.ready.remote(): a for a, actor in enumerate(self.actors)}  # an actor up counts as progress
         last = time.monotonic()
         slowest = 0.0
         while head < n:
@@ -84,16 +89,25 @@ class InPlanOrder:
                 calls[self.actors[a].run.remote(decoded.pop(i))] = (i, a)
                 started[i] = time.monotonic()
                 load[a] += 1
-            refs = [*decoding, *calls]
+            refs = [*decoding, *calls, *starting]
             done = ray.wait(refs, num_returns=1, timeout=POLL, fetch_local=False)[0] if refs else []
             if done:  # and whatever else has finished meanwhile
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
             for ref in done:
+                if ref in starting:  # its backbones loaded: the quiet time starts again
+                    del starting[ref]
+                    last = time.monotonic()
+                    continue
                 if ref in decoding:
                     decoded[decoding.pop(ref)] = ref
                     continue
                 i, a = calls.pop(ref)
-                held[i] = ray.get(ref)  # an actor that died raises here: the run fails, a rerun resumes
+                try:
+                    held[i] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:  # the run fails in one line; a rerun resumes
+                    raise ActorLost(f"actor {a + 1} of {len(self.actors)} died while on {self._files(i)} ({_first_line(e)})") from None
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as e:  # its decode task's worker
+                    raise ActorLost(f"the worker decoding {self._files(i)} died ({_first_line(e)})") from None
                 load[a] -= 1
                 now = time.monotonic()
                 if warm[a]:
@@ -122,13 +136,7 @@ class InPlanOrder:
             total = {}
         cpus_free, cpus = free.get("CPU", 0.0), total.get("CPU", 0.0)
 
-        def files(i: int) -> str:
-            import json
-
-            names = [rel for rel, _ in json.loads(self.items[i]["files"])]
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            return f"batch {self.items[i]['batch']} ({shown})"
-
+        files = self._files
         slots = max(1, int(self.res.decode_cpus / self.res.task_cpus + 1e-9))  # decode tasks that run at once
         for k, i in enumerate(sorted(decoding.values())[:5]):
             if cpus_free >= self.res.task_cpus:
@@ -150,6 +158,14 @@ class InPlanOrder:
             lines.append(f"the object store is full: {store_free / 2**30:.1f} of {store / 2**30:.1f} GiB free")
         return lines
 
+    def _files(self, i: int) -> str:
+        """``batch N (its files)`` of item ``i``, for messages."""
+        import json
+
+        names = [rel for rel, _ in json.loads(self.items[i]["files"])]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"batch {self.items[i]['batch']} ({shown})"
+
     def _actor_lines(self, free: dict) -> list[str]:
         """Actors that are not alive, as the GCS reports them (state, death cause; what they wait for)."""
         try:
@@ -167,3 +183,9 @@ class InPlanOrder:
                 cause = str(info.get("DeathCause") or "").strip().splitlines()
                 lines.append(f"actor {a + 1} of {len(self.actors)}: {st}" + (f" ({cause[0][:200]})" if cause else f" ({need})"))
         return lines
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of a Ray error that says something (Ray's messages run to many lines)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__

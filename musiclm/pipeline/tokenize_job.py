@@ -67,7 +67,7 @@ from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import Stopped, UserError
 from musiclm.integrity import DamagedFile
-from musiclm.pipeline.batch_runner import InPlanOrder, Stalled
+from musiclm.pipeline.batch_runner import ActorLost, InPlanOrder, Stalled
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
 from musiclm.digest import file_digest
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
@@ -299,8 +299,7 @@ def _stop_on_signals(out: Path) -> Iterator[None]:
     def stop(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal while unwinding does not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)
-        kept = len(list((out / "shards").glob("shard-*.tar")))
-        raise Stopped(f"stopped: {kept} shard{'s' if kept != 1 else ''} kept; re-run the same command to resume", signum)
+        raise Stopped(f"stopped: {_kept(out)} kept; re-run the same command to resume", signum)
 
     saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     global _STOP_HANDLER
@@ -640,11 +639,16 @@ def _stalled(console, out: Path, e: Stalled, stall_seconds: float) -> UserError:
     console.print(f"tokenize stalled: no batch finished for {e.seconds:.0f} s (tokenize.stall_seconds = {stall_seconds:g}); pending:")
     for line in e.lines:
         console.print(f"  {line}")
-    kept = len(list((out / "shards").glob("shard-*.tar")))
     return UserError(
-        f"tokenize stalled (pending work listed above); {kept} shard{'s' if kept != 1 else ''} kept: re-run the same command to resume, "
+        f"tokenize stalled (pending work listed above); {_kept(out)} kept: re-run the same command to resume, "
         "or raise tokenize.stall_seconds (--config) if a batch is really this slow"
     )
+
+
+def _kept(out: Path) -> str:
+    """``N shards``: the finished shards of ``out``."""
+    n = len(list((out / "shards").glob("shard-*.tar")))
+    return f"{n} shard{'s' if n != 1 else ''}"
 
 
 def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
@@ -707,6 +711,8 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
                             feats["heldout" if name == "clap" and row["rel"] in heldout else name].append(x)
         except Stalled as e:
             raise _stalled(console, out, e, stall_seconds) from None
+        except ActorLost as e:
+            raise UserError(f"fitting the tokenizer stopped: {e}; re-run the same command to start it again") from None
     if not feats["mert"] or not feats["clap"]:
         raise UserError(f"none of the {len(plan.files)} sampled files could be decoded to fit the tokenizer; see musiclm tokenize's errors")
     extract = time.time() - t0
@@ -1084,6 +1090,8 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
         finished = True
     except Stalled as e:
         raise _stalled(console, out, e, runner.stall_seconds) from None
+    except ActorLost as e:
+        raise UserError(f"tokenize stopped: {e}; {_kept(out)} kept: re-run the same command to resume") from None
     finally:
         summary.reorder_peak = runner.peak
         if finished:
