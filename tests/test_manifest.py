@@ -302,3 +302,5 @@ def test_an_ogg_whose_header_promises_more_than_decodes_is_tokenized_with_what_d
     assert clips and clips[-1][0] + clips[-1][1] == pytest.approx(decodable), "the clips end where the audio does"
     rows = {r["path"]: r for r in read_file_table(out).to_pylist()}
     assert rows["overstated.ogg"]["error"] == "" and rows["overstated.ogg"]["seconds"] == pytest.approx(decodable)
+    assert rows["overstated.ogg"]["header_seconds"] == pytest.approx(sf.info(root / "overstated.ogg").duration), "the manifest keeps the header's promise"
+    assert rows["whole.ogg"]["header_seconds"] is None and read_manifest(out)["header_overstated"] == 1

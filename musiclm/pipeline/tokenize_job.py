@@ -543,14 +543,17 @@ def plan_batches(files: list[tuple[str, float]], batch_seconds: float, first: in
 
 def _probe_rows(batch: dict[str, np.ndarray], *, corpus: str, min_seconds: float) -> dict[str, list]:
     """Probe a block of files: their duration, or why they cannot be tokenized; and their size and sha256
-    for the corpus manifest (None when the file cannot be read)."""
-    out: dict[str, list] = {"rel": [], "seconds": [], "error": [], "bytes": [], "sha256": []}
+    for the corpus manifest (None when the file cannot be read), and the seconds a header promised when more
+    than decode (None when it agrees)."""
+    out: dict[str, list] = {"rel": [], "seconds": [], "error": [], "bytes": [], "sha256": [], "header_seconds": []}
     with _quiet_stderr():
         for rel in batch["rel"]:
             rel = str(rel)
-            seconds, error = 0.0, ""
+            seconds, error, header = 0.0, "", None
             try:
-                seconds = probe(Path(corpus) / rel).duration
+                info = probe(Path(corpus) / rel)
+                seconds = info.duration
+                header = info.header_frames / info.sample_rate if info.header_frames else None
                 if seconds < min_seconds:
                     error = f"too short: {seconds:.2f} s (minimum {min_seconds:g} s)"
             except Exception as e:  # noqa: BLE001 - recorded in errors/, never fatal for the run
@@ -564,25 +567,28 @@ def _probe_rows(batch: dict[str, np.ndarray], *, corpus: str, min_seconds: float
             out["error"].append(error)
             out["bytes"].append(size)
             out["sha256"].append(sha)
+            out["header_seconds"].append(float("nan") if header is None else header)  # NaN: every block has one type
     return out
 
 
 def _plan_schema():
     import pyarrow as pa
 
-    return pa.schema([("rel", pa.string()), ("seconds", pa.float64()), ("error", pa.string()), ("batch", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string())])
+    return pa.schema([("rel", pa.string()), ("seconds", pa.float64()), ("error", pa.string()), ("batch", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
+                      ("header_seconds", pa.float64())])
 
 
-def _read_plan(out: Path) -> dict[str, tuple[float, str, int, int | None, str | None]]:
-    """{rel: (seconds, error, batch, bytes, sha256)} of ``out/plan.parquet``; digests are None in a plan
-    written before plans kept them; a file pyarrow cannot read is a one-line DamagedFile."""
+def _read_plan(out: Path) -> dict[str, tuple[float, str, int, int | None, str | None, float | None]]:
+    """{rel: (seconds, error, batch, bytes, sha256, header_seconds)} of ``out/plan.parquet``; digests are None in
+    a plan written before plans kept them, header_seconds in one written before it was kept (or where the header
+    agrees with what decodes); a file pyarrow cannot read is a one-line DamagedFile."""
     path = out / PLAN_FILE
     if not path.is_file():
         return {}
     t = read_parquet(path, out)
     if not {"rel", "seconds", "error", "batch"} <= set(t.column_names):
         raise DamagedFile(path, f"not a plan (columns {', '.join(t.column_names)})", repair_advice(out))
-    cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in ("rel", "seconds", "error", "batch", "bytes", "sha256")]
+    cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in ("rel", "seconds", "error", "batch", "bytes", "sha256", "header_seconds")]
     return {r[0]: tuple(r[1:]) for r in zip(*cols)}
 
 
@@ -599,7 +605,7 @@ def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeCo
     if new:
         ds = ray.data.from_items([{"rel": r} for r in new], override_num_blocks=max(1, min(len(new) // 64, 512)))
         probed = ds.map_batches(_probe_rows, fn_kwargs=dict(corpus=str(corpus), min_seconds=tcfg.audio.min_seconds), batch_size=64, num_cpus=1, batch_format="numpy")
-        found = {row["rel"]: (row["seconds"], row["error"], row["bytes"], row["sha256"]) for row in probed.iter_rows()}
+        found = {row["rel"]: (row["seconds"], row["error"], row["bytes"], row["sha256"], None if np.isnan(row["header_seconds"]) else float(row["header_seconds"])) for row in probed.iter_rows()}
         kept = {r: b for r, b in (pinned or {}).items() if r in found and not found[r][1]}
         for rel, number in kept.items():
             planned[rel] = (found[rel][0], "", number, *found[rel][2:])
@@ -611,7 +617,7 @@ def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeCo
         for r in new:
             if found[r][1]:
                 planned[r] = (found[r][0], found[r][1], -1, *found[r][2:])
-        names = ("seconds", "error", "batch", "bytes", "sha256")
+        names = ("seconds", "error", "batch", "bytes", "sha256", "header_seconds")
         rows = {"rel": list(planned), **{n: [v[i] for v in planned.values()] for i, n in enumerate(names)}}
         atomic.write_parquet(pa.Table.from_pydict(rows, schema=_plan_schema()), path)
         record_folder_files(out, PLAN_RECORD, [PLAN_FILE])
@@ -1013,7 +1019,7 @@ def _write_manifest(console, corpus: Path, out: Path, names: set[str], paths: st
     facts = {}
     for rel in names:
         p = planned.get(rel)
-        facts[rel] = FileFacts(p[3], p[4], p[0], p[1] or "") if p is not None else FileFacts(None, None, None, "")
+        facts[rel] = FileFacts(p[3], p[4], p[0], p[1] or "", p[5]) if p is not None else FileFacts(None, None, None, "")
     summary = write_manifest(out, corpus, facts, paths=paths, console=console)
     record_folder_files(out, MANIFEST_RECORD, [TABLE_FILE, MANIFEST_FILE])
     lic = len(summary["licences"])
