@@ -3,7 +3,7 @@
 The folder is one of
 
 - a tokenized folder (``tokenizer/`` + ``shards/``): shards, stats, errors, the
-  plan and manifest (records: :func:`musiclm.shards.writer.expected_files`),
+  plan and manifest (records: :func:`musiclm.shards.records.expected_files`),
   its tokenizer, and the audit index if one was built
   (:func:`musiclm.audit.index.expected_files`: derived from the shards, so
   checked for being whole, not against checksums);
@@ -46,7 +46,7 @@ def _prefixed(prefix: str, files: Expected) -> Expected:
 
 def _tokenized(folder: Path) -> Expected:
     from musiclm.audit.index import expected_files as audit_files
-    from musiclm.shards.writer import expected_files as shard_files
+    from musiclm.shards.records import expected_files as shard_files
 
     return {**shard_files(folder), **_prefixed("tokenizer", _tokenizer(folder / "tokenizer")), **audit_files(folder)}
 

@@ -72,25 +72,10 @@ from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, p
 from musiclm.digest import file_digest
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
 from musiclm.shards.format import TokenSample, file_key, sample_key
-from musiclm.shards.writer import (
-    MANIFEST_RECORD,
-    PLAN_RECORD,
-    FolderState,
-    ShardWriter,
-    check_shards,
-    clean_unfinished,
-    done_files,
-    folder_problems,
-    list_unrepairable,
-    next_shard_index,
-    partial_keys,
-    read_parquet,
-    record_folder_files,
-    repair_advice,
-    recorded_files,
-    record_path,
-    settle,
-)
+from musiclm.shards.read import done_files, partial_keys, read_parquet
+from musiclm.shards.records import MANIFEST_RECORD, PLAN_RECORD, record_folder_files, record_path, recorded_files, repair_advice
+from musiclm.shards.repair import FolderState, check_shards, folder_problems, list_unrepairable, settle
+from musiclm.shards.writer import ShardWriter, clean_unfinished, next_shard_index
 
 LOCK_FILE = ".musiclm.lock"
 PLAN_FILE = "plan.parquet"
@@ -830,7 +815,7 @@ def _check_folder(console, out: Path, files: list[str], full: bool = False) -> R
     of :mod:`musiclm.shards.writer`); print what was found. Files that ``files`` (the corpus) no longer holds
     cannot be redone: their clips are listed in errors/ now. ``full``: hash every shard file (``--verify``)."""
     from musiclm.shards.format import TokenInfo
-    from musiclm.shards.writer import ShardRecord
+    from musiclm.shards.records import ShardRecord
 
     if not (out / "shards").is_dir() and not (out / "errors").is_dir():
         clean_unfinished(out)

@@ -20,7 +20,7 @@ its memory grows only by each clip's duration (8 bytes) and each file's key
 (:func:`shard_clip_count`, :func:`shard_keys`) instead of scanning its tar.
 
 Every file read here is checked first against the record its shard keeps
-(:mod:`musiclm.shards.writer`): these files are small and read whole anyway, so
+(:mod:`musiclm.shards.records`, :func:`~musiclm.shards.read.check_read`): these files are small and read whole anyway, so
 by their sha256. A damaged, missing or unreadable one is a one-line
 :class:`~musiclm.integrity.DamagedFile` saying how to repair it, never a pyarrow
 traceback.
@@ -42,7 +42,10 @@ import pyarrow.parquet as pq
 
 from musiclm import atomic
 from musiclm.errors import UserError
+from musiclm.integrity import DamagedFile
 from musiclm.shards.format import TokenInfo, TokenSample, file_key
+from musiclm.shards.read import ARROW_ERRORS, check_read, read_parquet
+from musiclm.shards.records import recorded_files, repair_advice
 
 STREAMS = ("semantic", "acoustic", "clap")
 CODES_DIR = "_codes"
@@ -51,7 +54,7 @@ HISTOGRAM_BINS = 20
 
 CLIP_SCHEMA = pa.schema(
     [
-        pa.field("key", pa.string(), nullable=False),  # read by resume (writer.done_keys, partial_keys) and shard_keys
+        pa.field("key", pa.string(), nullable=False),  # read by resume (read.done_keys, partial_keys) and shard_keys
         ("shard", pa.string()),
         ("source", pa.string()),  # path relative to the corpus root
         ("segment", pa.int32()),
@@ -221,8 +224,6 @@ def _batches(files: list[str], columns: list[str], schema: pa.Schema | None = No
     consumer is slower); the batches are the chunks that reading the files as
     one table would give.
     """
-    from musiclm.shards.writer import read_parquet
-
     for path in files:
         yield from read_parquet(path, out or Path(path).parent, columns=columns, schema=schema).to_batches()
 
@@ -235,9 +236,6 @@ def clip_stats_file(shard: str | Path) -> Path:
 
 def shard_clip_count(shard: str | Path) -> int | None:
     """Clips of a finished shard from its stats file's footer (no row is read); None when it has no stats file."""
-    from musiclm.integrity import DamagedFile
-    from musiclm.shards.writer import ARROW_ERRORS, repair_advice
-
     path = clip_stats_file(shard)
     if not path.is_file():
         return None
@@ -253,8 +251,6 @@ def shard_keys(shard: str | Path) -> list[str] | None:
     :class:`~musiclm.shards.writer.ShardWriter` writes the tar members and the
     stats rows from one list of samples, so the orders agree.
     """
-    from musiclm.shards.writer import read_parquet
-
     path = clip_stats_file(shard)
     return read_parquet(path, path.parent.parent, columns=["key"]).column("key").to_pylist() if path.is_file() else None
 
@@ -274,8 +270,6 @@ def _check_corpus(data_dir: Path) -> TokenInfo:
 def _checked_files(data_dir: Path, folder: Path, finished: set[str] | None, kind: str) -> list[str]:
     """:func:`_parquet_files`, each checked whole against its record; with ``finished``, every one of
     those shards must have its file. :class:`~musiclm.integrity.DamagedFile` otherwise."""
-    from musiclm.shards.writer import check_read, recorded_files, repair_advice
-
     files = _parquet_files(folder, finished)
     if finished:
         missing = sorted(finished - {Path(f).stem for f in files})
