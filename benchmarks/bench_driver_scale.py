@@ -45,8 +45,9 @@ def rss() -> int:
 
 folder, what = Path(sys.argv[1]), sys.argv[2]
 from musiclm.shards.format import list_shards
-from musiclm.shards.stats import summarize, unigram_entropy
+from musiclm.commands.stats import summarize
 from musiclm.shards.read import done_files, done_keys, partial_keys
+from musiclm.shards.stats import unigram_entropy
 from musiclm.shards.tar import scan_keys
 from musiclm.training.data import ShardEntry, index_shards
 shards = list_shards(folder)

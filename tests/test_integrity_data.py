@@ -22,13 +22,14 @@ import pytest
 import torch
 
 from musiclm.cli import main
+from musiclm.commands.stats import summarize
 from musiclm.errors import UserError
 from musiclm.integrity import DamagedFile, FileRecord
 from musiclm.shards.format import TokenInfo, list_shards
-from musiclm.shards.stats import shard_keys, summarize
 from musiclm.shards.read import done_files
 from musiclm.shards.records import ShardRecord, record_path, shard_files
 from musiclm.shards.repair import check_shards
+from musiclm.shards.stats import shard_keys
 from musiclm.shards.writer import ShardWriter
 from musiclm.training.data import split_data
 from tests.conftest import ROOT, run_cli

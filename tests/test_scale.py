@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from musiclm import atomic
+from musiclm.commands.stats import summarize
 from musiclm.shards import tar as tar_mod
 from musiclm.shards.format import (
     TokenInfo,
@@ -37,7 +38,7 @@ from musiclm.shards.format import (
     sample_key,
 )
 from musiclm.shards.read import done_files, done_keys, partial_keys
-from musiclm.shards.stats import CLIP_SCHEMA, shard_keys, summarize
+from musiclm.shards.stats import CLIP_SCHEMA, shard_keys
 from musiclm.shards.tar import scan_keys
 from musiclm.shards.writer import ShardWriter, clean_unfinished
 from musiclm.training.data import ShardEntry, index_shards, split_data
@@ -257,7 +258,7 @@ elif what == "codes":
     from musiclm.shards.stats import unigram_entropy
     call = lambda: unigram_entropy(folder, "acoustic", [0, 1])
 else:
-    from musiclm.shards.stats import summarize
+    from musiclm.commands.stats import summarize
     call = lambda: summarize(folder)
 pool = pa.default_memory_pool()
 before = pool.bytes_allocated()
