@@ -8,7 +8,7 @@ The folder is one of
   (:func:`musiclm.audit.index.expected_files`: derived from the shards, so
   checked for being whole, not against checksums);
 - a tokenizer folder (``tokenizer.json``): quantizer arrays and saved backbones
-  (:func:`musiclm.pipeline.tokenizer.expected_files`);
+  (:func:`musiclm.shards.tokenizer_folder.expected_files`);
 - a run folder (``run.json``): checkpoints, run files and its tokenizer copy
   (:func:`musiclm.training.checkpoint.expected_files`);
 - a model folder holding ``semantic/``, ``coarse/``, ``fine/`` runs (and maybe ``tokenizer/``).
@@ -52,7 +52,7 @@ def _tokenized(folder: Path) -> Expected:
 
 
 def _tokenizer(folder: Path) -> Expected:
-    from musiclm.pipeline.tokenizer import expected_files
+    from musiclm.shards.tokenizer_folder import expected_files
 
     return expected_files(folder)
 

@@ -101,9 +101,9 @@ def fake(tmp_path_factory) -> Path:
 
 
 def record_tokenizer(folder: Path) -> None:
-    """A record of the stand-in tokenizer.json, as the tokenizer folder keeps one (its own business: pipeline/tokenizer.py)."""
+    """A record of the stand-in tokenizer.json, as the tokenizer folder keeps one (its own business: shards/tokenizer_folder.py)."""
     from musiclm.integrity import write_records
-    from musiclm.pipeline.tokenizer import RECORDS_FILE
+    from musiclm.shards.tokenizer_folder import RECORDS_FILE
 
     write_records(folder / RECORDS_FILE, {"tokenizer.json": FileRecord.of(folder / "tokenizer.json")})
 

@@ -774,7 +774,7 @@ def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) 
 
     Returns the tokenizer record to use when one exists (in ``out`` or given), None when one must be fitted.
     """
-    from musiclm.pipeline.tokenizer import read_record, tokenizer_folder
+    from musiclm.shards.tokenizer_folder import read_record, tokenizer_folder
 
     existing = out / "tokenizer"
     given = read_record(tokenizer_folder(tokenizer_dir)) if tokenizer_dir is not None else None
@@ -945,7 +945,7 @@ def run_tokenize(
     ``out`` against its record before resuming, not only those whose size or times changed."""
     from rich.console import Console
 
-    from musiclm.pipeline.tokenizer import tokenizer_folder
+    from musiclm.shards.tokenizer_folder import tokenizer_folder
 
     console = console or Console(stderr=True)
     corpus, out = Path(corpus), Path(out)
@@ -1018,7 +1018,7 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     end of the batch that fills it, so which clips a shard holds is a function of the plan: the same for
     any number of actors, any timing, and for a killed run resumed (a shard still filling when the run
     stops is not written: the rerun fills it again from the same batches)."""
-    from musiclm.pipeline.tokenizer import read_record
+    from musiclm.shards.tokenizer_folder import read_record
     from musiclm.shards.format import TokenInfo
 
     tcfg = tokenize_config_from_dict(read_record(out / "tokenizer")["config"])
