@@ -45,9 +45,11 @@ def rss() -> int:
 
 folder, what = Path(sys.argv[1]), sys.argv[2]
 from musiclm.shards.format import list_shards
-from musiclm.shards.stats import summarize, unigram_entropy
-from musiclm.shards.writer import done_files, done_keys, partial_keys
-from musiclm.training.data import ShardEntry, index_shards, scan_keys
+from musiclm.commands.stats import summarize
+from musiclm.shards.read import done_files, done_keys, partial_keys
+from musiclm.shards.stats import unigram_entropy
+from musiclm.shards.tar import scan_keys
+from musiclm.training.data import ShardEntry, index_shards
 shards = list_shards(folder)
 done = done_files(folder) if what == "partial_keys" else None  # the driver has it already (it skips those files)
 calls = {

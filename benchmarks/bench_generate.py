@@ -51,7 +51,8 @@ from musiclm.config import STAGES, load_config, to_dict  # noqa: E402
 from musiclm.generation import MusicLM, Stage  # noqa: E402
 from musiclm.models.layout import layout_for  # noqa: E402
 from musiclm.models.transformer import MusicTransformer  # noqa: E402
-from musiclm.pipeline.tokenizer import FORMAT_VERSION, Tokenizer, fingerprint  # noqa: E402
+from musiclm.pipeline.tokenizer import Tokenizer  # noqa: E402
+from musiclm.shards.tokenizer_folder import FORMAT_VERSION, fingerprint  # noqa: E402
 
 PROMPT = "an upbeat jazz trio with brushed drums"
 

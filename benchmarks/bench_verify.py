@@ -6,7 +6,7 @@ shards of 256 written by the project's ShardWriter, so every shard has its recor
 
 - ``verify``: :func:`musiclm.verify.verify_folder` (every file hashed whole) with 1 thread and with
   ``--workers`` threads: files/s and MB/s; next to it sha256 alone over the same bytes on one thread;
-- the tokenize start-up check (:func:`musiclm.shards.writer.check_shards`) on the untouched folder (records
+- the tokenize start-up check (:func:`musiclm.shards.repair.check_shards`) on the untouched folder (records
   read once, a quick check of every file, no hashing), and on a folder whose files' times all moved (as
   after a copy that does not keep them: every file is hashed once and its record updated);
 - training start-up (:func:`musiclm.training.data.index_shards`) with the records, and with them moved away.
@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_driver_scale import build  # noqa: E402
 
 from musiclm.shards.format import list_shards  # noqa: E402
-from musiclm.shards.writer import RECORDS_DIR, check_shards  # noqa: E402
+from musiclm.shards.records import RECORDS_DIR  # noqa: E402
+from musiclm.shards.repair import check_shards  # noqa: E402
 from musiclm.training.data import index_shards  # noqa: E402
 from musiclm.verify import verify_folder  # noqa: E402
 

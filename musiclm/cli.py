@@ -85,7 +85,7 @@ def stats(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write codebook usage and durations to this PNG."),
 ) -> None:
     """Show what the tokens look like (reads only the Parquet statistics)."""
-    from musiclm.shards.stats import run_stats
+    from musiclm.commands.stats import run_stats
 
     run_stats(data, as_json=json_out, plot=plot)
 

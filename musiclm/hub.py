@@ -202,7 +202,7 @@ def _stage_runs(runs: Path) -> dict[str, StageRun]:
 
 def _tokenizer_dir(runs: Path, stages: dict[str, StageRun]) -> Path:
     """``runs/tokenizer``, else a stage's own copy; checked to be the stages' tokenizer, with its quantizers."""
-    from musiclm.pipeline.tokenizer import read_record
+    from musiclm.shards.tokenizer_folder import read_record
 
     fingerprint = next(iter(stages.values())).record.get("fingerprint")
     for folder in [runs / TOKENIZER, *(s.run / TOKENIZER for s in stages.values())]:
@@ -240,7 +240,7 @@ def push_operations(runs: str | Path, repo_id: str | None = None) -> list:
     """The ``CommitOperationAdd`` list of a push (see the module docstring): what :func:`push` commits."""
     from huggingface_hub import CommitOperationAdd
 
-    from musiclm.pipeline.tokenizer import check_folder
+    from musiclm.shards.tokenizer_folder import check_folder
     from musiclm.training.checkpoint import CHECKPOINTS, LATEST, RECORDS, WEIGHTS
 
     runs = Path(runs)

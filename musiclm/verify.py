@@ -3,12 +3,12 @@
 The folder is one of
 
 - a tokenized folder (``tokenizer/`` + ``shards/``): shards, stats, errors, the
-  plan and manifest (records: :func:`musiclm.shards.writer.expected_files`),
+  plan and manifest (records: :func:`musiclm.shards.records.expected_files`),
   its tokenizer, and the audit index if one was built
   (:func:`musiclm.audit.index.expected_files`: derived from the shards, so
   checked for being whole, not against checksums);
 - a tokenizer folder (``tokenizer.json``): quantizer arrays and saved backbones
-  (:func:`musiclm.pipeline.tokenizer.expected_files`);
+  (:func:`musiclm.shards.tokenizer_folder.expected_files`);
 - a run folder (``run.json``): checkpoints, run files and its tokenizer copy
   (:func:`musiclm.training.checkpoint.expected_files`);
 - a model folder holding ``semantic/``, ``coarse/``, ``fine/`` runs (and maybe ``tokenizer/``).
@@ -46,13 +46,13 @@ def _prefixed(prefix: str, files: Expected) -> Expected:
 
 def _tokenized(folder: Path) -> Expected:
     from musiclm.audit.index import expected_files as audit_files
-    from musiclm.shards.writer import expected_files as shard_files
+    from musiclm.shards.records import expected_files as shard_files
 
     return {**shard_files(folder), **_prefixed("tokenizer", _tokenizer(folder / "tokenizer")), **audit_files(folder)}
 
 
 def _tokenizer(folder: Path) -> Expected:
-    from musiclm.pipeline.tokenizer import expected_files
+    from musiclm.shards.tokenizer_folder import expected_files
 
     return expected_files(folder)
 

@@ -87,7 +87,7 @@ def test_unknown_option_is_one_line(capsys):
 
 def test_an_unexpected_error_keeps_its_own_traceback(monkeypatch, tmp_path):
     """Only user errors become one line; a bug still shows what really went wrong."""
-    import musiclm.shards.stats as stats
+    import musiclm.commands.stats as stats
 
     def boom(*a, **k):
         raise ZeroDivisionError("a bug")

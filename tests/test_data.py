@@ -14,15 +14,14 @@ from musiclm.config import load_config
 from musiclm.errors import UserError
 from musiclm.models.layout import IGNORE, StageLayout, layout_for
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_key
+from musiclm.shards import tar as tar_mod
+from musiclm.shards.tar import decode_sample, iter_tar_samples
 from musiclm.shards.writer import ShardWriter
-from musiclm.training import data as data_mod
 from musiclm.training.data import (
     ShardEntry,
     TrainStream,
     buffer_shuffle,
-    decode_sample,
     index_shards,
-    iter_tar_samples,
     local_batches,
     make_loader,
     partition_items,
@@ -228,8 +227,8 @@ def test_starting_at_batch_b_equals_iterating_b_batches(corpus, start):
 
 def test_skipped_batches_are_not_decoded(corpus, monkeypatch):
     calls = []
-    real = data_mod.decode_sample
-    monkeypatch.setattr(data_mod, "decode_sample", lambda key, members: calls.append(key) or real(key, members))
+    real = tar_mod.decode_sample
+    monkeypatch.setattr(tar_mod, "decode_sample", lambda key, members: calls.append(key) or real(key, members))
     take(iter(stream_of(corpus, start_batch=25)), 1)
     assert len(calls) == 4
 

@@ -22,7 +22,8 @@ from musiclm.generation.decode import (
     decode_chunked,
 )
 from musiclm.pipeline.synth import synth_clip
-from musiclm.pipeline.tokenizer import Tokenizer, tokenizer_folder
+from musiclm.pipeline.tokenizer import Tokenizer
+from musiclm.shards.tokenizer_folder import tokenizer_folder
 from tests.factories import torch_threads
 
 # Max |chunked - whole decode|: measured 9e-8 at the default sizes, 1e-5 for a one-frame shift.

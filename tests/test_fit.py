@@ -21,7 +21,7 @@ from musiclm.pipeline.audio import load_for_rates, plan_segments
 from musiclm.pipeline.fit_plan import backbone_facts, check_backbones, check_enough, fit_windows, hours_needed, largest_codebook, plan_fit
 from musiclm.pipeline.quantizers import residual_errors
 from musiclm.pipeline.text_prompts import MUSIC_DESCRIPTIONS
-from musiclm.pipeline.tokenizer import FORMAT_VERSION, fingerprint, read_record
+from musiclm.shards.tokenizer_folder import FORMAT_VERSION, fingerprint, read_record
 from tests.conftest import run_cli
 
 

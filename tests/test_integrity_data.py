@@ -22,11 +22,15 @@ import pytest
 import torch
 
 from musiclm.cli import main
+from musiclm.commands.stats import summarize
 from musiclm.errors import UserError
 from musiclm.integrity import DamagedFile, FileRecord
 from musiclm.shards.format import TokenInfo, list_shards
-from musiclm.shards.stats import shard_keys, summarize
-from musiclm.shards.writer import ShardRecord, ShardWriter, check_shards, done_files, record_path, shard_files
+from musiclm.shards.read import done_files
+from musiclm.shards.records import ShardRecord, record_path, shard_files
+from musiclm.shards.repair import check_shards
+from musiclm.shards.stats import shard_keys
+from musiclm.shards.writer import ShardWriter
 from musiclm.training.data import split_data
 from tests.conftest import ROOT, run_cli
 from tests.factories import fake_info_json, fake_sample, write_tokenizer_json
@@ -97,9 +101,9 @@ def fake(tmp_path_factory) -> Path:
 
 
 def record_tokenizer(folder: Path) -> None:
-    """A record of the stand-in tokenizer.json, as the tokenizer folder keeps one (its own business: pipeline/tokenizer.py)."""
+    """A record of the stand-in tokenizer.json, as the tokenizer folder keeps one (its own business: shards/tokenizer_folder.py)."""
     from musiclm.integrity import write_records
-    from musiclm.pipeline.tokenizer import RECORDS_FILE
+    from musiclm.shards.tokenizer_folder import RECORDS_FILE
 
     write_records(folder / RECORDS_FILE, {"tokenizer.json": FileRecord.of(folder / "tokenizer.json")})
 

@@ -20,7 +20,7 @@ from musiclm.config import load_config
 from musiclm.errors import UserError
 from musiclm.generation import MusicLM
 from musiclm.integrity import FileRecord, read_records
-from musiclm.pipeline import tokenizer as tok
+from musiclm.shards import tokenizer_folder as tok
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.trainer import load_stage, run_train
 from musiclm.verify import verify_folder

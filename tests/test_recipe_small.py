@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 
 from musiclm.config import load_config
-from musiclm.pipeline.tokenizer import read_record
+from musiclm.shards.tokenizer_folder import read_record
 from musiclm.shards.format import list_shards
 from tests.conftest import run_cli
 from tests.test_tokenize import read_samples

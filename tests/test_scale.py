@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from musiclm import atomic
+from musiclm.commands.stats import summarize
+from musiclm.shards import tar as tar_mod
 from musiclm.shards.format import (
     TokenInfo,
     TokenSample,
@@ -35,16 +37,11 @@ from musiclm.shards.format import (
     list_shards,
     sample_key,
 )
-from musiclm.shards.stats import CLIP_SCHEMA, shard_keys, summarize
-from musiclm.shards.writer import (
-    ShardWriter,
-    clean_unfinished,
-    done_files,
-    done_keys,
-    partial_keys,
-)
-from musiclm.training import data as data_mod
-from musiclm.training.data import ShardEntry, index_shards, scan_keys, split_data
+from musiclm.shards.read import done_files, done_keys, partial_keys
+from musiclm.shards.stats import CLIP_SCHEMA, shard_keys
+from musiclm.shards.tar import scan_keys
+from musiclm.shards.writer import ShardWriter, clean_unfinished
+from musiclm.training.data import ShardEntry, index_shards, split_data
 from tests.factories import fake_info_json, write_tokenizer_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,8 +127,8 @@ def no_tar_reads(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", guarded_open)
     monkeypatch.setattr(tarfile, "open", refuse)
-    monkeypatch.setattr(data_mod, "scan_keys", refuse)
-    monkeypatch.setattr(data_mod, "iter_tar_samples", refuse)
+    monkeypatch.setattr(tar_mod, "scan_keys", refuse)
+    monkeypatch.setattr(tar_mod, "iter_tar_samples", refuse)
 
 
 # ---- training start-up --------------------------------------------------------------------------------------------
@@ -209,7 +206,7 @@ def test_a_single_shard_split_reads_its_keys_from_the_key_column(tmp_path, monke
         return table
 
     monkeypatch.setattr(pq, "read_table", counting_read_table)
-    monkeypatch.setattr(data_mod, "scan_keys", lambda path: pytest.fail(f"scanned {path}"))
+    monkeypatch.setattr(tar_mod, "scan_keys", lambda path: pytest.fail(f"scanned {path}"))
     by_stats = split_data(folder, info, None, val_fraction=0.2)
     assert reads == [(["key"], 200)]  # one column of the one shard's rows, nothing else
     (train,), (val,) = by_stats.train, by_stats.val
@@ -261,7 +258,7 @@ elif what == "codes":
     from musiclm.shards.stats import unigram_entropy
     call = lambda: unigram_entropy(folder, "acoustic", [0, 1])
 else:
-    from musiclm.shards.stats import summarize
+    from musiclm.commands.stats import summarize
     call = lambda: summarize(folder)
 pool = pa.default_memory_pool()
 before = pool.bytes_allocated()

@@ -14,17 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from musiclm.cli import main
+from musiclm.commands.stats import run_stats, summarize
 from musiclm.errors import UserError
 from musiclm.shards.format import TokenInfo, TokenSample
+from musiclm.shards.read import done_keys
 from musiclm.shards.stats import (
     CLIP_SCHEMA,
     CODES_SCHEMA,
-    run_stats,
-    summarize,
     unigram_entropy,
     write_shard_stats,
 )
-from musiclm.shards.writer import ShardWriter, done_keys
+from musiclm.shards.writer import ShardWriter
 from tests.factories import fake_info_json, fake_sample, write_tokenizer_json
 
 SECONDS = [4.0, 5.5, 6.0, 4.5, 8.0, 7.0, 5.0]  # 7 clips, shards of 3: the last shard holds one clip

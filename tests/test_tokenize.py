@@ -134,7 +134,7 @@ def test_shard_tokens_equal_tokenizing_the_planned_batch_directly(tokenized, aud
 def test_tokenizer_folder_holds_backbones_and_checksummed_quantizers(tokenized):
     from musiclm.digest import sha256_file
     from musiclm.integrity import FileRecord, read_records
-    from musiclm.pipeline.tokenizer import QUANTIZER_FILES, RECORDS_FILE
+    from musiclm.shards.tokenizer_folder import QUANTIZER_FILES, RECORDS_FILE
 
     out, _ = tokenized
     record = json.loads((out / "tokenizer" / "tokenizer.json").read_text())

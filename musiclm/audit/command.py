@@ -39,7 +39,7 @@ def check_generated(paths: Sequence[str | Path]) -> list[Path]:
 def check_audit_target(data: str | Path, seconds: float) -> None:
     """For ``generate --audit DIR``, before anything is generated: ``DIR`` is a tokenized corpus and
     ``seconds`` of audio are enough for its tokenizer."""
-    from musiclm.pipeline.tokenizer import read_record
+    from musiclm.shards.tokenizer_folder import read_record
 
     check_corpus(data, option="--audit")
     least = float(read_record(data)["config"]["audio"]["min_seconds"])

@@ -21,7 +21,10 @@ whose tar changed, or an index of other parameters or another tokenizer, is
 rebuilt. Every file is written under a temporary name and renamed; index.json
 is renamed last, so a run killed while indexing leaves a usable index.
 
-Reading needs numpy, pyarrow and faiss only: no backbone, no Ray.
+Reading needs numpy, pyarrow and faiss only: no backbone, no Ray. Shard tars are read with
+:mod:`musiclm.shards.tar`, the one shard-tar reader.
+
+Layer: audit (imports the base layer and shards).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from musiclm.audit.ngrams import ngram_hashes, winnow
 from musiclm.errors import UserError
 from musiclm.integrity import quick_check
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards
+from musiclm.shards.tar import decode_sample, iter_tar_samples
 
 INDEX_DIR = "audit"
 INDEX_FILE = "index.json"
@@ -145,8 +149,6 @@ def write_shard(folder: Path, name: str, arrays: ShardArrays) -> dict[str, Any]:
 def read_shard_samples(path: Path, want: set[int] | None = None) -> Iterator[tuple[int, TokenSample]]:
     """Clips of one shard tar in order, ``(position, sample)``; only the positions in ``want`` when given
     (the reading stops after the last of them)."""
-    from musiclm.training.data import decode_sample, iter_tar_samples
-
     last = max(want) if want else None
     with open(path, "rb") as f:
         try:

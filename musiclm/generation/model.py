@@ -187,7 +187,7 @@ def _find_tokenizer(runs: list[Path], fingerprint: str) -> Path:
     The first that holds the stages' tokenizer is taken, damaged or not (Tokenizer.load refuses a damaged
     one): a copy whose tokenizer.json is gone but whose record file says it had one is refused here, not
     passed over for the next candidate."""
-    from musiclm.pipeline.tokenizer import ADVICE, RECORDS_FILE, read_checked_record, tokenizer_folder
+    from musiclm.shards.tokenizer_folder import ADVICE, RECORDS_FILE, read_checked_record, tokenizer_folder
     from musiclm.shards.format import TOKENIZER_FILE
     from musiclm.training.trainer import RUN_FILE
 

@@ -72,25 +72,10 @@ from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, p
 from musiclm.digest import file_digest
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
 from musiclm.shards.format import TokenSample, file_key, sample_key
-from musiclm.shards.writer import (
-    MANIFEST_RECORD,
-    PLAN_RECORD,
-    FolderState,
-    ShardWriter,
-    check_shards,
-    clean_unfinished,
-    done_files,
-    folder_problems,
-    list_unrepairable,
-    next_shard_index,
-    partial_keys,
-    read_parquet,
-    record_folder_files,
-    repair_advice,
-    recorded_files,
-    record_path,
-    settle,
-)
+from musiclm.shards.read import done_files, partial_keys, read_parquet
+from musiclm.shards.records import MANIFEST_RECORD, PLAN_RECORD, record_folder_files, record_path, recorded_files, repair_advice
+from musiclm.shards.repair import FolderState, check_shards, folder_problems, list_unrepairable, settle
+from musiclm.shards.writer import ShardWriter, clean_unfinished, next_shard_index
 
 LOCK_FILE = ".musiclm.lock"
 PLAN_FILE = "plan.parquet"
@@ -789,7 +774,7 @@ def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) 
 
     Returns the tokenizer record to use when one exists (in ``out`` or given), None when one must be fitted.
     """
-    from musiclm.pipeline.tokenizer import read_record, tokenizer_folder
+    from musiclm.shards.tokenizer_folder import read_record, tokenizer_folder
 
     existing = out / "tokenizer"
     given = read_record(tokenizer_folder(tokenizer_dir)) if tokenizer_dir is not None else None
@@ -830,7 +815,7 @@ def _check_folder(console, out: Path, files: list[str], full: bool = False) -> R
     of :mod:`musiclm.shards.writer`); print what was found. Files that ``files`` (the corpus) no longer holds
     cannot be redone: their clips are listed in errors/ now. ``full``: hash every shard file (``--verify``)."""
     from musiclm.shards.format import TokenInfo
-    from musiclm.shards.writer import ShardRecord
+    from musiclm.shards.records import ShardRecord
 
     if not (out / "shards").is_dir() and not (out / "errors").is_dir():
         clean_unfinished(out)
@@ -960,7 +945,7 @@ def run_tokenize(
     ``out`` against its record before resuming, not only those whose size or times changed."""
     from rich.console import Console
 
-    from musiclm.pipeline.tokenizer import tokenizer_folder
+    from musiclm.shards.tokenizer_folder import tokenizer_folder
 
     console = console or Console(stderr=True)
     corpus, out = Path(corpus), Path(out)
@@ -1033,7 +1018,7 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     end of the batch that fills it, so which clips a shard holds is a function of the plan: the same for
     any number of actors, any timing, and for a killed run resumed (a shard still filling when the run
     stops is not written: the rerun fills it again from the same batches)."""
-    from musiclm.pipeline.tokenizer import read_record
+    from musiclm.shards.tokenizer_folder import read_record
     from musiclm.shards.format import TokenInfo
 
     tcfg = tokenize_config_from_dict(read_record(out / "tokenizer")["config"])

@@ -1,27 +1,17 @@
 """The tokenizer: three frozen backbones plus fitted quantizers, saved as one folder.
 
-``tokenizer/`` holds ``tokenizer.json`` (backbone ids and revisions, rates,
-vocabularies, the tokenize config and checksums), the quantizer arrays as plain
-``.npy`` and, for backbones built offline (``model = "random"``), the backbones
-themselves in ``clap/``, ``mert/`` and ``encodec/``. ``records.json`` (a
-:mod:`musiclm.integrity` record file) holds the bytes and sha256 of every other
-file, tokenizer.json included.
-
-Loading checks them (:func:`check_folder`): tokenizer.json and the quantizer
-arrays are small and hashed; the saved backbones, which can be large, get the
-cheap check (size and the safetensors header) on every load and are hashed by
-``musiclm verify``. Backbones named by a hub id are not in the folder and not
-checked here. A folder written before record files has no records.json: its
-quantizers and backbones are checked against the sha256 sums tokenizer.json
-keeps (their sizes were not recorded).
+The folder's file contract (what it holds, its record and fingerprint, the checked reads) is
+:mod:`musiclm.shards.tokenizer_folder`; this module writes the folder (:meth:`Tokenizer.save`) and
+loads it back (:meth:`Tokenizer.load`, after :func:`~musiclm.shards.tokenizer_folder.check_folder`).
 
 Audio goes in as mono float32 arrays, one per sample rate the backbones need
 (``Tokenizer.sample_rates``); tokens come out as the arrays of a shard sample.
+
+Layer: pipeline (imports the base layer, shards and models).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -35,23 +25,25 @@ import torch
 
 from musiclm import atomic
 from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
-from musiclm.errors import UserError
-from musiclm.integrity import UNRECORDED, DamagedFile, FileRecord, read_json, read_records, require, write_records
+from musiclm.integrity import DamagedFile, FileRecord, write_records
 from musiclm.models.clap_mel import ClapMel
 from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
 from musiclm.pipeline.fit_plan import check_clap_window
 from musiclm.pipeline.quantizers import assign, residual_decode, residual_encode
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
+from musiclm.shards.tokenizer_folder import (
+    ADVICE,
+    FORMAT_VERSION,
+    QUANTIZER_FILES,
+    RECORDS_FILE,
+    check_folder,
+    error_line,
+    fingerprint,
+    load_quantizers,
+    tokenizer_folder,
+)
 
-FORMAT_VERSION = 3  # 3: full-length segments, batched backbones, tokenize.precision; 2: the dense CLAP fit
-QUANTIZER_FILES = {
-    "semantic_centroids": "semantic_kmeans.npy",  # [K, D]
-    "semantic_norm": "semantic_norm.npy",  # [2, D]: mean, std of MERT features
-    "clap_codebooks": "clap_rvq.npy",  # [L, K, D]
-}
 SEEDS = {"clap": 0, "mert": 1, "encodec": 2}
-RECORDS_FILE = "records.json"  # bytes and sha256 of every other file of the folder
-ADVICE = "copy the tokenized corpus's DIR/tokenizer folder over this one (musiclm train copies it into each run), or re-run musiclm tokenize"
 
 
 class Tokenizer:
@@ -102,12 +94,7 @@ class Tokenizer:
         folder = tokenizer_folder(folder)
         record = check_folder(folder)
         cfg = tokenize_config_from_dict(record["config"])
-        quantizers = {}
-        for name, fname in QUANTIZER_FILES.items():
-            try:
-                quantizers[name] = np.load(folder / fname, allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise DamagedFile(folder / fname, f"unreadable: {_first_line(e)}", ADVICE) from None
+        quantizers = load_quantizers(folder)
 
         def backbone(name: str, load, spec):
             sub = record["backbones"][name].get("path")
@@ -116,7 +103,7 @@ class Tokenizer:
             try:
                 return load(spec, folder / sub)
             except Exception as e:  # noqa: BLE001 - a saved backbone that passed its checks and still fails to load is damaged
-                raise DamagedFile(folder / sub, f"cannot be loaded: {_first_line(e)}", ADVICE) from None
+                raise DamagedFile(folder / sub, f"cannot be loaded: {error_line(e)}", ADVICE) from None
 
         return cls(
             cfg,
@@ -446,130 +433,3 @@ class Tokenizer:
             x = torch.from_numpy(audio[self.encodec.sample_rate][None]).to(self.device)
             out["encodec"] = at_most(encodec_latents(self.encodec, x)[0].cpu().numpy())
         return out
-
-
-def fingerprint(record: dict[str, Any]) -> str:
-    """What makes tokens mean the same thing: config, backbone identities and weights, quantizer arrays."""
-    keep = {k: record[k] for k in ("format", "config", "backbones", "quantizers", "streams")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def tokenizer_folder(path: str | Path) -> Path:
-    """``path`` itself if it holds tokenizer.json, else ``path/tokenizer`` (a tokenized corpus folder)."""
-    path = Path(path)
-    if not (path / TOKENIZER_FILE).is_file() and (path / "tokenizer" / TOKENIZER_FILE).is_file():
-        return path / "tokenizer"
-    return path
-
-
-def read_record(folder: str | Path) -> dict[str, Any]:
-    """The parsed tokenizer.json of a tokenizer folder (or of a corpus folder holding one)."""
-    folder = tokenizer_folder(folder)
-    path = folder / TOKENIZER_FILE
-    if not path.is_file():
-        raise UserError(f"no tokenizer at {folder}: expected {path} (a DIR/tokenizer folder written by musiclm tokenize)")
-    record = read_json(path, ADVICE)
-    try:
-        record["config"], record["quantizers"], record["backbones"], record["fingerprint"]
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a musiclm tokenizer file (no {e}); re-run musiclm tokenize") from None
-    if record.get("format") != FORMAT_VERSION:
-        raise UserError(
-            f"{path} has tokenizer format {record.get('format')}, this musiclm reads {FORMAT_VERSION}: "
-            "re-run musiclm tokenize into a new --out (without --tokenizer) to fit a new tokenizer"
-        )
-    return record
-
-
-# ---- checksums ------------------------------------------------------------------------------------------------------
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _sums_in_record(folder: Path, record: dict[str, Any], own: FileRecord | None = UNRECORDED) -> dict[str, FileRecord | None]:
-    """The files tokenizer.json names with their sha256 (quantizers, saved backbones), for a folder without
-    records.json. Their sizes were not recorded: each record takes the file's size as it is now, so that
-    only its sha256 is checked. ``own``: tokenizer.json's record (it has none: UNRECORDED)."""
-
-    def sums_only(rel: str, sha: str) -> FileRecord:
-        path = folder / rel
-        return FileRecord(path.stat().st_size if path.is_file() else 0, str(sha))
-
-    out: dict[str, FileRecord | None] = {TOKENIZER_FILE: own}
-    for fname, sha in (record.get("quantizers") or {}).items():
-        out[fname] = sums_only(fname, sha)
-    for entry in (record.get("backbones") or {}).values():
-        if isinstance(entry, dict) and entry.get("path"):
-            for fname, sha in (entry.get("sha256") or {}).items():
-                out[f"{entry['path']}/{fname}"] = sums_only(f"{entry['path']}/{fname}", sha)
-    return out
-
-
-def folder_records(folder: str | Path, record: dict[str, Any] | None) -> dict[str, FileRecord | None]:
-    """``{path relative to the folder: record}`` of every file of a tokenizer folder but records.json itself.
-
-    ``record``: its parsed tokenizer.json (None when unreadable). From records.json when there is one; a
-    folder written before record files is described by the sums in tokenizer.json. DamagedFile when
-    records.json is damaged, UserError when it is missing from a folder whose tokenizer.json says it has one.
-    """
-    folder = Path(folder)
-    try:
-        return dict(read_records(folder / RECORDS_FILE))
-    except FileNotFoundError:
-        if record is not None and record.get("records"):
-            raise UserError(f"{folder / RECORDS_FILE} is missing: {ADVICE}") from None
-    return _sums_in_record(folder, record or {})
-
-
-def read_checked_record(folder: str | Path) -> dict[str, Any]:
-    """:func:`read_record`, after tokenizer.json is checked against records.json (hashed), so that a damaged
-    tokenizer.json is told as such before its content is read."""
-    folder = tokenizer_folder(folder)
-    try:
-        recorded = read_records(folder / RECORDS_FILE).get(TOKENIZER_FILE)
-    except FileNotFoundError:
-        recorded = None
-    if recorded is not None:
-        require(folder / TOKENIZER_FILE, recorded, ADVICE, full=True)
-    return read_record(folder)
-
-
-def check_folder(folder: str | Path, full: bool = False) -> dict[str, Any]:
-    """The parsed tokenizer.json of a tokenizer folder whose files are all sound, else DamagedFile /
-    UserError (one line naming the file).
-
-    tokenizer.json and the quantizer arrays are hashed; the saved backbones are hashed only with ``full``,
-    else checked for size and their safetensors header."""
-    folder = tokenizer_folder(folder)
-    record = read_checked_record(folder)
-    small = {TOKENIZER_FILE, *QUANTIZER_FILES.values()}
-    for rel, rec in sorted(folder_records(folder, record).items()):
-        require(folder / rel, rec, ADVICE, full=full or rel in small)
-    return record
-
-
-def expected_files(folder: str | Path) -> dict[str, tuple[FileRecord | None, str]]:
-    """Every file a tokenizer folder should hold, for ``musiclm verify``: ``{relative path: (record, advice)}``.
-
-    When records.json is damaged or missing, it is listed (and so reported) and the files are checked against
-    the sums in tokenizer.json; when neither tells what belongs, every file there is checked for being whole."""
-    folder = Path(folder)
-    try:
-        record = json.loads((folder / TOKENIZER_FILE).read_bytes())
-        record = record if isinstance(record, dict) else None
-    except (OSError, ValueError):
-        record = None
-    try:
-        records = folder_records(folder, record)
-        listed = (folder / RECORDS_FILE).exists()
-    except UserError:  # records.json damaged or missing: reported as such (and the files are not "unrecorded")
-        records, listed = _sums_in_record(folder, record or {}, own=None), True
-    if record is None and len(records) <= 1:  # nothing says which files belong: take what is there
-        records.update({p.relative_to(folder).as_posix(): None for p in folder.rglob("*") if p.is_file()})
-    out = {rel: (rec, ADVICE) for rel, rec in records.items()}
-    if listed:
-        out[RECORDS_FILE] = (None, ADVICE)
-    return out

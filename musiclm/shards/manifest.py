@@ -38,6 +38,8 @@ path, after a first line naming the path mode. It covers what the corpus *is*,
 not when, where or how it was read: the same files give the same hash on any
 machine, in any order, with any musiclm version. :func:`check_manifest`
 recomputes it from the table.
+
+Layer: shards (imports the base layer and :mod:`musiclm.shards.records` / :mod:`musiclm.shards.read`).
 """
 
 from __future__ import annotations
@@ -286,7 +288,7 @@ def _version() -> str:
 
 def read_manifest(folder: str | Path) -> dict[str, Any] | None:
     """The manifest summary of a tokenized folder or a run folder (``folder/manifest.json``); None when there is none."""
-    from musiclm.shards.writer import MANIFEST_RECORD, require_recorded
+    from musiclm.shards.records import MANIFEST_RECORD, require_recorded
 
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
@@ -305,7 +307,8 @@ def read_file_table(folder: str | Path):
     manifests (one written before a column existed has it empty)."""
     import pyarrow as pa
 
-    from musiclm.shards.writer import MANIFEST_RECORD, read_parquet, require_recorded
+    from musiclm.shards.read import read_parquet
+    from musiclm.shards.records import MANIFEST_RECORD, require_recorded
 
     path = Path(folder) / TABLE_FILE
     if not path.is_file():
@@ -342,7 +345,7 @@ def carry_manifest(data_dir: str | Path, run_dir: str | Path) -> None:
     it. Without a manifest in ``data_dir`` (tokenized by an older musiclm) a stale copy in ``run_dir`` is
     removed rather than left to describe other data.
     """
-    from musiclm.shards.writer import MANIFEST_RECORD, require_recorded
+    from musiclm.shards.records import MANIFEST_RECORD, require_recorded
 
     src, dst = Path(data_dir) / MANIFEST_FILE, Path(run_dir) / MANIFEST_FILE
     if not src.is_file():

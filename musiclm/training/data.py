@@ -34,201 +34,42 @@ from its workers in turn, so global batch ``g`` is local batch ``g // W`` of
 worker ``g % W``; a loader resumed at batch ``b`` rotates the workers' parts
 by ``b % W`` so that its first worker continues with batch ``b``.
 
-The reader. Reading a clip with webdataset's tar iterator (Python's
-``tarfile``, which parses two headers per member since webdataset writes a pax
-header before each file) and ``np.load`` (which ``literal_eval``s every
-``.npy`` header) costs about 0.9 ms per clip on this machine, which alone
-would cap the semantic stage near half a million tokens per second per core.
-:func:`iter_tar_samples` reads the same ustar/pax layout directly, groups
-members into clips with webdataset's own naming rule (``base_plus_ext``) and
-seeks over clips it does not need; :func:`decode_npy` parses each distinct
-``.npy`` header once and decodes without copying: about 0.1 ms per clip.
+The reader. Clips are read with :func:`musiclm.shards.tar.iter_tar_samples`, which seeks over the
+clips a partition does not need, and decoded (:func:`~musiclm.shards.tar.decode_sample`) only when
+their window is made: about 0.1 ms per clip.
 
-Damaged inputs. At start-up each shard's record (:mod:`musiclm.shards.writer`)
+Damaged inputs. At start-up each shard's record (:mod:`musiclm.shards.records`)
 is read, the tar's size is compared with it (a ``stat``, no tar is opened) and
 the stats file the counts come from gets a quick check (size and Parquet end
 markers); each time a tar is opened for reading, its end-of-archive blocks are
 checked. A damaged file, or a tar or ``.npy`` member that does not parse, stops
 training with one line naming the file and how to repair it. (A byte changed
 inside a clip's arrays passes these cheap checks; ``musiclm verify`` finds it.)
+
+Layer: training (imports the base layer, shards and models; never the pipeline).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
-from webdataset.tariterators import base_plus_ext
 
 from musiclm.errors import UserError
-from musiclm.integrity import DamagedFile, quick_check, require
+from musiclm.integrity import DamagedFile, require
 from musiclm.models.layout import IGNORE, StageLayout
-from musiclm.shards.format import ARRAY_MEMBERS, TokenInfo, TokenSample, list_shards
+from musiclm.shards import tar as shard_tar
+from musiclm.shards.format import TokenInfo, list_shards
 from musiclm.shards.stats import shard_clip_count, shard_keys
-from musiclm.shards.writer import RECORDS_DIR, ShardRecord, record_path, repair_advice, shard_files
+from musiclm.shards.records import RECORDS_DIR, ShardRecord, record_path, repair_advice, shard_files
 
 DEFAULT_SHUFFLE_BUFFER = 1000  # clips held (undecoded) for shuffling; ~45 KB each for 30 s clips of the small preset
 _VAL_SEED = 0x7661_6C  # validation crops depend on the clip key only, never on the training seed
-
-# ---- reading tar shards ---------------------------------------------------------------------------------------------
-
-_BLOCK = 512
-
-
-def _octal(field: bytes) -> int:
-    field = field.split(b"\0", 1)[0].strip()
-    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for sizes >= 8 GiB
-        raise ValueError("base-256 size fields are not supported")
-    return int(field, 8) if field else 0
-
-
-def _pax(data: bytes) -> dict[str, str]:
-    """Records ``"LEN key=value\\n"`` of a pax extended header."""
-    out, i = {}, 0
-    while i < len(data):
-        sp = data.index(b" ", i)
-        n = int(data[i:sp])
-        key, _, value = data[sp + 1 : i + n - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8")
-        i += n
-    return out
-
-
-def iter_tar_samples(
-    f: BinaryIO, want: Callable[[int], bool] | None = None, where: str = "shard"
-) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
-    """Clips of a WebDataset tar stream, in file order: ``(position, key, members)``.
-
-    ``members`` maps a member's extension (``"semantic.npy"``, ``"json"``) to its
-    bytes; it is ``None`` for clips that ``want(position)`` rejects, whose data is
-    skipped with ``seek`` instead of read. Members are grouped into clips the way
-    webdataset does it (key = the name up to the first dot of its last component).
-    """
-    pos, key, members = -1, None, None
-    pax: dict[str, str] = {}
-    long_name: str | None = None
-    while True:
-        hdr = f.read(_BLOCK)
-        if len(hdr) < _BLOCK:  # a complete archive ends with a zero block (and skipped data may have run past the end)
-            raise ValueError(f"{where}: truncated (the file ends before the tar end-of-archive marker)")
-        if hdr == b"\0" * _BLOCK:  # end-of-archive marker
-            break
-        if hdr[257:262] != b"ustar":
-            raise ValueError(f"{where}: not a tar file (no ustar header)")
-        kind = hdr[156:157]
-        size = int(pax["size"]) if "size" in pax else _octal(hdr[124:136])
-        padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
-        if kind in (b"x", b"g", b"L"):
-            data = f.read(padded)[:size]
-            if kind == b"x":
-                pax = _pax(data)
-            elif kind == b"L":
-                long_name = data.rstrip(b"\0").decode("utf-8")
-            continue  # a global pax header ("g") sets nothing we use
-        if "path" in pax:
-            name = pax["path"]
-        elif long_name is not None:
-            name = long_name
-        else:
-            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = hdr[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name = prefix.decode("utf-8") + "/" + name
-        pax, long_name = {}, None
-        if kind not in (b"0", b"\0", b"7"):  # directories, links: not clip members
-            f.seek(padded, io.SEEK_CUR)
-            continue
-        base, ext = base_plus_ext(name)
-        if base is None or (name.startswith("__") and name.endswith("__")):
-            f.seek(padded, io.SEEK_CUR)
-            continue
-        if base != key:
-            if key is not None:
-                yield pos, key, members
-            pos, key = pos + 1, base
-            members = {} if want is None or want(pos) else None
-        if members is None:
-            f.seek(padded, io.SEEK_CUR)
-        else:
-            data = f.read(padded)
-            if len(data) < size:
-                raise ValueError(f"{where}: truncated member {name}")
-            members[ext.lower()] = data[:size] if padded != size else data
-    if key is not None:
-        yield pos, key, members
-
-
-def _unreadable(path: str | Path, e: Exception) -> UserError:
-    # a plain UserError (one argument): DataLoader workers re-raise exceptions by their type and message
-    return UserError(f"cannot read shard {path}: {e}; {repair_advice(Path(path).parent.parent)}")
-
-
-def open_shard(path: str | Path) -> BinaryIO:
-    """The shard tar ``path`` opened for reading, once its end-of-archive blocks are where they belong."""
-    problem = quick_check(path, None)
-    if problem is not None:
-        raise UserError(f"{path} is {'missing' if problem == 'missing' else f'damaged ({problem})'}: {repair_advice(Path(path).parent.parent)}")
-    return open(path, "rb")
-
-
-def scan_keys(path: str | Path) -> list[str]:
-    """Clip keys of one shard, in file order (reads headers only)."""
-    with open_shard(path) as f:
-        try:
-            return [key for _, key, _ in iter_tar_samples(f, want=lambda _: False, where=str(path))]
-        except ValueError as e:
-            raise _unreadable(path, e) from None
-
-
-_NPY_CACHE: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
-
-
-def decode_npy(buf: bytes) -> np.ndarray:
-    """A ``.npy`` file's array, read-only and sharing ``buf``'s memory (headers are parsed once per shape)."""
-    if buf[:6] != b"\x93NUMPY":
-        raise ValueError("not a .npy member")
-    if buf[6] == 1:
-        start = 10 + int.from_bytes(buf[8:10], "little")
-    else:
-        start = 12 + int.from_bytes(buf[8:12], "little")
-    head = buf[:start]
-    parsed = _NPY_CACHE.get(head)
-    if parsed is None:
-        fp = io.BytesIO(head)
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
-        else:
-            return np.load(io.BytesIO(buf), allow_pickle=False)
-        if dtype.hasobject:
-            raise ValueError(".npy member holds Python objects")
-        parsed = (dtype, shape, fortran, math.prod(shape))
-        if len(_NPY_CACHE) < 4096:  # shapes repeat (clip durations are few); bound it anyway
-            _NPY_CACHE[head] = parsed
-    dtype, shape, fortran, count = parsed
-    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=start)
-    return arr.reshape(shape[::-1]).T if fortran else arr.reshape(shape)
-
-
-def decode_sample(key: str, members: dict[str, bytes]) -> TokenSample:
-    """One clip's members (extension -> bytes) as a :class:`TokenSample`; UserError when they do not decode."""
-    try:
-        d: dict[str, Any] = {"__key__": key, "json": members.get("json", b"{}")}
-        for name in ARRAY_MEMBERS:
-            d[f"{name}.npy"] = decode_npy(members[f"{name}.npy"])
-        return TokenSample.from_wds(d)
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"clip {key} does not decode ({type(e).__name__}: {e}): its shard is damaged; musiclm verify names it") from None
-
 
 # ---- which clips: shard index, train/validation split, partitions ---------------------------------------------------
 
@@ -284,14 +125,14 @@ def index_shards(paths: Sequence[str | Path]) -> list[ShardEntry]:
     for p in paths:
         check_shard(p)
         count = shard_clip_count(p)
-        entries.append(ShardEntry(str(p), len(scan_keys(p)) if count is None else count))
+        entries.append(ShardEntry(str(p), len(shard_tar.scan_keys(p)) if count is None else count))
     return [e for e in entries if e.count > 0]
 
 
 def _keys_of(shard: Path) -> list[str]:
     """Clip keys of one shard in tar order: from its stats file, or a header scan without one."""
     keys = shard_keys(shard)
-    return scan_keys(shard) if keys is None else keys
+    return shard_tar.scan_keys(shard) if keys is None else keys
 
 
 def _shards_or_error(data_dir: Path, what: str) -> list[Path]:
@@ -444,12 +285,12 @@ def read_planned(entries: Sequence[ShardEntry], shard: np.ndarray, position: np.
         for s in shard_order:
             path = entries[s].path
             try:
-                with open_shard(path) as f:
-                    for pos, key, members in iter_tar_samples(f, lambda p, s=s: (s, p) in index_of, where=path):
+                with shard_tar.open_shard(path) as f:
+                    for pos, key, members in shard_tar.iter_tar_samples(f, lambda p, s=s: (s, p) in index_of, where=path):
                         if members is not None:
                             yield index_of[(s, pos)], key, members
             except (ValueError, OSError) as e:
-                raise _unreadable(path, e) from None
+                raise shard_tar.unreadable_shard(path, e) from None
 
     it = reader()
     pending: dict[int, tuple[str, dict[str, bytes]]] = {}
@@ -529,7 +370,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def window(self, key: str, members: dict[str, bytes], epoch: int):
         """The encoded training window of one clip: random crop, conditioning dropped with ``cond_dropout``."""
-        sample = decode_sample(key, members)
+        sample = shard_tar.decode_sample(key, members)
         rng = np.random.default_rng([self.seed, epoch, key_hash(key)])
         window = self.layout.crop(sample, rng)
         drop = bool(rng.random() < self.cond_dropout)
@@ -583,7 +424,7 @@ def val_batches(entries: Sequence[ShardEntry], layout: StageLayout, batch_size: 
     position = np.array([p for _, p in chosen], dtype=np.int64)
     encoded, keys = [], []
     for key, members in read_planned(entries, shard, position, np.arange(len(shard))):
-        sample = decode_sample(key, members)
+        sample = shard_tar.decode_sample(key, members)
         window = layout.crop(sample, np.random.default_rng([_VAL_SEED, key_hash(key)]))
         encoded.append(layout.encode(window, drop_cond=False))
         keys.append(key)

@@ -524,7 +524,7 @@ def run_files(run_dir: str | Path) -> dict[str, tuple[FileRecord | None, str]]:
         if p.is_file():
             out[p.relative_to(run_dir).as_posix()] = (None, "TensorBoard's log; metrics.jsonl holds the same values")
     if (run_dir / TOKENIZER_DIR).is_dir():
-        from musiclm.pipeline.tokenizer import expected_files as tokenizer_files  # verify only: training never imports the pipeline
+        from musiclm.shards.tokenizer_folder import expected_files as tokenizer_files  # verify only
 
         out.update({f"{TOKENIZER_DIR}/{rel}": v for rel, v in tokenizer_files(run_dir / TOKENIZER_DIR).items()})
     return out
