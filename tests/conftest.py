@@ -48,6 +48,21 @@ def make_test_corpus(root: Path, n_files: int = 14, seed: int = 0, bad: bool = T
     return {"good": sorted(good), "bad": sorted(bad_rel)}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a whole test module, its thread count put back after it. A module asks for it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
+    Tiny models gain nothing from a second thread, and on a busy 2-core machine every op's thread barrier can
+    wait out a scheduler slice (a 3 s test took 100 s). Module scope, so that the models a module trains once
+    in its own module-scoped fixtures are trained on one thread too (they are set up after this fixture).
+    """
+    from tests.factories import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def audio_corpus(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
     root = tmp_path_factory.mktemp("corpus")

@@ -30,11 +30,12 @@ COPIED = "artist_0/album_0/027_mix.mp3"  # 10.8 s of chords, melody, bass and dr
 COPY_START = 1.37  # seconds: not a multiple of the 20 ms frame, and the copy straddles the segment boundary (5.42 s)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
+
+
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def subprocesses_on_one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the musiclm processes the CLI tests start
-    with torch_threads(1):
-        yield
 
 
 def copy_corpus(tokenized_dir: Path, dest: Path, drop_last_shard: bool = False) -> Path:

@@ -23,16 +23,12 @@ from musiclm.generation.decode import (
 )
 from musiclm.pipeline.synth import synth_clip
 from musiclm.pipeline.tokenizer import Tokenizer, tokenizer_folder
-from tests.factories import torch_threads
 
 # Max |chunked - whole decode|: measured 9e-8 at the default sizes, 1e-5 for a one-frame shift.
 AGREE_ATOL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,6 @@ from tests.factories import (
     fake_info,
     fake_info_json,
     fake_sample,
-    torch_threads,
     write_tokenizer_json,
 )
 
@@ -52,11 +51,7 @@ RANK, ALPHA = 8, 16.0  # scale 2: a merge that forgets the scale shows
 TARGETS = ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread; two on a busy 2-core machine are many times slower."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from musiclm.training import checkpoint as ckpt
 from musiclm.training.trainer import load_stage, run_train
 from musiclm.verify import verify_folder
 from tests.conftest import run_cli
-from tests.factories import materialize, torch_threads
+from tests.factories import materialize
 
 DAMAGES = ("truncate", "flip", "delete")
 STEP = "step-000000004"  # the one checkpoint of each session run (trained_runs: 4 steps, saved at the end)
@@ -41,10 +41,7 @@ KINDS = {  # a file of each kind, relative to a stage run folder
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 def damage(path: Path, how: str) -> None:

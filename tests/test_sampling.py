@@ -12,7 +12,9 @@ from musiclm.models.layout import StageLayout
 from musiclm.models.sampling import draw_noise, filter_logits, pick, sample_target
 from musiclm.models.static_sampling import SamplerSettings, StaticSampler
 from tests.factories import fake_info, fake_sample
-from tests.test_transformer import memorised_windows, one_thread, tiny_model, train_tiny  # noqa: F401 (one_thread: autouse fixture)
+from tests.test_transformer import memorised_windows, tiny_model, train_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 NEG = float("-inf")
 

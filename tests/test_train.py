@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 CFG = load_config("tiny")
 # one BLAS thread: on a busy 2-core machine two threads per process run tiny steps 10x slower
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 def write_corpus(folder: Path, n_clips: int, shard_size: int = 8, fingerprint: str = "fake-0", seed: int = 0) -> Path:
@@ -59,12 +60,6 @@ def config_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "tiny-log1.toml"
     path.write_text('base = "tiny"\n[train]\nlog_every = 1\n')
     return path
-
-
-@pytest.fixture
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +98,7 @@ def test_only_linear_weights_are_decayed():
     assert "heads.0.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed and "blocks.1.mlp.down.weight" in decayed
 
 
-def test_accumulating_n_micro_batches_gives_the_gradient_of_one_batch_of_all_of_them(one_thread):
+def test_accumulating_n_micro_batches_gives_the_gradient_of_one_batch_of_all_of_them():
     """Each micro-batch's loss is a mean over its labels; with equal label counts (whole windows,
     no pads), n micro-batches of b, each loss divided by n, sum to the gradient of one batch of n*b."""
     info = TokenInfo.from_json(fake_info_json())
@@ -272,7 +267,7 @@ def test_a_killed_run_resumes_exactly_where_an_uninterrupted_run_would_be(corpus
 
 
 @pytest.mark.slow
-def test_two_processes_train_on_disjoint_data_and_one_writes(tmp_path, one_thread):
+def test_two_processes_train_on_disjoint_data_and_one_writes(tmp_path):
     """torchrun with 2 CPU ranks (gloo): disjoint clips per epoch, one writer, a loss that falls like one process's."""
     data = write_corpus(tmp_path / "data", 32)  # 4 shards of 8: each rank reads 2 shards = 4 batches of 4 per epoch
     val = write_corpus(tmp_path / "val", 8, seed=1)
@@ -345,7 +340,7 @@ def learn_corpus(tokenized) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
-def test_each_stage_learns_below_the_unigram_entropy_of_its_target(stage, learn_corpus, tmp_path, one_thread):
+def test_each_stage_learns_below_the_unigram_entropy_of_its_target(stage, learn_corpus, tmp_path):
     """On held-out shards, the loss falls below the entropy of those shards' own code frequencies:
     the best a model can do without context. So the model uses context."""
     info = TokenInfo.load(learn_corpus)
