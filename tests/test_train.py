@@ -23,11 +23,10 @@ from musiclm.models.layout import IGNORE, layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TokenInfo
 from musiclm.shards.stats import unigram_entropy
-from musiclm.shards.writer import ShardWriter
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.data import collate, split_data
 from musiclm.training.trainer import LossModule, accumulate_gradients, load_stage, lr_factor, param_groups, run_train
-from tests.factories import fake_info_json, fake_sample, torch_threads, write_tokenizer_json
+from tests.factories import fake_info_json, fake_sample, fake_shards, torch_threads, write_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = load_config("tiny")
@@ -39,14 +38,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch o
 def write_corpus(folder: Path, n_clips: int, shard_size: int = 8, fingerprint: str = "fake-0", seed: int = 0) -> Path:
     """Clips of 3-8 s whose codes come in runs (tests/factories.py), so a model can learn them."""
     info_json = fake_info_json(fingerprint=fingerprint)
-    write_tokenizer_json(folder, info_json)
     info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(folder, info, shard_size=shard_size, start_index=0)
-    for i in range(n_clips):
-        writer.add(fake_sample(info, float(rng.uniform(3.0, 8.0)), rng, name=f"{fingerprint}/clip{i}.wav"))
-    writer.close()
-    return folder
+    clips = (fake_sample(info, float(rng.uniform(3.0, 8.0)), rng, name=f"{fingerprint}/clip{i}.wav") for i in range(n_clips))
+    return fake_shards(folder, clips, info_json=info_json, shard_size=shard_size)
 
 
 @pytest.fixture(scope="module")
