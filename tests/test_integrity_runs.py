@@ -274,20 +274,19 @@ def test_a_damaged_run_json_is_written_again_from_the_config_given(resumable, to
     assert verify_folder(run)[2] == []
 
 
-def test_resume_copies_a_damaged_tokenizer_json_again_and_goes_on(resumable, tokenized, reference, tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "how", "left_damaged"),
+    [("tokenizer.json", "flip", []), ("backbone", "truncate", ["backbone"])],
+    ids=["tokenizer.json-copied-again", "backbone-not-read-by-training"],
+)
+def test_resume_goes_on_past_a_damaged_file_of_the_tokenizer_copy(resumable, tokenized, reference, tmp_path, kind, how, left_damaged):
+    """A damaged tokenizer.json is copied again from the data folder; a damaged backbone, which training does
+    not read, is left for verify to name."""
     run = Path(shutil.copytree(resumable, tmp_path / "run"))
-    damage(run / KINDS["tokenizer.json"], "flip")
+    damage(run / KINDS[kind], how)
     resume(run, tokenized[0])
     assert_trained_to_the_end(run, reference)
-    assert verify_folder(run)[2] == []
-
-
-def test_resume_continues_when_the_tokenizer_copy_is_damaged_which_training_does_not_read(resumable, tokenized, reference, tmp_path):
-    run = Path(shutil.copytree(resumable, tmp_path / "run"))
-    damage(run / KINDS["backbone"], "truncate")
-    resume(run, tokenized[0])
-    assert_trained_to_the_end(run, reference)
-    assert [f.path for f in verify_folder(run)[2]] == [KINDS["backbone"]]
+    assert [f.path for f in verify_folder(run)[2]] == [KINDS[k] for k in left_damaged]
 
 
 # ---- checkpoints written before record files --------------------------------------------------------------------------
