@@ -14,12 +14,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from musiclm.config import load_config
 from musiclm.errors import UserError
 from musiclm.generation import MusicLM
-from musiclm.integrity import FileRecord, read_records
+from musiclm.integrity import UNRECORDED, FileRecord, end_marker_problem, quick_check, read_records
 from musiclm.pipeline import tokenizer as tok
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.trainer import load_stage, run_train
@@ -100,6 +101,19 @@ def test_verify_names_exactly_the_damaged_file(model, kind, how):
     assert kind_of == "model folder"
     assert [(f.path, f.status) for f in findings] == [(rel, "missing" if how == "delete" else "damaged")]
     assert findings[0].advice
+
+
+@pytest.mark.parametrize("change", [-1, 1], ids=["one-byte-short", "one-byte-long"])
+def test_a_safetensors_file_one_byte_short_or_long_is_told_by_its_header(tmp_path, change):
+    """Its header says where the last tensor ends, so a weights file without a record (or before its size is
+    compared with one) is damaged when it ends anywhere else, one byte off included."""
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(path))  # 24 data bytes
+    assert end_marker_problem(path) is None
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] if change < 0 else data + b"\0")
+    assert end_marker_problem(path) == f"safetensors holds {24 + change} data bytes, its header says 24"
+    assert quick_check(path, UNRECORDED) == end_marker_problem(path)
 
 
 def test_verify_of_a_run_folder_that_lost_its_run_json_names_it(model):
