@@ -50,7 +50,8 @@ RANK, ALPHA = 8, 16.0  # scale 2: a merge that forgets the scale shows
 TARGETS = ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down")
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
+# tests/conftest.py: torch on one thread for the whole module; the second corpus is tokenized here (Ray)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")

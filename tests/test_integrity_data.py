@@ -304,6 +304,7 @@ def tokenize_args(corpus: Path, out: Path) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_rerun_repairs_every_kind_of_damage_and_leaves_sound_shards_alone(tokenized, audio_corpus, tmp_path, capsys):
     from tests.test_tokenize import BATCH1_AGREEMENT, agreement
 
@@ -376,6 +377,7 @@ def test_a_rerun_repairs_every_kind_of_damage_and_leaves_sound_shards_alone(toke
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_kill_during_the_repair_leaves_a_folder_the_next_run_completes(tokenized, audio_corpus, tmp_path, capsys):
     original, _ = tokenized
     out = tmp_path / "tokens"
