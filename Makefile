@@ -27,8 +27,9 @@ system-deps:
 
 install: $(VENV)/.installed system-deps
 
+# Two workers; the tests that start Ray run in one xdist group, one at a time (tests/conftest.py).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

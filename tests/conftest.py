@@ -1,25 +1,95 @@
-"""Shared fixtures: a synthesised corpus, tokenized once per test session with the tiny preset.
+"""Shared fixtures: a synthesised corpus, tokenized once per test run with the tiny preset; and the rules that let
+the suite run on several pytest-xdist workers (``make test``: ``pytest -n 2 --dist loadgroup``).
 
 Nothing here reaches a model hub: the tiny preset builds every backbone offline,
 and HF_HUB_OFFLINE makes any accidental hub lookup fail fast instead of hanging.
+
+Under xdist:
+
+- a test that starts Ray itself (a tokenize run, ``ray.init``) carries the ``ray`` marker; all of them run in
+  one xdist group, on one worker, and each holds a lock shared by the workers, so one Ray cluster runs at a time;
+- every other test runs in the group of its module, so a module's own fixtures are built on one worker only;
+- the session corpus, its tokenized folder and the trained runs are made once per run, by the first worker to ask
+  (the tokenize run under the Ray lock), and read by both (:func:`made_once`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from filelock import FileLock
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- running on several xdist workers -------------------------------------------------------------------------------
+def _run_dir(config: pytest.Config) -> Path | None:
+    """The tmp folder shared by the xdist workers of this test run (pytest-N/, above each worker's basetemp
+    popen-gwN/, which xdist passes as --basetemp), or None when not under xdist."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return None
+    return Path(config.getoption("basetemp")).parent
+
+
+_RAY_LOCK: FileLock | None = None
+
+
+def ray_lock(config: pytest.Config):
+    """A lock held across the xdist workers while Ray runs (reentrant within a worker); no lock without xdist."""
+    global _RAY_LOCK
+    run = _run_dir(config)
+    if run is None:
+        return nullcontext()
+    if _RAY_LOCK is None:
+        _RAY_LOCK = FileLock(run / "ray.lock")
+    return _RAY_LOCK
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = "ray" if item.get_closest_marker("ray") else Path(item.location[0]).stem
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outside pytest-timeout's wrapper: waiting is not running
+def pytest_runtest_protocol(item, nextitem):
+    """A ``ray`` test holds the Ray lock from its setup (module fixtures that tokenize included) to its teardown."""
+    with ray_lock(item.config) if item.get_closest_marker("ray") else nullcontext():
+        yield
+
+
+def made_once(config: pytest.Config, tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``name`` after ``make(folder)`` filled it, once per test run: in this session's tmp folder, or
+    under xdist in the run's shared tmp folder, made by the first worker to ask (under a lock; the others wait,
+    then reuse it). A ``make`` that fails leaves no folder for the others: the next to ask tries again."""
+    root = _run_dir(config)
+    if root is None:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
@@ -48,24 +118,48 @@ def make_test_corpus(root: Path, n_files: int = 14, seed: int = 0, bad: bool = T
     return {"good": sorted(good), "bad": sorted(bad_rel)}
 
 
-@pytest.fixture(scope="session")
-def audio_corpus(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
-    root = tmp_path_factory.mktemp("corpus")
-    return root, make_test_corpus(root, n_files=40)
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a whole test module, its thread count put back after it. A module asks for it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
+    Tiny models gain nothing from a second thread, and on a busy 2-core machine every op's thread barrier can
+    wait out a scheduler slice (a 3 s test took 100 s). Module scope, so that the models a module trains once
+    in its own module-scoped fixtures are trained on one thread too (they are set up after this fixture).
+    """
+    from tests.factories import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
-def tokenized(audio_corpus, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def audio_corpus(pytestconfig, tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    def make(root: Path) -> None:
+        (root.parent / f"{root.name}.json").write_text(json.dumps(make_test_corpus(root, n_files=40)))
+
+    root = made_once(pytestconfig, tmp_path_factory, "corpus", make)
+    return root, json.loads((root.parent / f"{root.name}.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tokenized(audio_corpus, pytestconfig, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The corpus tokenized once with the tiny preset (fits the tokenizer): (DIR, the finished process)."""
     root, _ = audio_corpus
-    out = tmp_path_factory.mktemp("tokens") / "dir"
-    proc = run_cli("tokenize", root, "--out", out, "--preset", "tiny", "--shard-size", "6")
-    assert proc.returncode == 0, proc.stderr
-    return out, proc
+
+    def make(folder: Path) -> None:
+        proc = run_cli("tokenize", root, "--out", folder / "dir", "--preset", "tiny", "--shard-size", "6")
+        assert proc.returncode == 0, proc.stderr
+        (folder / "process.json").write_text(json.dumps({"args": proc.args, "stdout": proc.stdout, "stderr": proc.stderr}))
+
+    with ray_lock(pytestconfig):  # taken before made_once's own lock, as a ray test (holding it) may ask for this
+        folder = made_once(pytestconfig, tmp_path_factory, "tokens", make)
+    proc = json.loads((folder / "process.json").read_text())
+    return folder / "dir", subprocess.CompletedProcess(proc["args"], 0, proc["stdout"], proc["stderr"])
 
 
 @pytest.fixture(scope="session")
-def trained_runs(tokenized, tmp_path_factory) -> Path:
+def trained_runs(tokenized, pytestconfig, tmp_path_factory) -> Path:
     """semantic/, coarse/ and fine/ runs trained for 4 steps each on the session corpus, on one thread (their
     tokenizer is found through run.json; each carries the corpus manifest). Tests only read them."""
     from musiclm.config import STAGES, load_config
@@ -73,11 +167,13 @@ def trained_runs(tokenized, tmp_path_factory) -> Path:
     from tests.factories import torch_threads
 
     data, _ = tokenized
-    root = tmp_path_factory.mktemp("runs")
-    with torch_threads(1):
-        for stage in STAGES:
-            run_train(stage, data, root / stage, load_config("tiny"), steps=4, batch_size=4, eval_every=1000, save_every=1000, device="cpu")
-    return root
+
+    def make(root: Path) -> None:
+        with torch_threads(1):
+            for stage in STAGES:
+                run_train(stage, data, root / stage, load_config("tiny"), steps=4, batch_size=4, eval_every=1000, save_every=1000, device="cpu")
+
+    return made_once(pytestconfig, tmp_path_factory, "runs", make)
 
 
 @pytest.fixture(scope="session")

@@ -2,20 +2,24 @@
 
 ``fake_info`` mirrors what ``musiclm tokenize`` writes into tokenizer.json;
 ``fake_sample`` makes a clip whose tokens have structure a model can learn
-(runs of repeated codes, acoustic codes that follow semantic codes).
+(runs of repeated codes, acoustic codes that follow semantic codes);
+``fake_shards`` writes clips (and failed files) into a tokenized folder, as
+``musiclm tokenize`` would, without backbones or Ray.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from musiclm.shards.format import TokenInfo, TokenSample, sample_key
+from musiclm.shards.writer import ShardWriter
 
 
 def fake_info_json(
@@ -66,6 +70,47 @@ def fake_sample(info: TokenInfo, seconds: float, rng: np.random.Generator, name:
 def write_tokenizer_json(data_dir: Path, info_json: dict) -> None:
     (data_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
     (data_dir / "tokenizer" / "tokenizer.json").write_text(json.dumps(info_json))
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A file (or one segment of it) that failed a step of tokenizing: what ``ShardWriter.add_error`` records."""
+
+    key: str
+    source: str
+    step: str
+    reason: str
+
+
+def fake_shards(
+    folder: Path,
+    clips: Iterable[TokenSample | Failed] = (),
+    *,
+    info_json: dict | None = None,
+    shard_size: int = 8,
+    start_index: int = 0,
+    batch_size: int | None = None,
+) -> Path:
+    """A tokenized folder at ``folder`` as ``musiclm tokenize`` writes one: ``clips`` written in order by
+    ShardWriter into shards of ``shard_size`` clips from shard ``start_index`` on; a :class:`Failed` goes into
+    the errors file of the shard being filled when it comes. Returns ``folder``.
+
+    With ``info_json`` the tokenizer's tokenizer.json is written first, else ``folder/tokenizer`` must be there
+    already. ``clips`` is read lazily, so it may be a generator that reads that tokenizer. With ``batch_size``,
+    the i-th clip is recorded as planned in batch ``i // batch_size`` (else in none, -1).
+    """
+    if info_json is not None:
+        write_tokenizer_json(folder, info_json)
+    writer = ShardWriter(folder, TokenInfo.load(folder), shard_size=shard_size, start_index=start_index)
+    i = 0
+    for clip in clips:
+        if isinstance(clip, Failed):
+            writer.add_error(clip.key, clip.source, clip.step, clip.reason)
+            continue
+        writer.add(clip, batch=-1 if batch_size is None else i // batch_size)
+        i += 1
+    writer.close()
+    return Path(folder)
 
 
 @contextmanager

@@ -36,7 +36,7 @@ import torch
 
 from musiclm.models.layout import IGNORE, StageLayout
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_key
-from musiclm.shards.writer import ShardWriter
+from tests.factories import fake_shards
 
 STYLES = 4
 STAGE_CORPORA = ("semantic", "coarse", "fine")
@@ -127,11 +127,8 @@ def write_known_corpus(folder: Path, tokenizer: Path, corpus: str, n_clips: int,
     shutil.copytree(tokenizer, folder / "tokenizer")
     info = TokenInfo.load(folder)
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(folder, info, shard_size=shard_size, start_index=0)
-    for i in range(n_clips):
-        writer.add(known_sample(info, seconds, i % STYLES, corpus, rng, f"{corpus}-{seed}/clip{i:04d}.wav"))
-    writer.close()
-    return folder
+    clips = (known_sample(info, seconds, i % STYLES, corpus, rng, f"{corpus}-{seed}/clip{i:04d}.wav") for i in range(n_clips))
+    return fake_shards(folder, clips, shard_size=shard_size)
 
 
 def read_samples(folder: Path) -> list[TokenSample]:

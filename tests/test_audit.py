@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from musiclm.audit.calibration import COPIED_QUANTILE, threshold
 from musiclm.audit.index import INDEX_DIR, INDEX_FORMAT, IndexParams, clap_projection, expected_files, load_index, shard_arrays, write_shard
 from musiclm.audit.ngrams import ngram_hashes, winnow
 from musiclm.audit.search import Query, search
@@ -30,11 +31,12 @@ COPIED = "artist_0/album_0/027_mix.mp3"  # 10.8 s of chords, melody, bass and dr
 COPY_START = 1.37  # seconds: not a multiple of the 20 ms frame, and the copy straddles the segment boundary (5.42 s)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
+
+
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def subprocesses_on_one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the musiclm processes the CLI tests start
-    with torch_threads(1):
-        yield
 
 
 def copy_corpus(tokenized_dir: Path, dest: Path, drop_last_shard: bool = False) -> Path:
@@ -91,6 +93,23 @@ def test_a_shifted_mp3_copy_is_flagged_with_its_source_and_offset(corpus, audio_
     g0, g1 = best["generated"]
     s0, s1 = best["source_span"]
     assert abs((s0 - g0) - best["offset"]) < 1e-2 and abs((s1 - g1) - best["offset"]) < 1e-2
+
+
+def test_a_threshold_lies_halfway_from_the_highest_novel_score_to_the_copies_tenth_percentile():
+    """Separated scores: the threshold is the midpoint, leaving a margin on both sides (at the copied 10th
+    percentile itself, a copy scoring a little lower than those calibrated would be missed)."""
+    copied, novel = [0.6, 0.7, 0.8, 0.9, 1.0], [0.1, 0.2, 0.3]
+    p10 = float(np.quantile(copied, COPIED_QUANTILE))  # 0.64
+    t = threshold(copied, novel)
+    assert (t["how"], t["novel_max"], t["copied_p10"]) == ("separated", 0.3, round(p10, 4))
+    assert t["threshold"] == pytest.approx((0.3 + p10) / 2) and t["recall"] == 1.0 and t["used"]
+
+
+def test_overlapping_scores_put_the_threshold_just_above_the_highest_novel_score():
+    t = threshold(copied=[0.5, 0.8, 0.9, 1.0], novel=[0.2, 0.7])
+    assert t["how"] == "overlapping" and 0.7 < t["threshold"] < 0.71
+    assert t["recall"] == 0.75 and t["used"]  # 0.5 is missed
+    assert not threshold(copied=[0.5, 0.6, 0.9], novel=[0.7])["used"]  # only a third of the copies reach it
 
 
 # Seeds whose musical choices (key, tempo, progression, pattern) are none of the corpus's. Not every seed is:

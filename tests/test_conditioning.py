@@ -20,16 +20,9 @@ from musiclm.errors import UserError
 from musiclm.generation import MusicLM
 from musiclm.training.trainer import load_stage, run_train
 from tests import known_answer as ka
-from tests.factories import torch_threads
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # the first test pays for training the three stages
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow, pytest.mark.timeout(1500)]  # the first test pays for training the three stages
 SECONDS = 12.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from musiclm.models.layout import IGNORE, StageLayout, layout_for
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_key
 from musiclm.shards import tar as tar_mod
 from musiclm.shards.tar import decode_sample, iter_tar_samples
-from musiclm.shards.writer import ShardWriter
 from musiclm.training.data import (
     ShardEntry,
     TrainStream,
@@ -28,19 +27,10 @@ from musiclm.training.data import (
     split_data,
     val_batches,
 )
-from tests.factories import fake_info_json, fake_sample, write_tokenizer_json
+from tests.factories import fake_info_json, fake_sample, fake_shards
 
 CFG = load_config("tiny")
 SHARD_SIZE = 8
-
-
-def write_corpus(folder: Path, info_json: dict, samples: list[TokenSample], shard_size: int = SHARD_SIZE) -> Path:
-    write_tokenizer_json(folder, info_json)
-    writer = ShardWriter(folder, TokenInfo.from_json(info_json), shard_size=shard_size, start_index=0)
-    for s in samples:
-        writer.add(s)
-    writer.close()
-    return folder
 
 
 def random_sample(info: TokenInfo, seconds: float, rng: np.random.Generator, name: str) -> TokenSample:
@@ -64,7 +54,7 @@ def corpus(tmp_path_factory) -> tuple[Path, TokenInfo, dict[str, TokenSample]]:
     info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(1)
     samples = [random_sample(info, float(rng.choice([2.0, 3.0, 5.0, 6.5, 9.0])), rng, f"song{i}.wav") for i in range(40)]
-    folder = write_corpus(tmp_path_factory.mktemp("corpus"), info_json, samples)
+    folder = fake_shards(tmp_path_factory.mktemp("corpus"), samples, info_json=info_json, shard_size=SHARD_SIZE)
     return folder, info, {s.key: s for s in samples}
 
 
@@ -177,7 +167,7 @@ def test_split_of_a_single_shard_holds_out_clips_by_key(tmp_path):
     info_json = fake_info_json()
     info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(0)
-    folder = write_corpus(tmp_path, info_json, [fake_sample(info, 3.0, rng, name=f"c{i}.wav") for i in range(10)], shard_size=10)
+    folder = fake_shards(tmp_path, [fake_sample(info, 3.0, rng, name=f"c{i}.wav") for i in range(10)], info_json=info_json, shard_size=10)
     split = split_data(folder, info, None, val_fraction=0.2)
     (train,), (val,) = split.train, split.val
     train_pos = set(range(10)) - train.exclude
@@ -354,7 +344,7 @@ def test_coarse_crops_align_the_75hz_acoustic_window_with_the_50hz_semantic_wind
     info_json = fake_info_json(sem_k=2048, ac_k=2048, clap_k=64)  # codes up to 20 s of 75 Hz frames
     info = TokenInfo.from_json(info_json)
     samples = [timed_sample(info, seconds, f"timed{i}.wav") for i, seconds in enumerate([2.0, 7.3, 13.0, 20.0])]
-    folder = write_corpus(tmp_path, info_json, samples, shard_size=2)
+    folder = fake_shards(tmp_path, samples, info_json=info_json, shard_size=2)
     layout = layout_of("coarse", info)
     n_sem, n_ac = layout.frames_of("semantic"), layout.frames_of("acoustic")
     assert n_ac * 2 == n_sem * 3

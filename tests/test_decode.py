@@ -19,21 +19,18 @@ from musiclm.generation.decode import (
     CONTEXT_SECONDS,
     OVERLAP_SECONDS,
     ChunkDecoder,
+    crossfade_in,
     decode_chunked,
 )
 from musiclm.pipeline.synth import synth_clip
 from musiclm.pipeline.tokenizer import Tokenizer
 from musiclm.shards.tokenizer_folder import tokenizer_folder
-from tests.factories import torch_threads
 
 # Max |chunked - whole decode|: measured 9e-8 at the default sizes, 1e-5 for a one-frame shift.
 AGREE_ATOL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +131,28 @@ def test_without_context_a_chunk_starts_cold(tokenizer, hop, codes, whole):
     out = decode_chunked(tokenizer.decode_acoustic, codes, hop, 75, 0, 0)
     err = np.abs(out - whole)[:, 150 * hop : 225 * hop]
     assert err[:, :hop].max() > 1e-2 and err[:, 20 * hop :].max() < AGREE_ATOL
+
+
+# ---- the crossfade -----------------------------------------------------------------------------------------------------
+def test_the_crossfade_rises_from_zero_to_one_and_its_fade_out_mirrors_it():
+    """A raised cosine: the fade-out ``1 - w`` is the fade-in backwards, so neither signal leads at the middle."""
+    w = crossfade_in(8 * 320).astype(np.float64)
+    assert w[0] < 1e-5 and w[-1] > 1 - 1e-5 and np.all(np.diff(w) > 0)
+    np.testing.assert_allclose(w[::-1], 1 - w, atol=1e-6)
+
+
+@pytest.mark.parametrize(("context", "overlap"), [(3, 4), (0, 4), (0, 10)])
+def test_the_level_holds_through_every_chunk_border_when_decodes_agree(context, overlap):
+    """With a decoder whose frames decode alike in every window (each frame a level set by its code), the
+    crossfaded audio equals the whole decode: the weights sum to one, so the level neither dips nor swells."""
+    hop = 4
+    codes = np.random.default_rng(0).integers(0, 100, (2, 3, 57))
+
+    def levels(c: np.ndarray) -> np.ndarray:  # codes [B, Q, n] -> audio [B, n * hop]
+        return np.repeat(0.5 + c[:, 0, :].astype(np.float32) / 100, hop, axis=1)
+
+    out = decode_chunked(levels, codes, hop, chunk=10, context=context, overlap=overlap)
+    np.testing.assert_allclose(out, levels(codes), atol=1e-6)
 
 
 # ---- clicks at chunk borders -----------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from musiclm.models.layout import layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.pipeline.synth import synth_clip
 from musiclm.shards.format import TokenInfo
-from musiclm.shards.writer import ShardWriter
 from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
 from musiclm.training.data import collate, count_labels, split_data, val_batches
@@ -41,8 +40,7 @@ from tests.factories import (
     fake_info,
     fake_info_json,
     fake_sample,
-    torch_threads,
-    write_tokenizer_json,
+    fake_shards,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +50,8 @@ RANK, ALPHA = 8, 16.0  # scale 2: a merge that forgets the scale shows
 TARGETS = ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.down")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread; two on a busy 2-core machine are many times slower."""
-    with torch_threads(1):
-        yield
+# tests/conftest.py: torch on one thread for the whole module; the second corpus is tokenized here (Ray)
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
@@ -275,14 +270,9 @@ def test_an_adapter_run_whose_base_is_missing_or_changed_is_refused_in_one_line(
 def fake_corpus(folder: Path, fingerprint: str) -> Path:
     """Shards of made-up tokens from another tokenizer."""
     info_json = fake_info_json(fingerprint=fingerprint)
-    write_tokenizer_json(folder, info_json)
     info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(0)
-    writer = ShardWriter(folder, info, shard_size=4, start_index=0)
-    for i in range(8):
-        writer.add(fake_sample(info, 5.0, rng, name=f"clip{i}.wav"))
-    writer.close()
-    return folder
+    return fake_shards(folder, [fake_sample(info, 5.0, rng, name=f"clip{i}.wav") for i in range(8)], info_json=info_json, shard_size=4)
 
 
 def test_a_base_of_another_tokenizer_stage_or_model_is_refused_in_one_line(base_run, first, tmp_path, capsys):

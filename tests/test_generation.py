@@ -24,14 +24,9 @@ from musiclm.config import STAGES
 from musiclm.generate_command import output_paths
 from musiclm.generation import MusicLM, plan_windows
 from musiclm.metrics import clap_audio_embeddings
-from tests.factories import torch_threads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models sample faster on one thread; two threads on a busy 2-core machine are many times slower."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,12 @@ from musiclm.errors import UserError
 from musiclm.hub import BACKBONE_LICENCES, model_card, push, push_operations, resolve_model, stage_source
 from musiclm.integrity import FileRecord, write_records
 from musiclm.shards.manifest import FileFacts, carry_manifest, read_manifest, write_manifest
-from tests.factories import materialize, torch_threads
+from tests.factories import materialize
 
 REPO = "musiclm-tests/tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from musiclm.shards.stats import shard_keys
 from musiclm.shards.writer import ShardWriter
 from musiclm.training.data import split_data
 from tests.conftest import ROOT, run_cli
-from tests.factories import fake_info_json, fake_sample, write_tokenizer_json
+from tests.factories import Failed, fake_info_json, fake_sample, fake_shards
 
 DAMAGES = ("truncate", "flip", "delete")
 KINDS = ("tar", "stats", "codes", "errors", "record")
@@ -88,14 +88,11 @@ def verify_json(capsys, folder: Path) -> tuple[int, dict]:
 def fake(tmp_path_factory) -> Path:
     """Three shards of 3 clips (the last of 2), and one failed file listed with shard 0; clips in planned batches of 2."""
     folder = tmp_path_factory.mktemp("fake") / "tokens"
-    write_tokenizer_json(folder, fake_info_json())
-    info = TokenInfo.load(folder)
+    info_json = fake_info_json()
+    info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(0)
-    writer = ShardWriter(folder, info, shard_size=3, start_index=0)
-    writer.add_error("broken0", "broken.mp3", "decode", "not an audio file")
-    for i in range(8):
-        writer.add(fake_sample(info, 5.0, rng, name=f"music/clip{i}.wav"), batch=i // 2)
-    writer.close()
+    clips = [fake_sample(info, 5.0, rng, name=f"music/clip{i}.wav") for i in range(8)]
+    fake_shards(folder, [Failed("broken0", "broken.mp3", "decode", "not an audio file"), *clips], info_json=info_json, shard_size=3, batch_size=2)
     record_tokenizer(folder / "tokenizer")
     return folder
 
@@ -311,6 +308,7 @@ def tokenize_args(corpus: Path, out: Path) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_rerun_repairs_every_kind_of_damage_and_leaves_sound_shards_alone(tokenized, audio_corpus, tmp_path, capsys):
     from tests.test_tokenize import BATCH1_AGREEMENT, agreement
 
@@ -383,6 +381,7 @@ def test_a_rerun_repairs_every_kind_of_damage_and_leaves_sound_shards_alone(toke
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_kill_during_the_repair_leaves_a_folder_the_next_run_completes(tokenized, audio_corpus, tmp_path, capsys):
     original, _ = tokenized
     out = tmp_path / "tokens"

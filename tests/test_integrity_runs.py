@@ -14,18 +14,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from musiclm.config import load_config
 from musiclm.errors import UserError
 from musiclm.generation import MusicLM
-from musiclm.integrity import FileRecord, read_records
+from musiclm.integrity import UNRECORDED, FileRecord, end_marker_problem, quick_check, read_records
 from musiclm.shards import tokenizer_folder as tok
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.trainer import load_stage, run_train
 from musiclm.verify import verify_folder
 from tests.conftest import run_cli
-from tests.factories import materialize, torch_threads
+from tests.factories import materialize
 
 DAMAGES = ("truncate", "flip", "delete")
 STEP = "step-000000004"  # the one checkpoint of each session run (trained_runs: 4 steps, saved at the end)
@@ -41,10 +42,7 @@ KINDS = {  # a file of each kind, relative to a stage run folder
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 def damage(path: Path, how: str) -> None:
@@ -103,6 +101,19 @@ def test_verify_names_exactly_the_damaged_file(model, kind, how):
     assert kind_of == "model folder"
     assert [(f.path, f.status) for f in findings] == [(rel, "missing" if how == "delete" else "damaged")]
     assert findings[0].advice
+
+
+@pytest.mark.parametrize("change", [-1, 1], ids=["one-byte-short", "one-byte-long"])
+def test_a_safetensors_file_one_byte_short_or_long_is_told_by_its_header(tmp_path, change):
+    """Its header says where the last tensor ends, so a weights file without a record (or before its size is
+    compared with one) is damaged when it ends anywhere else, one byte off included."""
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(path))  # 24 data bytes
+    assert end_marker_problem(path) is None
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] if change < 0 else data + b"\0")
+    assert end_marker_problem(path) == f"safetensors holds {24 + change} data bytes, its header says 24"
+    assert quick_check(path, UNRECORDED) == end_marker_problem(path)
 
 
 def test_verify_of_a_run_folder_that_lost_its_run_json_names_it(model):
@@ -277,20 +288,19 @@ def test_a_damaged_run_json_is_written_again_from_the_config_given(resumable, to
     assert verify_folder(run)[2] == []
 
 
-def test_resume_copies_a_damaged_tokenizer_json_again_and_goes_on(resumable, tokenized, reference, tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "how", "left_damaged"),
+    [("tokenizer.json", "flip", []), ("backbone", "truncate", ["backbone"])],
+    ids=["tokenizer.json-copied-again", "backbone-not-read-by-training"],
+)
+def test_resume_goes_on_past_a_damaged_file_of_the_tokenizer_copy(resumable, tokenized, reference, tmp_path, kind, how, left_damaged):
+    """A damaged tokenizer.json is copied again from the data folder; a damaged backbone, which training does
+    not read, is left for verify to name."""
     run = Path(shutil.copytree(resumable, tmp_path / "run"))
-    damage(run / KINDS["tokenizer.json"], "flip")
+    damage(run / KINDS[kind], how)
     resume(run, tokenized[0])
     assert_trained_to_the_end(run, reference)
-    assert verify_folder(run)[2] == []
-
-
-def test_resume_continues_when_the_tokenizer_copy_is_damaged_which_training_does_not_read(resumable, tokenized, reference, tmp_path):
-    run = Path(shutil.copytree(resumable, tmp_path / "run"))
-    damage(run / KINDS["backbone"], "truncate")
-    resume(run, tokenized[0])
-    assert_trained_to_the_end(run, reference)
-    assert [f.path for f in verify_folder(run)[2]] == [KINDS["backbone"]]
+    assert [f.path for f in verify_folder(run)[2]] == [KINDS[k] for k in left_damaged]
 
 
 # ---- checkpoints written before record files --------------------------------------------------------------------------

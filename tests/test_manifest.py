@@ -222,6 +222,7 @@ def test_tokenize_writes_the_manifest_of_the_corpus(tokenized, audio_corpus):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_resumed_tokenize_keeps_the_manifest_right(tokenized, tmp_path, monkeypatch):
     """Files added since are included, files done before are kept (even once gone from the corpus), and the
     driver reads no file again: the probe tasks hashed each file once, and the plan kept it."""
@@ -274,6 +275,7 @@ def test_a_resumed_tokenize_keeps_the_manifest_right(tokenized, tmp_path, monkey
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_an_ogg_whose_header_promises_more_than_decodes_is_tokenized_with_what_decodes(tokenized, tmp_path):
     """An overstated last granule position (as in three of Debian's hyperrogue-music tracks): the file is
     tokenized, not refused, and its clips cover the audio that decodes."""

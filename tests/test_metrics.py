@@ -11,7 +11,8 @@ import pytest
 from musiclm.cli import main
 from musiclm.errors import UserError
 from musiclm.metrics import embed_file, embed_files, embed_folder, embedding_stats, frechet_distance, run_eval
-from tests.test_generation import one_thread  # noqa: F401  (autouse: the backbones run faster on one thread here)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the backbones run faster on one thread here
 
 
 def closed_form_commuting(mu1, a, mu2, b) -> float:

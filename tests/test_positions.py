@@ -17,15 +17,12 @@ from musiclm.models.layout import StageLayout
 from musiclm.models.sampling import sample_target
 from musiclm.models.transformer import MusicTransformer
 from musiclm.training.trainer import check_resumable, load_stage
-from tests.factories import fake_info, torch_threads
+from tests.factories import fake_info
 
 INDEX_RUN = Path(__file__).parent / "fixtures" / "index_run"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 def test_time_positions_put_the_same_instant_of_every_stream_at_one_position():

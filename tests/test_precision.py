@@ -21,7 +21,7 @@ from musiclm.shards.format import TokenInfo
 from musiclm.shards.stats import unigram_entropy
 from musiclm.training.data import split_data, val_batches
 from musiclm.training.trainer import load_stage, run_train
-from tests.factories import fake_info, fake_sample, torch_threads
+from tests.factories import fake_info, fake_sample
 
 CFG = load_config("tiny")
 # enough for every tiny stage to fall well below the unigram entropy of its held-out codes
@@ -29,10 +29,7 @@ CFG = load_config("tiny")
 TRAIN_STEPS = 100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 def small_layout() -> StageLayout:

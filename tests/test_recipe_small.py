@@ -24,7 +24,7 @@ from musiclm.shards.format import list_shards
 from tests.conftest import run_cli
 from tests.test_tokenize import read_samples
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # tests/conftest.py: the recipe starts Ray (its tokenize run)
 
 RECIPE = """\
 # the small preset with its checkpoints replaced by local stand-ins, vocabularies reduced for 80 s of audio

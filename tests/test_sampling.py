@@ -12,7 +12,9 @@ from musiclm.models.layout import StageLayout
 from musiclm.models.sampling import draw_noise, filter_logits, pick, sample_target
 from musiclm.models.static_sampling import SamplerSettings, StaticSampler
 from tests.factories import fake_info, fake_sample
-from tests.test_transformer import memorised_windows, one_thread, tiny_model, train_tiny  # noqa: F401 (one_thread: autouse fixture)
+from tests.test_transformer import memorised_windows, tiny_model, train_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 NEG = float("-inf")
 
@@ -112,21 +114,26 @@ SETTINGS = {
 }
 
 
+OTHER_STEPS = {  # ways to sample that must give the tokens of the KV-cached steps (sample_target's default)
+    "uncached": lambda *args, **kw: sample_target(*args, use_cache=False, **kw),  # the whole sequence recomputed each step
+    "fixed-shape": lambda *args, **kw: static_sample(*args, **kw),  # below: the steps a GPU captures as CUDA graphs
+}
+
+
+@pytest.mark.parametrize("steps", OTHER_STEPS)
 @pytest.mark.parametrize("name", SETTINGS)
 @pytest.mark.parametrize("prompt_len", [0, 7])
-def test_cached_and_uncached_sampling_give_identical_tokens(model, layout, prefixes, name, prompt_len):
+def test_uncached_and_fixed_shape_steps_sample_the_tokens_of_the_cached_steps(model, layout, prefixes, steps, name, prompt_len):
     cond, uncond = prefixes
     kw = dict(SETTINGS[name])
     if "cfg_scale" in kw:
         kw["uncond_prefix"] = uncond
-    prompt = None
-    if prompt_len:
-        prompt = sample_target(model, layout, cond, prompt_len, generator=seeded(9))
+    prompt = sample_target(model, layout, cond, prompt_len, generator=seeded(9)) if prompt_len else None
     n = layout.target.length
     cached = sample_target(model, layout, cond, n, target_prompt=prompt, generator=seeded(), use_cache=True, **kw)
-    full = sample_target(model, layout, cond, n, target_prompt=prompt, generator=seeded(), use_cache=False, **kw)
+    other = OTHER_STEPS[steps](model, layout, cond, n, target_prompt=prompt, generator=seeded(), **kw)
     assert cached.shape == (3, n)
-    assert torch.equal(cached, full)
+    assert torch.equal(cached, other)
 
 
 def test_sampled_ids_lie_in_the_codebook_of_their_level(model, layout, prefixes):
@@ -259,20 +266,6 @@ def teacher_forced_logits(model, layout, cond, ids, m, *, cfg_scale=1.0, uncond=
             lg = [model.logits(h[:, p + j - 1], level).float().cpu() for h in hidden]
             out.append(lg[0] if uncond is None else lg[1] + cfg_scale * (lg[0] - lg[1]))
     return torch.stack(out)
-
-
-@pytest.mark.parametrize("name", SETTINGS)
-@pytest.mark.parametrize("prompt_len", [0, 7])
-def test_fixed_shape_steps_sample_the_tokens_of_the_ordinary_steps(model, layout, prefixes, name, prompt_len):
-    cond, uncond = prefixes
-    kw = dict(SETTINGS[name])
-    if "cfg_scale" in kw:
-        kw["uncond_prefix"] = uncond
-    prompt = sample_target(model, layout, cond, prompt_len, generator=seeded(9)) if prompt_len else None
-    n = layout.target.length
-    ordinary = sample_target(model, layout, cond, n, target_prompt=prompt, generator=seeded(), **kw)
-    fixed = static_sample(model, layout, cond, n, target_prompt=prompt, generator=seeded(), **kw)
-    assert torch.equal(ordinary, fixed)
 
 
 def test_one_sampler_serves_windows_of_different_lengths_and_prompts(model, layout, prefixes):

@@ -40,9 +40,9 @@ from musiclm.shards.format import (
 from musiclm.shards.read import done_files, done_keys, partial_keys
 from musiclm.shards.stats import CLIP_SCHEMA, shard_keys
 from musiclm.shards.tar import scan_keys
-from musiclm.shards.writer import ShardWriter, clean_unfinished
+from musiclm.shards.writer import clean_unfinished
 from musiclm.training.data import ShardEntry, index_shards, split_data
-from tests.factories import fake_info_json, write_tokenizer_json
+from tests.factories import Failed, fake_info_json, fake_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 256
@@ -63,7 +63,6 @@ def write_scale_corpus(folder: Path, clips: int, first: int = 0, shard_size: int
     ``musiclm tokenize`` writes one, from shard ``first // shard_size`` on; returns the clips in write order.
     About 0.4 ms a clip, nearly all of it in Python's tarfile. Writers of disjoint ranges may run at once."""
     info_json = scale_info_json()
-    write_tokenizer_json(folder, info_json)
     info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(first)
     codes = rng.integers(0, 1024, (clips, 4)).astype(np.uint16)  # [clips, T] semantic, acoustic and CLAP codes alike
@@ -85,10 +84,7 @@ def write_scale_corpus(folder: Path, clips: int, first: int = 0, shard_size: int
         c = codes[j]
         samples.append(TokenSample(sample_key(name, seg), c, np.stack([c, c[::-1]]), c.reshape(2, 2), emb, meta))
     with mock.patch.object(atomic, "fsync", lambda path: None):  # durability is not under test; fsync is most of the time
-        writer = ShardWriter(folder, info, shard_size, first // shard_size)
-        for s in samples:
-            writer.add(s)
-        writer.close()
+        fake_shards(folder, samples, info_json=info_json, shard_size=shard_size, start_index=first // shard_size)
     return samples
 
 
@@ -316,10 +312,7 @@ def test_partial_keys_are_the_settled_keys_of_partly_finished_files(tmp_path, mo
     lost = samples[2 * SHARD_SIZE : 3 * SHARD_SIZE]
     failed = next(s for s in lost if s.meta["segment"] == 1)
     gone = "album9/gone.flac"
-    writer = ShardWriter(out, TokenInfo.load(out), SHARD_SIZE, start_index=2)
-    writer.add_error(file_key(gone), gone, "decode", "unreadable")
-    writer.add_error(failed.key, failed.meta["source"], "tokenize", "too short")
-    writer.close()
+    fake_shards(out, [Failed(file_key(gone), gone, "decode", "unreadable"), Failed(failed.key, failed.meta["source"], "tokenize", "too short")], shard_size=SHARD_SIZE, start_index=2)
     (out / "shards" / "shard-000002.tar").unlink()
     assert clean_unfinished(out) == 2  # shard 2's stats and code counts
 

@@ -24,8 +24,8 @@ from musiclm.shards.stats import (
     unigram_entropy,
     write_shard_stats,
 )
-from musiclm.shards.writer import ShardWriter
-from tests.factories import fake_info_json, fake_sample, write_tokenizer_json
+from musiclm.shards.read import done_keys
+from tests.factories import Failed, fake_info_json, fake_sample, fake_shards, write_tokenizer_json
 
 SECONDS = [4.0, 5.5, 6.0, 4.5, 8.0, 7.0, 5.0]  # 7 clips, shards of 3: the last shard holds one clip
 SHARD_SIZE = 3
@@ -51,17 +51,12 @@ def corpus(tmp_path_factory) -> tuple[Path, TokenInfo, list[TokenSample]]:
     """A corpus of 7 clips in 3 shards, plus two failed files (one of them with two failed segments)."""
     data = tmp_path_factory.mktemp("corpus")
     info_json = fake_info_json()
-    write_tokenizer_json(data, info_json)
     info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(0)
     samples = [fake_sample(info, sec, rng, name=f"music/clip{i}.wav") for i, sec in enumerate(SECONDS)]
-    writer = ShardWriter(data, info, shard_size=SHARD_SIZE, start_index=0)
-    writer.add_error("bad0", "music/broken.mp3", "decode", "not an audio file")
-    for s in samples:
-        writer.add(s)
-    writer.add_error("bad1_0000", "music/long.flac", "tokenize", "too short")
-    writer.add_error("bad1_0001", "music/long.flac", "tokenize", "too short")
-    writer.close()
+    failed = [Failed("bad0", "music/broken.mp3", "decode", "not an audio file")]
+    failed += [Failed(f"bad1_000{j}", "music/long.flac", "tokenize", "too short") for j in range(2)]
+    fake_shards(data, [failed[0], *samples, *failed[1:]], info_json=info_json, shard_size=SHARD_SIZE)
     return data, info, samples
 
 
@@ -178,10 +173,7 @@ def test_summarize_counts_failed_files_and_says_where_they_are_listed(corpus):
 
 
 def test_summarize_a_corpus_where_every_file_failed(tmp_path):
-    write_tokenizer_json(tmp_path, fake_info_json())
-    writer = ShardWriter(tmp_path, TokenInfo.load(tmp_path), shard_size=4, start_index=0)
-    writer.add_error("k", "a.wav", "decode", "unreadable")
-    writer.close()
+    fake_shards(tmp_path, [Failed("k", "a.wav", "decode", "unreadable")], info_json=fake_info_json(), shard_size=4)
     summary = summarize(tmp_path)
     assert summary["totals"]["clips"] == 0
     assert summary["totals"]["failed_files"] == 1
@@ -328,13 +320,9 @@ def test_summarize_totals_at_scale(tmp_path):
 def test_stats_of_a_shard_that_never_finished_are_not_counted(tmp_path):
     """A run killed between writing stats and renaming the tar leaves stats without a shard."""
     info_json = fake_info_json()
-    write_tokenizer_json(tmp_path, info_json)
     info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(3)
-    writer = ShardWriter(tmp_path, info, shard_size=2, start_index=0)
-    for i in range(4):
-        writer.add(fake_sample(info, 3.0, rng, name=f"c{i}.wav"))
-    writer.close()
+    fake_shards(tmp_path, [fake_sample(info, 3.0, rng, name=f"c{i}.wav") for i in range(4)], info_json=info_json, shard_size=2)
     assert summarize(tmp_path)["totals"]["clips"] == 4
     (tmp_path / "shards" / "shard-000001.tar").unlink()
     totals = summarize(tmp_path)["totals"]

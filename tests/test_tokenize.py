@@ -23,7 +23,7 @@ from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_ke
 from tests.conftest import ROOT, make_test_corpus, run_cli
 from tests.factories import torch_threads
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # tests/conftest.py: each starts Ray (tokenize runs), one at a time
 
 # Batching changes float reductions and now and then a code: the share of codes of a clip that
 # agree between batched and batch-1 calls, at least (README; measured by benchmarks/bench_agreement.py)

@@ -22,6 +22,8 @@ from musiclm.pipeline.tokenize_job import LOCK_FILE, TEST_FAULT_ENV, MIN_ACTOR_C
 from musiclm.shards.format import list_shards
 from tests.conftest import ROOT, make_test_corpus
 
+pytestmark = pytest.mark.ray  # tests/conftest.py: each starts Ray (tokenize runs), one at a time
+
 SLOW_DECODE = json.dumps({"delay": 0.6})  # every decode task sleeps up to 0.6 s, at random
 
 

@@ -23,29 +23,25 @@ from musiclm.models.layout import IGNORE, layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TokenInfo
 from musiclm.shards.stats import unigram_entropy
-from musiclm.shards.writer import ShardWriter
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.data import collate, split_data
 from musiclm.training.trainer import LossModule, accumulate_gradients, load_stage, lr_factor, param_groups, run_train
-from tests.factories import fake_info_json, fake_sample, torch_threads, write_tokenizer_json
+from tests.factories import fake_info_json, fake_sample, fake_shards, torch_threads, write_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = load_config("tiny")
 # one BLAS thread: on a busy 2-core machine two threads per process run tiny steps 10x slower
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 def write_corpus(folder: Path, n_clips: int, shard_size: int = 8, fingerprint: str = "fake-0", seed: int = 0) -> Path:
     """Clips of 3-8 s whose codes come in runs (tests/factories.py), so a model can learn them."""
     info_json = fake_info_json(fingerprint=fingerprint)
-    write_tokenizer_json(folder, info_json)
     info = TokenInfo.from_json(info_json)
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(folder, info, shard_size=shard_size, start_index=0)
-    for i in range(n_clips):
-        writer.add(fake_sample(info, float(rng.uniform(3.0, 8.0)), rng, name=f"{fingerprint}/clip{i}.wav"))
-    writer.close()
-    return folder
+    clips = (fake_sample(info, float(rng.uniform(3.0, 8.0)), rng, name=f"{fingerprint}/clip{i}.wav") for i in range(n_clips))
+    return fake_shards(folder, clips, info_json=info_json, shard_size=shard_size)
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +55,6 @@ def config_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "tiny-log1.toml"
     path.write_text('base = "tiny"\n[train]\nlog_every = 1\n')
     return path
-
-
-@pytest.fixture
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +93,7 @@ def test_only_linear_weights_are_decayed():
     assert "heads.0.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed and "blocks.1.mlp.down.weight" in decayed
 
 
-def test_accumulating_n_micro_batches_gives_the_gradient_of_one_batch_of_all_of_them(one_thread):
+def test_accumulating_n_micro_batches_gives_the_gradient_of_one_batch_of_all_of_them():
     """Each micro-batch's loss is a mean over its labels; with equal label counts (whole windows,
     no pads), n micro-batches of b, each loss divided by n, sum to the gradient of one batch of n*b."""
     info = TokenInfo.from_json(fake_info_json())
@@ -272,7 +262,7 @@ def test_a_killed_run_resumes_exactly_where_an_uninterrupted_run_would_be(corpus
 
 
 @pytest.mark.slow
-def test_two_processes_train_on_disjoint_data_and_one_writes(tmp_path, one_thread):
+def test_two_processes_train_on_disjoint_data_and_one_writes(tmp_path):
     """torchrun with 2 CPU ranks (gloo): disjoint clips per epoch, one writer, a loss that falls like one process's."""
     data = write_corpus(tmp_path / "data", 32)  # 4 shards of 8: each rank reads 2 shards = 4 batches of 4 per epoch
     val = write_corpus(tmp_path / "val", 8, seed=1)
@@ -345,7 +335,7 @@ def learn_corpus(tokenized) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
-def test_each_stage_learns_below_the_unigram_entropy_of_its_target(stage, learn_corpus, tmp_path, one_thread):
+def test_each_stage_learns_below_the_unigram_entropy_of_its_target(stage, learn_corpus, tmp_path):
     """On held-out shards, the loss falls below the entropy of those shards' own code frequencies:
     the best a model can do without context. So the model uses context."""
     info = TokenInfo.load(learn_corpus)

@@ -13,15 +13,10 @@ import torch.nn.functional as F
 from musiclm.config import ModelConfig, load_config
 from musiclm.models.layout import IGNORE, StageLayout
 from musiclm.models.transformer import MusicTransformer, Rotary, mlp_width
-from tests.factories import fake_info, fake_sample, torch_threads
+from tests.factories import fake_info, fake_sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, and on a busy machine every op's thread
-    barrier can wait out a scheduler slice (a 3 s test took 100 s); one thread keeps these fast."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: torch on one thread for the whole module
 
 
 @pytest.fixture(scope="module")

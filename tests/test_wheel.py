@@ -107,6 +107,7 @@ print("\\n".join(sys.path))
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_the_installed_wheel_runs_the_tiny_chain_outside_the_checkout(installed, tmp_path):
     from musiclm.pipeline.synth import make_corpus
 
