@@ -291,9 +291,10 @@ class MusicLM:
         """
         from musiclm.hub import stage_source
         from musiclm.training.checkpoint import run_folder
-        from musiclm.training.trainer import _pick_device, load_stage
+        from musiclm.device import pick_device
+        from musiclm.training.trainer import load_stage
 
-        dev = _pick_device(device, local_rank=0)  # the same devices and errors as musiclm train
+        dev = pick_device(device, local_rank=0)  # the same devices and errors as musiclm train
         paths = {"semantic": semantic, "coarse": coarse, "fine": fine}
         stages: dict[str, Stage] = {}
         for name, path in paths.items():

@@ -69,6 +69,7 @@ from torch import nn
 
 from musiclm import atomic
 from musiclm.config import Config, config_from_dict, load_config, recorded_model, to_dict
+from musiclm.device import pick_device
 from musiclm.errors import UserError
 from musiclm.integrity import DamagedFile, FileRecord, read_json
 from musiclm.models.layout import StageLayout, layout_for
@@ -102,31 +103,12 @@ class Dist:
         return self.rank == 0
 
 
-def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.device:
-    if device is None:
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-        if dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise UserError(f"unsupported device '{device}': use cpu, cuda or cuda:N")
-    return dev
-
-
 def setup_distributed(device: str | None) -> Dist:
     """The process group when launched by torchrun (WORLD_SIZE > 1), and this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
+    dev = pick_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
@@ -889,7 +871,7 @@ def load_stage(run_dir: str | Path, device: str | torch.device | None = None) ->
         model = lora.merged(model, lora.LoraSpec.from_json(run["lora"]), ckpt.load_weights(folder, file=ckpt.ADAPTER), str(folder))
     else:
         model.load_state_dict(ckpt.load_weights(folder))
-    return model.to(_pick_device(device, local_rank=0)).eval(), layout, cfg, info
+    return model.to(pick_device(device)).eval(), layout, cfg, info
 
 
 def merge_run(adapter_run: str | Path, out: str | Path) -> Path:
