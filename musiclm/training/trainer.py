@@ -40,11 +40,7 @@ and moved aside (``checkpoints/damaged-step-…``), and their steps are trained
 again. With none sound left it refuses in one line. A damaged run.json is
 written again when the run's config is given (``--preset``/``--config``).
 
-Several processes: under ``torchrun`` (``WORLD_SIZE > 1``) each rank reads a
-disjoint part of the data, gradients are averaged by DistributedDataParallel
-(gloo on CPU, nccl on CUDA), logged losses are averaged over ranks, and only
-rank 0 writes the run folder. A rank's process ends as soon as its training
-has (see :func:`end_worker_process`).
+Several processes: see distributed.py.
 """
 
 from __future__ import annotations
@@ -60,11 +56,10 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from musiclm import atomic
@@ -79,6 +74,7 @@ from musiclm.shards.manifest import carry_manifest
 from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
 from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loader, split_data, val_batches
+from musiclm.training.distributed import Dist, all_gather, all_mean, all_sum, end_worker_process, env_rank, setup_distributed, teardown_distributed
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -86,63 +82,6 @@ TB_DIR = "tb"
 TOKENIZER_DIR = "tokenizer"
 RUN_ADVICE = "restore run.json from a copy; musiclm train --resume with the run's --preset/--config writes it again"
 DEBUG_KEYS_ENV = "MUSICLM_DEBUG_KEYS"  # a folder: each rank appends the clip keys of every batch it trains on
-
-
-# ---- devices and processes ------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str | None) -> Dist:
-    """The process group when launched by torchrun (WORLD_SIZE > 1), and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
-
-
-def end_worker_process() -> NoReturn:
-    """End this torchrun worker with exit status 0, skipping the interpreter's teardown.
-
-    DDP keeps references to its gloo process group that outlive ``destroy_process_group``,
-    so gloo's worker threads are still running while Python finalizes. The last collective
-    (``all_gather_object`` in a checkpoint save) leaves its output tensors to such a thread
-    to free; on a busy machine the thread runs late, after finalization began, and freeing
-    a tensor that Python already dropped takes the GIL. Python then ends the thread with
-    ``pthread_exit``, which unwinds through a noexcept destructor: std::terminate, SIGABRT,
-    and torchrun stops every other rank. The run folder is complete and closed by now, so
-    the process only has to flush its output and leave.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _all_sum(values: list[float], d: Dist) -> list[float]:
-    if d.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_mean(values: list[float], d: Dist) -> list[float]:
-    return [v / d.world_size for v in _all_sum(values, d)]
 
 
 # ---- optimisation ---------------------------------------------------------------------------------------------------
@@ -448,7 +387,7 @@ def run_train(
     point = resume_point(out, previous) if resume and latest is not None else None
     if run_problem is not None and point is not None:
         _check_without_run_file(out, info, point, f"{run_file} {run_problem}")
-        if int(os.environ.get("RANK", "0")) == 0:
+        if env_rank() == 0:
             print(f"note: {run_file} {run_problem}; resuming with the config given, and writing it again", file=sys.stderr)
     start = resolve_start(stage, cfg, info, out, init_from, lora_rank, lora_alpha, previous, point.folder if point is not None else None)
 
@@ -456,8 +395,7 @@ def run_train(
     try:
         _train(stage, data, out, cfg, layout, info, split, val_data, point, d, start)
     finally:
-        if d.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed(d)
     if d.world_size > 1:
         end_worker_process()
     return out
@@ -688,14 +626,11 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
                 total += float(loss) * n
                 count += n
         model.train()
-        total, count = _all_sum([total, float(count)], d)
+        total, count = all_sum([total, float(count)], d)
         return total / max(count, 1.0)
 
     def save() -> None:
-        rngs = [rng_state()]
-        if d.world_size > 1:
-            rngs = [None] * d.world_size
-            dist.all_gather_object(rngs, rng_state())
+        rngs = all_gather(rng_state(), d)
         if d.main:
             state = {
                 "step": step,
@@ -745,7 +680,7 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
 
             values: dict[str, float] = {}
             if step % tc.log_every == 0 or step == tc.steps:
-                mean_loss, gnorm = _all_mean([float(window_sum) / max(window_steps, 1), float(grad_norm) if grad_norm is not None else 0.0], d)
+                mean_loss, gnorm = all_mean([float(window_sum) / max(window_steps, 1), float(grad_norm) if grad_norm is not None else 0.0], d)
                 if not math.isfinite(mean_loss):
                     raise UserError(f"the training loss is not finite at step {step}; lower --lr (now {tc.lr})")
                 elapsed = time.perf_counter() - t_window
