@@ -35,7 +35,8 @@ from musiclm.shards.writer import ShardWriter
 from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
 from musiclm.training.data import collate, count_labels, split_data, val_batches
-from musiclm.training.trainer import load_stage, param_groups, run_train
+from musiclm.training.optim import param_groups
+from musiclm.training.trainer import load_stage, run_train
 from tests.conftest import run_cli
 from tests.factories import (
     fake_info,
