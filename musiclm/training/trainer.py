@@ -6,7 +6,7 @@ A run folder ``RUN`` (``--out``) holds::
     tokenizer/          a copy of the data's tokenizer folder (tokenizer.json, quantizers, offline
                         backbones), so generation decodes with exactly the tokenizer trained on
     checkpoints/        step-NNNNNNNNN/{model.safetensors,state.pt,records.json} and ``latest`` (see checkpoint.py)
-    metrics.jsonl       one JSON object per logged step: "step", "train/loss", "train/lr", "val/loss", ...
+    metrics.jsonl       one JSON object per logged step (see logs.py)
     tb/                 the same scalars for TensorBoard
 
 Fine-tuning (``init_from``): the run starts from another run's weights (same
@@ -39,7 +39,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -63,14 +62,12 @@ from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
 from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loader, split_data, val_batches
 from musiclm.training.distributed import Dist, all_gather, all_mean, all_sum, end_worker_process, env_rank, setup_distributed, teardown_distributed
+from musiclm.training.logs import DEBUG_KEYS_ENV, METRICS_FILE, TB_DIR, Metrics, Progress, log_batch_keys, start_logs
 from musiclm.training.optim import LossModule, accumulate_gradients, autocast, make_optimizer
 
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
 TOKENIZER_DIR = "tokenizer"
 RUN_ADVICE = "restore run.json from a copy; musiclm train --resume with the run's --preset/--config writes it again"
-DEBUG_KEYS_ENV = "MUSICLM_DEBUG_KEYS"  # a folder: each rank appends the clip keys of every batch it trains on
 
 
 # ---- RNG states (plain data, so state.pt loads with weights_only) ---------------------------------------------------
@@ -136,95 +133,6 @@ def _check_same_stage(run: dict[str, Any], stage: str, cfg: Config, info: TokenI
         if old != _jsonable(new):
             diff = _first_difference(old, _jsonable(new), what)
             raise UserError(f"{what_run} was trained with another config ({diff}); pass the run's --preset/--config or {other}")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics logged after ``last_step`` (by a run killed after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by the kill
-    atomic.write_text(path, "".join(line + "\n" for line in keep))
-
-
-class Metrics:
-    """metrics.jsonl (flushed per line) and TensorBoard scalars; written by rank 0 only."""
-
-    def __init__(self, run_dir: Path, start_step: int):
-        self.file = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the whole run, closed by close())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
-        except ImportError:  # tensorboard missing: metrics.jsonl still has everything
-            self.tb = None
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-# ---- progress ---------------------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A rich progress bar on a terminal; one plain line per log step otherwise. Rank 0 only."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        from rich.console import Console
-
-        self.enabled = enabled
-        self.console = Console(stderr=True, soft_wrap=True)
-        self.bar = None
-        if enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
-            self.bar = RichProgress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
-            self.bar.start()
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text, highlight=False, markup=False)
-
-    def advance(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step)
-
-    def logged(self, step: int, total: int, values: dict[str, float]) -> None:
-        if self.bar is not None:
-            if "train/loss" in values:
-                self.bar.update(self.task, loss=f"{values['train/loss']:.3f}", tps=f"{values['tokens_per_s']:.0f}")
-            if "val/loss" in values:
-                self.bar.console.print(f"step {step}: val/loss {values['val/loss']:.4f}", highlight=False)
-        elif self.enabled:
-            parts = [f"{k} {v:.4g}" for k, v in values.items()]
-            self.print(f"step {step}/{total}  " + "  ".join(parts))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------------
@@ -575,8 +483,7 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
             b = next(batches)
             batches_done += 1
             if debug_keys:
-                with open(Path(debug_keys) / f"keys-rank{d.rank}.txt", "a") as f:
-                    f.write("".join(f"{step} {k}\n" for k in b["keys"]))
+                log_batch_keys(debug_keys, d.rank, step, b["keys"])
             yield b
 
     train_batches = micro_batches()  # counts batches_done and logs debug keys as each batch is taken
@@ -679,11 +586,7 @@ def _prepare_run_folder(
     atomic.write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
     _copy_tokenizer(data / TOKENIZER_DIR, out / TOKENIZER_DIR, info)
     carry_manifest(data, out)  # the corpus these weights learned from travels with them
-    if resumed:
-        _truncate_metrics(out / METRICS_FILE, step)
-    else:
-        (out / METRICS_FILE).unlink(missing_ok=True)
-        shutil.rmtree(out / TB_DIR, ignore_errors=True)
+    start_logs(out, step if resumed else None)
 
 
 def _copy_tokenizer(src: Path, dst: Path, info: TokenInfo) -> None:
