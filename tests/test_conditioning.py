@@ -18,7 +18,8 @@ import pytest
 from musiclm.config import STAGES
 from musiclm.errors import UserError
 from musiclm.generation import MusicLM
-from musiclm.training.trainer import load_stage, run_train
+from musiclm.training.run_folder import load_stage
+from musiclm.training.trainer import run_train
 from tests import known_answer as ka
 from tests.factories import torch_threads
 

@@ -22,7 +22,8 @@ from musiclm.generation import MusicLM
 from musiclm.integrity import FileRecord, read_records
 from musiclm.pipeline import tokenizer as tok
 from musiclm.training import checkpoint as ckpt
-from musiclm.training.trainer import load_stage, run_train
+from musiclm.training.run_folder import load_stage
+from musiclm.training.trainer import run_train
 from musiclm.verify import verify_folder
 from tests.conftest import run_cli
 from tests.factories import materialize, torch_threads

@@ -27,7 +27,8 @@ from musiclm.shards.writer import ShardWriter
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.data import collate, split_data
 from musiclm.training.optim import LossModule, accumulate_gradients, lr_factor, param_groups
-from musiclm.training.trainer import load_stage, run_train
+from musiclm.training.run_folder import load_stage
+from musiclm.training.trainer import run_train
 from tests.factories import fake_info_json, fake_sample, torch_threads, write_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[1]

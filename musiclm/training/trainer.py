@@ -1,20 +1,14 @@
 """``musiclm train STAGE``: the training loop of one stage, from cached tokens only.
 
-A run folder ``RUN`` (``--out``) holds::
-
-    run.json            stage, full config, tokenizer info (with fingerprint), data paths, layout, world size
-    tokenizer/          a copy of the data's tokenizer folder (tokenizer.json, quantizers, offline
-                        backbones), so generation decodes with exactly the tokenizer trained on
-    checkpoints/        step-NNNNNNNNN/{model.safetensors,state.pt,records.json} and ``latest`` (see checkpoint.py)
-    metrics.jsonl       one JSON object per logged step (see logs.py)
-    tb/                 the same scalars for TensorBoard
+The run folder it writes (run.json, the tokenizer copy, checkpoints, logs) is described in
+run_folder.py, which also reads a trained stage back (:func:`~musiclm.training.run_folder.load_stage`).
 
 Fine-tuning (``init_from``): the run starts from another run's weights (same
 stage, model and stage config, same tokenizer) with a fresh optimizer at step 0;
 run.json names that checkpoint by path and sha256 (``init_from``). With a LoRA
 rank (lora.py) the base stays frozen and only the adapter trains; checkpoints
 then hold ``adapter.safetensors`` (the adapter's tensors) and the optimizer state
-of those tensors, and :func:`load_stage` returns the base with the adapter merged,
+of those tensors, and ``load_stage`` returns the base with the adapter merged,
 so an adapter run stands wherever a stage run does. :func:`merge_run` writes it
 out as a full stage run.
 
@@ -51,9 +45,8 @@ from torch import nn
 
 from musiclm import atomic
 from musiclm.config import Config, config_from_dict, load_config, recorded_model, to_dict
-from musiclm.device import pick_device
 from musiclm.errors import UserError
-from musiclm.integrity import DamagedFile, FileRecord, read_json
+from musiclm.integrity import DamagedFile
 from musiclm.models.layout import StageLayout, layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
@@ -62,12 +55,10 @@ from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
 from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loader, split_data, val_batches
 from musiclm.training.distributed import Dist, all_gather, all_mean, all_sum, end_worker_process, env_rank, setup_distributed, teardown_distributed
-from musiclm.training.logs import DEBUG_KEYS_ENV, METRICS_FILE, TB_DIR, Metrics, Progress, log_batch_keys, start_logs
+from musiclm.training.logs import DEBUG_KEYS_ENV, Metrics, Progress, log_batch_keys, start_logs
 from musiclm.training.optim import LossModule, accumulate_gradients, autocast, make_optimizer
+from musiclm.training.run_folder import RUN_FILE, TOKENIZER_DIR, copy_tokenizer, load_stage, read_run, read_run_lenient, write_run
 
-RUN_FILE = "run.json"
-TOKENIZER_DIR = "tokenizer"
-RUN_ADVICE = "restore run.json from a copy; musiclm train --resume with the run's --preset/--config writes it again"
 
 
 # ---- RNG states (plain data, so state.pt loads with weights_only) ---------------------------------------------------
@@ -178,7 +169,7 @@ def run_train(
     previous, run_problem = None, None  # run.json of the run resumed; what is wrong with it
     if resume and run_file.is_file():
         try:
-            previous = _read_run(Path(out))
+            previous = read_run(Path(out))
         except DamagedFile as e:
             run_problem = f"is damaged ({e.problem})"
     elif resume and ckpt.latest_checkpoint(out) is not None:
@@ -189,7 +180,7 @@ def run_train(
         if previous is not None:
             cfg = config_from_dict(previous["config"])
         elif init_from is not None:
-            cfg = config_from_dict(_read_run(ckpt.run_folder(ckpt.checkpoint_folder(init_from)))["config"])
+            cfg = config_from_dict(read_run(ckpt.run_folder(ckpt.checkpoint_folder(init_from)))["config"])
         else:
             cfg = load_config("small")
     stage_cfg = cfg.stages.get(stage)  # UserError for an unknown stage
@@ -240,46 +231,6 @@ class Start:
 
     base: ckpt.CheckpointRef | None = None
     lora: lora.LoraSpec | None = None
-
-
-def _read_run(run_path: Path) -> dict[str, Any]:
-    """The parsed run.json of a run folder: UserError without one, DamagedFile when it does not parse."""
-    path = run_path / RUN_FILE
-    if not path.is_file():
-        raise UserError(f"{run_path} is not a musiclm run folder ({RUN_FILE} is missing)")
-    run = read_json(path, RUN_ADVICE)
-    if not isinstance(run, dict):
-        raise DamagedFile(path, "not a JSON object", RUN_ADVICE)
-    return run
-
-
-def read_run_lenient(run_path: str | Path) -> dict[str, Any] | None:
-    """The parsed run.json of a run folder, None when it is missing or damaged."""
-    try:
-        return _read_run(Path(run_path))
-    except UserError:
-        return None
-
-
-def run_files(run_dir: str | Path) -> dict[str, tuple[FileRecord | None, str]]:
-    """The files of a run folder besides its checkpoints, for ``musiclm verify``: run.json, and when there
-    metrics.jsonl, TensorBoard event files and manifest.json (logs and a copy: no records of their own,
-    they are checked for being whole), and the tokenizer copy's files with their records."""
-    from musiclm.shards.manifest import MANIFEST_FILE
-
-    run_dir = Path(run_dir)
-    out: dict[str, tuple[FileRecord | None, str]] = {RUN_FILE: (None, RUN_ADVICE)}
-    for name in (METRICS_FILE, MANIFEST_FILE):
-        if (run_dir / name).exists():
-            out[name] = (None, "musiclm train --resume writes it again")
-    for p in sorted((run_dir / TB_DIR).rglob("*")):
-        if p.is_file():
-            out[p.relative_to(run_dir).as_posix()] = (None, "TensorBoard's log; metrics.jsonl holds the same values")
-    if (run_dir / TOKENIZER_DIR).is_dir():
-        from musiclm.pipeline.tokenizer import expected_files as tokenizer_files  # verify only: training never imports the pipeline
-
-        out.update({f"{TOKENIZER_DIR}/{rel}": v for rel, v in tokenizer_files(run_dir / TOKENIZER_DIR).items()})
-    return out
 
 
 @dataclasses.dataclass
@@ -364,7 +315,7 @@ def resolve_start(
         return Start()
     folder = ckpt.checkpoint_folder(init_from)
     base_run = ckpt.run_folder(folder)
-    base = _read_run(base_run)
+    base = read_run(base_run)
     check_base(base, stage, cfg, info, Path(init_from))
     ckpt.require_sound(folder, base, named=folder == Path(init_from))  # before its sha256 names it in run.json
     if spec is not None and ckpt.weights_file(folder).name == ckpt.ADAPTER:
@@ -583,56 +534,13 @@ def _prepare_run_folder(
     }
     if resumed:
         run["resumed_at_step"] = step
-    atomic.write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
-    _copy_tokenizer(data / TOKENIZER_DIR, out / TOKENIZER_DIR, info)
+    write_run(out, run)
+    copy_tokenizer(data / TOKENIZER_DIR, out / TOKENIZER_DIR, info)
     carry_manifest(data, out)  # the corpus these weights learned from travels with them
     start_logs(out, step if resumed else None)
 
 
-def _copy_tokenizer(src: Path, dst: Path, info: TokenInfo) -> None:
-    """Copy the tokenizer folder into the run (atomically; kept when it is already the same tokenizer,
-    copied again when its tokenizer.json is another tokenizer's or unreadable)."""
-    try:
-        if json.loads((dst / TOKENIZER_FILE).read_bytes()).get("fingerprint") == info.fingerprint:
-            return
-    except (OSError, ValueError, AttributeError):
-        pass
-    if (src / TOKENIZER_FILE).is_file():
-        atomic.copy_folder(src, dst)
-    else:
-        staging = atomic.fresh_staging(dst)
-        (staging / TOKENIZER_FILE).write_text(json.dumps(info.raw, indent=2) + "\n")
-        atomic.replace_folder(staging, dst)
-
-
-# ---- loading a trained stage ------------------------------------------------------------------------------------------
-
-
-def load_stage(run_dir: str | Path, device: str | torch.device | None = None) -> tuple[MusicTransformer, StageLayout, Config, TokenInfo]:
-    """A trained stage from its run folder (latest checkpoint) or from one checkpoint folder.
-
-    Returns ``(model, layout, cfg, info)``: the model in eval mode on ``device``
-    (default: cuda if available, else cpu), the stage's sequence layout, the
-    run's config and its tokenizer info. Reads no data folder. An adapter run
-    (LoRA) gives its base with the adapter merged in: a plain fp32 model. Its
-    base must be where run.json says and hold the same weights (else UserError).
-    """
-    path = Path(run_dir)
-    folder = ckpt.checkpoint_folder(path)
-    run_path = ckpt.run_folder(folder)
-    run = _read_run(run_path)
-    ckpt.require_sound(folder, run, named=folder == path)
-    cfg = config_from_dict(run["config"])
-    info = TokenInfo.from_json(run["tokenizer"])
-    layout = layout_for(run["stage"], info, cfg.stages.get(run["stage"]))
-    model = MusicTransformer.for_layout(cfg.model, layout)
-    if run.get("lora"):
-        base = ckpt.CheckpointRef.from_json(run["init_from"]).verify(f"the adapter run {run_path}")
-        model.load_state_dict(ckpt.load_weights(base))
-        model = lora.merged(model, lora.LoraSpec.from_json(run["lora"]), ckpt.load_weights(folder, file=ckpt.ADAPTER), str(folder))
-    else:
-        model.load_state_dict(ckpt.load_weights(folder))
-    return model.to(pick_device(device)).eval(), layout, cfg, info
+# ---- merging an adapter run ------------------------------------------------------------------------------------------
 
 
 def merge_run(adapter_run: str | Path, out: str | Path) -> Path:
@@ -645,7 +553,7 @@ def merge_run(adapter_run: str | Path, out: str | Path) -> Path:
     """
     folder = ckpt.checkpoint_folder(adapter_run)
     run_path = ckpt.run_folder(folder)
-    run = _read_run(run_path)
+    run = read_run(run_path)
     out = Path(out)
     if not run.get("lora"):
         raise UserError(f"{run_path} is not an adapter run (it was trained without --lora-rank): it is a full stage run already")
@@ -660,9 +568,9 @@ def merge_run(adapter_run: str | Path, out: str | Path) -> Path:
     merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     out.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(out)
-    _copy_tokenizer(run_path / "tokenizer", out / "tokenizer", info)
+    copy_tokenizer(run_path / TOKENIZER_DIR, out / TOKENIZER_DIR, info)
     carry_manifest(run_path, out)
-    atomic.write_text(out / RUN_FILE, json.dumps(merged, indent=2, default=str) + "\n")
+    write_run(out, merged)
     ckpt.save_checkpoint(out, step, model.state_dict(), {"step": step, "merged_from": str(folder.resolve())}, keep_last=0)
     spec = lora.LoraSpec.from_json(run["lora"])
     print(f"merged the rank-{spec.rank} adapter of {folder} into its base {run['init_from']['folder']}: wrote {out}")
