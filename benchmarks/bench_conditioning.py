@@ -51,7 +51,8 @@ from bench_train_vs_onthefly import random_quantizers  # noqa: E402
 from musiclm.config import STAGES, load_config  # noqa: E402
 from musiclm.generation import MusicLM  # noqa: E402
 from musiclm.pipeline.tokenizer import Tokenizer  # noqa: E402
-from musiclm.training.trainer import load_stage, run_train  # noqa: E402
+from musiclm.training.run_folder import load_stage  # noqa: E402
+from musiclm.training.trainer import run_train  # noqa: E402
 from tests import known_answer as ka  # noqa: E402
 
 KINDS = ("index", "time")

@@ -58,7 +58,7 @@ def run_variant(stage: str, rank: int, batch: int, steps: int, threads: int) -> 
     from musiclm.models.transformer import MusicTransformer
     from musiclm.training import lora
     from musiclm.training.data import collate
-    from musiclm.training.trainer import param_groups
+    from musiclm.training.optim import param_groups
     from tests.factories import fake_info, fake_sample
 
     torch.set_num_threads(threads)

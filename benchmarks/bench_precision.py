@@ -106,7 +106,7 @@ def speed(args) -> None:
 def losses(runs: Path, data: Path) -> None:
     from musiclm.shards.format import TokenInfo
     from musiclm.training.data import count_labels, split_data, val_batches
-    from musiclm.training.trainer import load_stage
+    from musiclm.training.run_folder import load_stage
 
     print(f"\nheld-out loss (nats per label) of the trained stages in {runs}, on the trainer's validation windows of {data}")
     print(f"  {'':>8}  " + "  ".join(f"{p:>16}" for p in INFERENCE_PRECISIONS))

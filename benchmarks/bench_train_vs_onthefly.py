@@ -55,7 +55,7 @@ def main() -> None:
     from musiclm.shards.format import TokenInfo, TokenSample, sample_key
     from musiclm.shards.writer import ShardWriter
     from musiclm.training.data import TrainStream, collate, index_shards
-    from musiclm.training.trainer import param_groups
+    from musiclm.training.optim import param_groups
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", nargs="+", default=["semantic", "coarse"])

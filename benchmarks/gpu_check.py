@@ -237,7 +237,7 @@ def train_small() -> dict:
     from musiclm.config import load_config
     from musiclm.models.layout import layout_for
     from musiclm.models.transformer import MusicTransformer
-    from musiclm.training.trainer import param_groups
+    from musiclm.training.optim import param_groups
     from tests.factories import fake_info
 
     cfg = load_config("small")

@@ -147,7 +147,7 @@ def merge(
     out: Path = typer.Option(..., "--out", help="The full stage run folder to write."),
 ) -> None:
     """Fold a LoRA adapter into its base: a stage run folder that no longer needs the base."""
-    from musiclm.training.trainer import merge_run
+    from musiclm.training.merge import merge_run
 
     merge_run(adapter_run, out)
 

@@ -241,9 +241,9 @@ def embed_folder(folder: str | Path, tokenizer: Tokenizer, kind: str = "clap", b
 def eval_device(device: str | None) -> torch.device:
     """The device for ``--device``: auto (or None) is cuda when available, else cpu; cpu, cuda, cuda:N
     are checked to exist (a :class:`UserError` otherwise), as for musiclm train and generate."""
-    from musiclm.training.trainer import _pick_device
+    from musiclm.device import pick_device
 
-    return _pick_device(None if device in (None, "auto") else device, local_rank=0)
+    return pick_device(None if device in (None, "auto") else device, local_rank=0)
 
 
 class _FileProgress:

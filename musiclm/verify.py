@@ -58,7 +58,7 @@ def _tokenizer(folder: Path) -> Expected:
 
 
 def _run(folder: Path) -> Expected:
-    from musiclm.training.checkpoint import expected_files
+    from musiclm.training.run_folder import expected_files
 
     return expected_files(folder)
 

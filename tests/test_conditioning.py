@@ -18,7 +18,8 @@ import pytest
 from musiclm.config import STAGES
 from musiclm.errors import UserError
 from musiclm.generation import MusicLM
-from musiclm.training.trainer import load_stage, run_train
+from musiclm.training.run_folder import load_stage
+from musiclm.training.trainer import run_train
 from tests import known_answer as ka
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow, pytest.mark.timeout(1500)]  # the first test pays for training the three stages

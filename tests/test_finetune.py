@@ -34,7 +34,9 @@ from musiclm.shards.format import TokenInfo
 from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
 from musiclm.training.data import collate, count_labels, split_data, val_batches
-from musiclm.training.trainer import load_stage, param_groups, run_train
+from musiclm.training.optim import param_groups
+from musiclm.training.run_folder import load_stage
+from musiclm.training.trainer import run_train
 from tests.conftest import run_cli
 from tests.factories import (
     fake_info,

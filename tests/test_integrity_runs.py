@@ -23,7 +23,8 @@ from musiclm.generation import MusicLM
 from musiclm.integrity import UNRECORDED, FileRecord, end_marker_problem, quick_check, read_records
 from musiclm.shards import tokenizer_folder as tok
 from musiclm.training import checkpoint as ckpt
-from musiclm.training.trainer import load_stage, run_train
+from musiclm.training.run_folder import load_stage
+from musiclm.training.trainer import run_train
 from musiclm.verify import verify_folder
 from tests.conftest import run_cli
 from tests.factories import materialize

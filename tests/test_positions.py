@@ -16,7 +16,8 @@ from musiclm.errors import UserError
 from musiclm.models.layout import StageLayout
 from musiclm.models.sampling import sample_target
 from musiclm.models.transformer import MusicTransformer
-from musiclm.training.trainer import check_resumable, load_stage
+from musiclm.training.resume import check_resumable
+from musiclm.training.run_folder import load_stage
 from tests.factories import fake_info
 
 INDEX_RUN = Path(__file__).parent / "fixtures" / "index_run"

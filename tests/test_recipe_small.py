@@ -121,7 +121,7 @@ def runs(recipe) -> Path:
 
 @pytest.mark.parametrize("stage", ["semantic", "coarse", "fine"])
 def test_small_trains_one_step_of_each_full_size_stage(runs, stage):
-    from musiclm.training.trainer import load_stage
+    from musiclm.training.run_folder import load_stage
 
     model, layout, cfg, _ = load_stage(runs / stage)
     assert (len(model.blocks), cfg.model.d_model, cfg.model.n_heads) == (6, 1024, 8)

@@ -25,7 +25,9 @@ from musiclm.shards.format import TokenInfo
 from musiclm.shards.stats import unigram_entropy
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.data import collate, split_data
-from musiclm.training.trainer import LossModule, accumulate_gradients, load_stage, lr_factor, param_groups, run_train
+from musiclm.training.optim import LossModule, accumulate_gradients, lr_factor, param_groups
+from musiclm.training.run_folder import load_stage
+from musiclm.training.trainer import run_train
 from tests.factories import fake_info_json, fake_sample, fake_shards, torch_threads, write_tokenizer_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -189,7 +189,7 @@ def _find_tokenizer(runs: list[Path], fingerprint: str) -> Path:
     passed over for the next candidate."""
     from musiclm.shards.tokenizer_folder import ADVICE, RECORDS_FILE, read_checked_record, tokenizer_folder
     from musiclm.shards.format import TOKENIZER_FILE
-    from musiclm.training.trainer import RUN_FILE
+    from musiclm.training.run_folder import RUN_FILE
 
     candidates = [run / "tokenizer" for run in runs]
     for run in runs:
@@ -291,9 +291,10 @@ class MusicLM:
         """
         from musiclm.hub import stage_source
         from musiclm.training.checkpoint import run_folder
-        from musiclm.training.trainer import _pick_device, load_stage
+        from musiclm.device import pick_device
+        from musiclm.training.run_folder import load_stage
 
-        dev = _pick_device(device, local_rank=0)  # the same devices and errors as musiclm train
+        dev = pick_device(device, local_rank=0)  # the same devices and errors as musiclm train
         paths = {"semantic": semantic, "coarse": coarse, "fine": fine}
         stages: dict[str, Stage] = {}
         for name, path in paths.items():

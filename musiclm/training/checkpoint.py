@@ -31,7 +31,10 @@ checkpoints carry a record file (``RECORDS_FROM``): older ones (written before
 record files existed) are checked for their structure only.
 
 ``state.pt`` holds tensors, numbers, strings, lists and dicts only, so it loads
-with ``torch.load(weights_only=True)``.
+with ``torch.load(weights_only=True)``. The files of the whole run folder, for
+``musiclm verify``, are listed by run_folder.py.
+
+Layer: training (imports only the base layer).
 """
 
 from __future__ import annotations
@@ -310,40 +313,6 @@ def load_state(folder: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise DamagedFile(path, f"unreadable: {_first_line(e)}", ADVICE) from None
-
-
-# ---- what a run folder holds (``musiclm verify``) -----------------------------------------------------------------
-
-
-def expected_files(run_dir: str | Path) -> dict[str, tuple[FileRecord | None, str]]:
-    """Every file a run folder should hold, ``{path relative to run_dir: (record or None, advice)}``: the run's
-    own files (:func:`musiclm.training.trainer.run_files`, its tokenizer copy included), ``checkpoints/latest``
-    and each checkpoint's files with their records. A checkpoint whose record file is damaged has its other
-    files listed without records (the record file is what is reported)."""
-    from musiclm.training.trainer import read_run_lenient, run_files
-
-    run_dir = Path(run_dir)
-    out = run_files(run_dir)
-    first = records_from(read_run_lenient(run_dir), run_dir)
-    folders = step_folders(run_dir)
-    if folders or (run_dir / CHECKPOINTS / LATEST).exists():
-        out[f"{CHECKPOINTS}/{LATEST}"] = (None, "musiclm train --resume writes it again")
-    for step, folder in folders:
-        prefix = f"{CHECKPOINTS}/{folder.name}"
-        recorded = step >= first
-        try:
-            records = checkpoint_records(folder, recorded)
-        except UserError:  # damaged or missing record file: reported; the files it would list are checked for structure
-            records = {p.name: None for p in folder.iterdir() if p.is_file() and p.name != RECORDS}
-            out[f"{prefix}/{RECORDS}"] = (None, ADVICE)
-        else:
-            if (folder / RECORDS).exists():
-                out[f"{prefix}/{RECORDS}"] = (None, ADVICE)
-            elif not (folder / STATE).exists():  # unrecorded and weights only: pushed before record files
-                records.pop(STATE)
-        for name, record in records.items():
-            out[f"{prefix}/{name}"] = (record, ADVICE)
-    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,388 +1,56 @@
 """``musiclm train STAGE``: the training loop of one stage, from cached tokens only.
 
-A run folder ``RUN`` (``--out``) holds::
+:func:`run_train` checks the options against the run folder (run_folder.py)
+and against the run it resumes or fine-tunes from (resume.py), sets up the
+processes (distributed.py), and hands one :class:`Trainer` per rank the rest:
+the optimiser and schedule (optim.py), the loop of named steps, evaluations
+and saves (checkpoint.py), and the logs (logs.py).
 
-    run.json            stage, full config, tokenizer info (with fingerprint), data paths, layout, world size
-    tokenizer/          a copy of the data's tokenizer folder (tokenizer.json, quantizers, offline
-                        backbones), so generation decodes with exactly the tokenizer trained on
-    checkpoints/        step-NNNNNNNNN/{model.safetensors,state.pt,records.json} and ``latest`` (see checkpoint.py)
-    metrics.jsonl       one JSON object per logged step: "step", "train/loss", "train/lr", "val/loss", ...
-    tb/                 the same scalars for TensorBoard
-
-Fine-tuning (``init_from``): the run starts from another run's weights (same
-stage, model and stage config, same tokenizer) with a fresh optimizer at step 0;
-run.json names that checkpoint by path and sha256 (``init_from``). With a LoRA
-rank (lora.py) the base stays frozen and only the adapter trains; checkpoints
-then hold ``adapter.safetensors`` (the adapter's tensors) and the optimizer state
-of those tensors, and :func:`load_stage` returns the base with the adapter merged,
-so an adapter run stands wherever a stage run does. :func:`merge_run` writes it
-out as a full stage run.
-
-Optimisation: AdamW with weight decay on the matrices of the linear layers
-(attention, MLP, output heads) only; the embedding table and the RMSNorm gains
-are not decayed (the table holds ids that are rare or unused in a batch, such
-as the null and pad ids, which decay would pull towards zero for no reason).
-Nor are LoRA adapters: decay on ``A`` and ``B`` penalises their norms, not the
-update ``B A`` they make, and would only pull a fine-tune back towards its base
-at a rate set by the rank.
-The learning rate warms up linearly over ``warmup_steps`` and then follows a
-cosine down to ``lr * min_lr_ratio`` at ``steps``; gradients are clipped to
-``grad_clip`` (global norm) and accumulated over ``grad_accum`` micro-batches.
-On CUDA the forward pass runs under bf16 autocast (weights and optimizer in
-fp32); on CPU everything is fp32.
-
-Exact resume: a checkpoint stores the optimizer, scheduler and RNG states and
-how many batches each rank consumed; the loader restarts at that batch (see
-data.py), so a resumed run computes the same steps as an uninterrupted one.
-A resumed run continues from the newest *sound* checkpoint (every file hashed
-against its record, see checkpoint.py); newer damaged ones are named on stderr
-and moved aside (``checkpoints/damaged-step-…``), and their steps are trained
-again. With none sound left it refuses in one line. A damaged run.json is
-written again when the run's config is given (``--preset``/``--config``).
-
-Several processes: under ``torchrun`` (``WORLD_SIZE > 1``) each rank reads a
-disjoint part of the data, gradients are averaged by DistributedDataParallel
-(gloo on CPU, nccl on CUDA), logged losses are averaged over ranks, and only
-rank 0 writes the run folder. A rank's process ends as soon as its training
-has (see :func:`end_worker_process`).
+Layer: training (imports the base layer, musiclm.shards, musiclm.models and the
+other training modules).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from musiclm import atomic
-from musiclm.config import Config, config_from_dict, load_config, recorded_model, to_dict
+from musiclm.config import Config, TrainConfig, config_from_dict, load_config
 from musiclm.errors import UserError
-from musiclm.integrity import DamagedFile, FileRecord, read_json
 from musiclm.models.layout import StageLayout, layout_for
 from musiclm.models.transformer import MusicTransformer
-from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
+from musiclm.shards.format import TokenInfo
 from musiclm.shards.manifest import carry_manifest
 from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
 from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loader, split_data, val_batches
-
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
-TOKENIZER_DIR = "tokenizer"
-RUN_ADVICE = "restore run.json from a copy; musiclm train --resume with the run's --preset/--config writes it again"
-DEBUG_KEYS_ENV = "MUSICLM_DEBUG_KEYS"  # a folder: each rank appends the clip keys of every batch it trains on
-
-
-# ---- devices and processes ------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _pick_device(device: str | torch.device | None, local_rank: int) -> torch.device:
-    if device is None:
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-        if dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise UserError(f"unsupported device '{device}': use cpu, cuda or cuda:N")
-    return dev
-
-
-def setup_distributed(device: str | None) -> Dist:
-    """The process group when launched by torchrun (WORLD_SIZE > 1), and this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _pick_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local_rank, dev)
-
-
-def end_worker_process() -> NoReturn:
-    """End this torchrun worker with exit status 0, skipping the interpreter's teardown.
-
-    DDP keeps references to its gloo process group that outlive ``destroy_process_group``,
-    so gloo's worker threads are still running while Python finalizes. The last collective
-    (``all_gather_object`` in a checkpoint save) leaves its output tensors to such a thread
-    to free; on a busy machine the thread runs late, after finalization began, and freeing
-    a tensor that Python already dropped takes the GIL. Python then ends the thread with
-    ``pthread_exit``, which unwinds through a noexcept destructor: std::terminate, SIGABRT,
-    and torchrun stops every other rank. The run folder is complete and closed by now, so
-    the process only has to flush its output and leave.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _all_sum(values: list[float], d: Dist) -> list[float]:
-    if d.world_size == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _all_mean(values: list[float], d: Dist) -> list[float]:
-    return [v / d.world_size for v in _all_sum(values, d)]
-
-
-# ---- optimisation ---------------------------------------------------------------------------------------------------
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups of the trainable parameters: linear-layer matrices decay; embeddings, norm gains
-    and LoRA adapters do not (see the module docstring)."""
-    decay, no_decay = [], []
-    for module_name, module in model.named_modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            decayed = isinstance(module, nn.Linear) and name == "weight" and not lora.is_adapter(module_name)
-            (decay if decayed else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of the base learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class LossModule(nn.Module):
-    """``forward`` = the model's loss, so that DDP (which hooks ``forward``) and torch.compile see the training step."""
-
-    def __init__(self, model: MusicTransformer):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, label_levels: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(tokens, labels, label_levels)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def accumulate_gradients(step_module: nn.Module, batches: Iterator[dict[str, Any]], n: int, device: torch.device, distributed: bool) -> list[torch.Tensor]:
-    """Forward and backward of the next ``n`` micro-batches of ``batches``, their gradients summed into ``.grad``.
-
-    ``step_module`` maps (tokens, labels, label_levels) to a mean loss. Each loss is
-    divided by ``n``, so the accumulated gradient is the mean of the micro-batches'
-    gradients: with equal label counts, the gradient of one batch of all of them.
-    Under DDP (``distributed``) gradients are all-reduced with the last micro-batch only.
-    Returns the ``n`` losses (0-dim, detached, undivided).
-    """
-    losses = []
-    for micro in range(n):
-        b = next(batches)
-        sync = micro == n - 1 or not distributed
-        with contextlib.nullcontext() if sync else step_module.no_sync():
-            with _autocast(device):
-                loss = step_module(b["tokens"].to(device, non_blocking=True), b["labels"].to(device, non_blocking=True), b["label_levels"].to(device, non_blocking=True))
-            (loss / n).backward()
-        losses.append(loss.detach())
-    return losses
-
-
-# ---- RNG states (plain data, so state.pt loads with weights_only) ---------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---- the run folder ---------------------------------------------------------------------------------------------------
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x))
-
-
-def _first_difference(old: Any, new: Any, where: str = "") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new)):
-            if old.get(k) != new.get(k):
-                return _first_difference(old.get(k), new.get(k), f"{where}.{k}" if where else k)
-    return f"{where}: {old!r} in the run, {new!r} now"
-
-
-def check_resumable(run: dict[str, Any], stage: str, cfg: Config, info: TokenInfo, out: Path) -> None:
-    """Refuse to continue a run of another stage, model, stage config or tokenizer (UserError)."""
-    _check_same_stage(run, stage, cfg, info, str(out), "choose another --out")
-
-
-def check_base(run: dict[str, Any], stage: str, cfg: Config, info: TokenInfo, base: Path) -> None:
-    """Refuse to fine-tune from a run of another stage, model, stage config or tokenizer (UserError)."""
-    _check_same_stage(run, stage, cfg, info, f"--init-from {base}", "choose another --init-from")
-
-
-def _check_same_stage(run: dict[str, Any], stage: str, cfg: Config, info: TokenInfo, what_run: str, other: str) -> None:
-    if run.get("stage") != stage:
-        raise UserError(f"{what_run} is a run of stage '{run.get('stage')}', not '{stage}'; {other}")
-    if run.get("fingerprint") != info.fingerprint:
-        raise UserError(
-            f"{what_run} was trained on tokens of another tokenizer (fingerprint {run.get('fingerprint')}, data has {info.fingerprint}); "
-            f"tokenize the data with that run's tokenizer (musiclm tokenize --tokenizer) or {other}"
-        )
-    old_cfg = run.get("config", {})
-    for what, new in (("model", to_dict(cfg.model)), (f"stages.{stage}", to_dict(cfg.stages.get(stage)))):
-        old = recorded_model(old_cfg.get("model") or {}) if what == "model" else old_cfg.get("stages", {}).get(stage)
-        if old != _jsonable(new):
-            diff = _first_difference(old, _jsonable(new), what)
-            raise UserError(f"{what_run} was trained with another config ({diff}); pass the run's --preset/--config or {other}")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics logged after ``last_step`` (by a run killed after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by the kill
-    atomic.write_text(path, "".join(line + "\n" for line in keep))
-
-
-class Metrics:
-    """metrics.jsonl (flushed per line) and TensorBoard scalars; written by rank 0 only."""
-
-    def __init__(self, run_dir: Path, start_step: int):
-        self.file = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the whole run, closed by close())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=start_step + 1 if start_step else None)
-        except ImportError:  # tensorboard missing: metrics.jsonl still has everything
-            self.tb = None
-
-    def log(self, step: int, values: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-# ---- progress ---------------------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A rich progress bar on a terminal; one plain line per log step otherwise. Rank 0 only."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        from rich.console import Console
-
-        self.enabled = enabled
-        self.console = Console(stderr=True, soft_wrap=True)
-        self.bar = None
-        if enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
-
-            self.bar = RichProgress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"),
-                TimeRemainingColumn(),
-                console=self.console,
-            )
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
-            self.bar.start()
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text, highlight=False, markup=False)
-
-    def advance(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step)
-
-    def logged(self, step: int, total: int, values: dict[str, float]) -> None:
-        if self.bar is not None:
-            if "train/loss" in values:
-                self.bar.update(self.task, loss=f"{values['train/loss']:.3f}", tps=f"{values['tokens_per_s']:.0f}")
-            if "val/loss" in values:
-                self.bar.console.print(f"step {step}: val/loss {values['val/loss']:.4f}", highlight=False)
-        elif self.enabled:
-            parts = [f"{k} {v:.4g}" for k, v in values.items()]
-            self.print(f"step {step}/{total}  " + "  ".join(parts))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-# ---- the run ------------------------------------------------------------------------------------------------------------
+from musiclm.training.distributed import Dist, all_gather, all_mean, all_sum, end_worker_process, env_rank, setup_distributed, teardown_distributed
+from musiclm.training.logs import DEBUG_KEYS_ENV, Metrics, Progress, log_batch_keys, start_logs
+from musiclm.training.optim import LossModule, accumulate_gradients, autocast, make_optimizer
+from musiclm.training.resume import (
+    ResumePoint,
+    Start,
+    check_resumable,
+    check_without_run_file,
+    read_previous,
+    resolve_start,
+    resume_point,
+    rng_state,
+    set_aside_passed,
+    set_rng_state,
+)
+from musiclm.training.run_folder import RUN_FILE, TOKENIZER_DIR, copy_tokenizer, load_stage, read_run, read_run_lenient, write_run
 
 
 def run_train(
@@ -422,39 +90,19 @@ def run_train(
     Under torchrun (``WORLD_SIZE > 1``) a finished run ends the process instead of returning.
     """
     run_file = Path(out) / RUN_FILE
-    previous, run_problem = None, None  # run.json of the run resumed; what is wrong with it
-    if resume and run_file.is_file():
-        try:
-            previous = _read_run(Path(out))
-        except DamagedFile as e:
-            run_problem = f"is damaged ({e.problem})"
-    elif resume and ckpt.latest_checkpoint(out) is not None:
-        run_problem = "is missing"
+    previous, run_problem = read_previous(Path(out), resume)  # run.json of the run resumed; what is wrong with it
     if run_problem is not None and cfg is None:  # written again from the config given, if one is
         raise UserError(f"{run_file} {run_problem}: pass the run's --preset/--config to resume it (run.json is written again), or restore run.json from a copy")
     if cfg is None:
-        if previous is not None:
-            cfg = config_from_dict(previous["config"])
-        elif init_from is not None:
-            cfg = config_from_dict(_read_run(ckpt.run_folder(ckpt.checkpoint_folder(init_from)))["config"])
-        else:
-            cfg = load_config("small")
+        cfg = _run_config(previous, init_from)
     stage_cfg = cfg.stages.get(stage)  # UserError for an unknown stage
     overrides = {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "seed": seed, "eval_every": eval_every, "save_every": save_every, "num_workers": num_workers}
-    tc = dataclasses.replace(cfg.train, **{k: v for k, v in overrides.items() if v is not None})
-    if compile:
-        tc = dataclasses.replace(tc, compile=True)
-    for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
-        if getattr(tc, name) < 1:
-            raise UserError(f"train.{name} must be at least 1, got {getattr(tc, name)}")
-    if tc.lr <= 0 or tc.num_workers < 0:
-        raise UserError(f"train.lr must be > 0 and train.num_workers >= 0 (got {tc.lr}, {tc.num_workers})")
-    cfg = dataclasses.replace(cfg, train=tc)
+    cfg = dataclasses.replace(cfg, train=_train_settings(cfg.train, overrides, compile))
     data, out = Path(data), Path(out)
 
     info = TokenInfo.load(data)
     layout = layout_for(stage, info, stage_cfg)
-    split = split_data(data, info, val_data, tc.val_fraction)
+    split = split_data(data, info, val_data, cfg.train.val_fraction)
 
     latest = ckpt.latest_checkpoint(out)
     if latest is not None and not resume:
@@ -465,196 +113,102 @@ def run_train(
             raise UserError(f"{out} was written by musiclm merge and holds no optimizer state to resume; fine-tune it with --init-from {out} and another --out")
     point = resume_point(out, previous) if resume and latest is not None else None
     if run_problem is not None and point is not None:
-        _check_without_run_file(out, info, point, f"{run_file} {run_problem}")
-        if int(os.environ.get("RANK", "0")) == 0:
+        check_without_run_file(out, info, point, f"{run_file} {run_problem}")
+        if env_rank() == 0:
             print(f"note: {run_file} {run_problem}; resuming with the config given, and writing it again", file=sys.stderr)
     start = resolve_start(stage, cfg, info, out, init_from, lora_rank, lora_alpha, previous, point.folder if point is not None else None)
 
     d = setup_distributed(device)
     try:
-        _train(stage, data, out, cfg, layout, info, split, val_data, point, d, start)
+        Trainer(stage, data, out, cfg, layout, info, split, val_data, point, d, start).run()
     finally:
-        if d.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed(d)
     if d.world_size > 1:
         end_worker_process()
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Start:
-    """Where a run's weights come from besides its own checkpoints: the checkpoint it was
-    initialised from (None: random weights) and the adapter it trains (None: every weight)."""
-
-    base: ckpt.CheckpointRef | None = None
-    lora: lora.LoraSpec | None = None
-
-
-def _read_run(run_path: Path) -> dict[str, Any]:
-    """The parsed run.json of a run folder: UserError without one, DamagedFile when it does not parse."""
-    path = run_path / RUN_FILE
-    if not path.is_file():
-        raise UserError(f"{run_path} is not a musiclm run folder ({RUN_FILE} is missing)")
-    run = read_json(path, RUN_ADVICE)
-    if not isinstance(run, dict):
-        raise DamagedFile(path, "not a JSON object", RUN_ADVICE)
-    return run
+def _run_config(previous: dict[str, Any] | None, init_from: str | Path | None) -> Config:
+    """The config of a run given none: the resumed run's own, else the ``init_from`` run's, else the small preset."""
+    if previous is not None:
+        return config_from_dict(previous["config"])
+    if init_from is not None:
+        return config_from_dict(read_run(ckpt.run_folder(ckpt.checkpoint_folder(init_from)))["config"])
+    return load_config("small")
 
 
-def read_run_lenient(run_path: str | Path) -> dict[str, Any] | None:
-    """The parsed run.json of a run folder, None when it is missing or damaged."""
-    try:
-        return _read_run(Path(run_path))
-    except UserError:
-        return None
+def _train_settings(tc: TrainConfig, overrides: dict[str, Any], compile: bool) -> TrainConfig:
+    """``tc`` with the options given (``overrides``' values that are not None), checked (UserError)."""
+    tc = dataclasses.replace(tc, **{k: v for k, v in overrides.items() if v is not None})
+    if compile:
+        tc = dataclasses.replace(tc, compile=True)
+    for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+        if getattr(tc, name) < 1:
+            raise UserError(f"train.{name} must be at least 1, got {getattr(tc, name)}")
+    if tc.lr <= 0 or tc.num_workers < 0:
+        raise UserError(f"train.lr must be > 0 and train.num_workers >= 0 (got {tc.lr}, {tc.num_workers})")
+    return tc
 
 
-def run_files(run_dir: str | Path) -> dict[str, tuple[FileRecord | None, str]]:
-    """The files of a run folder besides its checkpoints, for ``musiclm verify``: run.json, and when there
-    metrics.jsonl, TensorBoard event files and manifest.json (logs and a copy: no records of their own,
-    they are checked for being whole), and the tokenizer copy's files with their records."""
-    from musiclm.shards.manifest import MANIFEST_FILE
+class Trainer:
+    """One rank's training of one stage: the model, its optimizer and the loop's counters.
 
-    run_dir = Path(run_dir)
-    out: dict[str, tuple[FileRecord | None, str]] = {RUN_FILE: (None, RUN_ADVICE)}
-    for name in (METRICS_FILE, MANIFEST_FILE):
-        if (run_dir / name).exists():
-            out[name] = (None, "musiclm train --resume writes it again")
-    for p in sorted((run_dir / TB_DIR).rglob("*")):
-        if p.is_file():
-            out[p.relative_to(run_dir).as_posix()] = (None, "TensorBoard's log; metrics.jsonl holds the same values")
-    if (run_dir / TOKENIZER_DIR).is_dir():
-        from musiclm.shards.tokenizer_folder import expected_files as tokenizer_files  # verify only
-
-        out.update({f"{TOKENIZER_DIR}/{rel}": v for rel, v in tokenizer_files(run_dir / TOKENIZER_DIR).items()})
-    return out
-
-
-@dataclasses.dataclass
-class ResumePoint:
-    """The checkpoint a resumed run continues from, loaded, and the newer ones passed over as ``(folder, "file: problem")``."""
-
-    folder: Path
-    weights: dict[str, torch.Tensor]
-    state: dict[str, Any]
-    passed: list[tuple[Path, str]]
-
-
-def resume_point(out: Path, run: dict[str, Any] | None) -> ResumePoint:
-    """The newest sound checkpoint of the run folder ``out``, loaded (``run``: its parsed run.json, None when damaged).
-
-    Every file of each candidate is hashed against its record, newest first: resuming reads all of them
-    right after, and a flipped byte in state.pt loads without complaint. UserError when none is sound.
+    Built from a fresh start, a resume point (``point``: weights, optimizer, scheduler, RNG
+    and loader state) or a base run (``start``); :meth:`run` trains up to ``cfg.train.steps``,
+    one :meth:`step` at a time, with an :meth:`evaluate` every ``eval_every`` steps and a
+    :meth:`save` every ``save_every``. Only rank 0 (``d.main``) writes the run folder.
     """
 
-    def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        weights = ckpt.weights_file(folder)
-        return ckpt.load_weights(folder, file=weights.name), ckpt.load_state(folder)
+    def __init__(self, stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, val_data, point: ResumePoint | None, d: Dist, start: Start):
+        self.stage, self.data, self.out, self.cfg, self.layout, self.info = stage, data, out, cfg, layout, info
+        self.split, self.val_data, self.point, self.d, self.start = split, val_data, point, d, start
+        self.tc = tc = cfg.train
+        torch.manual_seed(tc.seed + d.rank)
+        random.seed(tc.seed + d.rank)
+        np.random.seed(tc.seed + d.rank)
 
-    folder, loaded, passed = ckpt.sound_checkpoint(out, ckpt.records_from(run, out), load=load)
-    if folder is None:
-        found = "; ".join(f"{f.name}: {problem}" for f, problem in passed)
-        raise UserError(
-            f"no sound checkpoint left in {out} ({found}): restore one from a copy, "
-            f"or train from step 0 again (into another --out, or after removing {out / ckpt.CHECKPOINTS})"
-        )
-    return ResumePoint(folder, loaded[0], loaded[1], passed)
-
-
-def _check_without_run_file(out: Path, info: TokenInfo, point: ResumePoint, problem: str) -> None:
-    """Resuming with a damaged run.json (the config given instead): what run.json would have checked
-    that can still be, from the run's tokenizer copy and its checkpoint. UserError where it cannot."""
-    try:
-        fingerprint = json.loads((out / TOKENIZER_DIR / TOKENIZER_FILE).read_bytes()).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        fingerprint = None
-    if fingerprint is not None and fingerprint != info.fingerprint:
-        raise UserError(f"{out} was trained on tokens of another tokenizer (fingerprint {fingerprint}, data has {info.fingerprint}); resume it on its own data")
-    if ckpt.weights_file(point.folder).name == ckpt.ADAPTER:
-        raise UserError(f"{problem}, and this run trains a LoRA adapter, whose base only run.json names: restore run.json from a copy")
-
-
-def resolve_start(
-    stage: str,
-    cfg: Config,
-    info: TokenInfo,
-    out: Path,
-    init_from: str | Path | None,
-    lora_rank: int | None,
-    lora_alpha: float | None,
-    previous: dict[str, Any] | None,
-    latest: Path | None,
-) -> Start:
-    """Check ``--init-from``/``--lora-*`` against the base run and against the run being resumed
-    (``previous``: its run.json; ``latest``: its checkpoint, if any). UserError on any mismatch."""
-    if lora_alpha is not None and lora_rank is None and not (previous or {}).get("lora"):
-        raise UserError("--lora-alpha needs --lora-rank")
-    spec = None if lora_rank is None else lora.LoraSpec.make(lora_rank, lora_alpha, cfg.model.d_model)
-    if previous is not None:  # a resumed run keeps its own start; options given again must agree
-        old_spec = lora.LoraSpec.from_json(previous["lora"]) if previous.get("lora") else None
-        if spec is None and lora_alpha is not None and old_spec is not None:
-            spec = lora.LoraSpec.make(old_spec.rank, lora_alpha, cfg.model.d_model)
-        if spec is not None and spec != old_spec:
-            had = f"an adapter of rank {old_spec.rank}, alpha {old_spec.alpha:g}" if old_spec else "every weight (no --lora-rank)"
-            raise UserError(f"{out} trains {had}; resume it with the options it started with, or choose another --out")
-        old_base = ckpt.CheckpointRef.from_json(previous["init_from"]) if previous.get("init_from") else None
-        if init_from is not None:
-            given = ckpt.checkpoint_folder(init_from).resolve()
-            if old_base is None or given != Path(old_base.folder):
-                raise UserError(f"{out} was started from {old_base.folder if old_base else 'random weights'}, not {given}; resume it without --init-from, or choose another --out")
-        start = Start(old_base, old_spec)
-        if start.base is not None and (start.lora is not None or latest is None):
-            start.base.verify(f"the run {out}")  # the base's weights are still needed
-        return start
-    if init_from is None:
-        if spec is not None:
-            raise UserError("--lora-rank trains an adapter on a trained stage: pass --init-from RUN (a run of musiclm train of the same stage)")
-        return Start()
-    folder = ckpt.checkpoint_folder(init_from)
-    base_run = ckpt.run_folder(folder)
-    base = _read_run(base_run)
-    check_base(base, stage, cfg, info, Path(init_from))
-    ckpt.require_sound(folder, base, named=folder == Path(init_from))  # before its sha256 names it in run.json
-    if spec is not None and ckpt.weights_file(folder).name == ckpt.ADAPTER:
-        raise UserError(f"--init-from {init_from} is an adapter run; merge it first (musiclm merge {base_run} --out DIR) and train the adapter on DIR")
-    return Start(ckpt.CheckpointRef.of(folder), spec)
-
-
-def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, val_data, point: ResumePoint | None, d: Dist, start: Start) -> Path:
-    tc = cfg.train
-    stage_cfg = cfg.stages.get(stage)
-    torch.manual_seed(tc.seed + d.rank)
-    random.seed(tc.seed + d.rank)
-    np.random.seed(tc.seed + d.rank)
-
-    model = MusicTransformer.for_layout(cfg.model, layout)
-    latest = point.folder if point is not None else None
-    state = point.state if point is not None else None
-    if start.lora is not None:
-        model.load_state_dict(ckpt.load_weights(start.base.folder))
-        lora.add_adapters(model, start.lora)
+        self.model = self._build_model()
+        self.optimizer, self.scheduler = make_optimizer(self.model, tc, d.device)
+        self.step, self.batches_done, self.best_val = 0, 0, None
+        # the losses logged at the next log step: their sum (on the device, from run()) and how many steps it covers
+        self.window_loss, self.window_steps = 0.0, 0
         if point is not None:
-            lora.load_adapter_weights(model, point.weights, str(latest))
-    elif point is not None:
-        try:
-            model.load_state_dict(point.weights)
-        except RuntimeError as e:  # reached only when run.json was damaged: the config was not checked against the run's
-            raise UserError(f"{latest} does not fit the model of this config ({str(e).strip().splitlines()[0]}): pass the run's --preset/--config") from None
-    elif start.base is not None:
-        model.load_state_dict(load_stage(start.base.folder, device="cpu")[0].state_dict())
-    if point is not None:
-        point.weights.clear()  # copied into the model: not kept for the whole run
-    model.to(d.device)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas, fused=d.device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio))
+            self._restore(point.state)
 
-    # the losses logged at the next log step: their sum (on the device) and how many steps it covers
-    step, batches_done, best_val, window_loss, window_steps = 0, 0, None, 0.0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, batches_done, best_val = int(state["step"]), int(state["loader"]["batches"]), state.get("best_val")
-        window_loss, window_steps = state.get("log_window", [0.0, 0])
+        self.step_module: nn.Module = LossModule(self.model)
+        if d.world_size > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(self.step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        if tc.compile:
+            self.step_module = torch.compile(self.step_module)
+
+    def _build_model(self) -> MusicTransformer:
+        """The stage's model on this rank's device, with the weights it starts from (resume point, base run, adapter)."""
+        point, start = self.point, self.start
+        model = MusicTransformer.for_layout(self.cfg.model, self.layout)
+        latest = point.folder if point is not None else None
+        if start.lora is not None:
+            model.load_state_dict(ckpt.load_weights(start.base.folder))
+            lora.add_adapters(model, start.lora)
+            if point is not None:
+                lora.load_adapter_weights(model, point.weights, str(latest))
+        elif point is not None:
+            try:
+                model.load_state_dict(point.weights)
+            except RuntimeError as e:  # reached only when run.json was damaged: the config was not checked against the run's
+                raise UserError(f"{latest} does not fit the model of this config ({str(e).strip().splitlines()[0]}): pass the run's --preset/--config") from None
+        elif start.base is not None:
+            model.load_state_dict(load_stage(start.base.folder, device="cpu")[0].state_dict())
+        if point is not None:
+            point.weights.clear()  # copied into the model: not kept for the whole run
+        return model.to(self.d.device)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Optimizer, scheduler, counters and this rank's RNG states from a checkpoint's state.pt."""
+        d, tc = self.d, self.tc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.batches_done, self.best_val = int(state["step"]), int(state["loader"]["batches"]), state.get("best_val")
+        self.window_loss, self.window_steps = state.get("log_window", [0.0, 0])
         rngs = state["rng"]
         set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
         stream_now = {"batch_size": tc.batch_size, "seed": tc.seed, "world_size": d.world_size, "num_workers": tc.num_workers}
@@ -662,265 +216,200 @@ def _train(stage: str, data: Path, out: Path, cfg: Config, layout: StageLayout, 
             if state["loader"].get(k) != now and d.main:
                 print(f"note: {k} changed from {state['loader'].get(k)} to {now}; the resumed run sees other batches than the original would have", file=sys.stderr)
 
-    step_module: nn.Module = LossModule(model)
-    if d.world_size > 1:
-        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    if tc.compile:
-        step_module = torch.compile(step_module)
+    def run(self) -> None:
+        """Train from the current step up to ``train.steps``: log, evaluate and save on their schedules."""
+        d, tc = self.d, self.tc
+        if d.main:
+            self._prepare_run_folder()
+        progress = Progress(d.main, tc.steps, self.step)
+        self._announce(progress)
+        if self.step >= tc.steps:
+            progress.print(f"nothing to do: the run is already at step {self.step} of {tc.steps}")
+            progress.close()
+            return
 
-    if d.main:
-        _prepare_run_folder(out, stage, data, val_data, cfg, layout, info, split, model, d, step, point=point, start=start)
-    progress = Progress(d.main, tc.steps, step)
-    progress.print(f"{layout.describe()}; {model.num_parameters():,} parameters on {d.device} x {d.world_size}")
-    if start.base is not None:
-        progress.print(f"fine-tuning {start.base.folder} (its step {start.base.step})")
-    if start.lora is not None:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        progress.print(f"LoRA rank {start.lora.rank}, alpha {start.lora.alpha:g} on {', '.join(start.lora.targets)}: {trainable:,} trainable parameters, the base frozen")
-    progress.print(f"training: {sum(e.used for e in split.train)} clips in {len(split.train)} shards; {split.how}")
-    if point is not None:
-        for folder, problem in point.passed:
-            progress.print(f"checkpoint {folder.name} is damaged ({problem}); resuming from {latest.name} (the damaged one is moved to {ckpt.CHECKPOINTS}/{ckpt.DAMAGED_PREFIX}{folder.name})")
-        progress.print(f"resuming from {latest} (step {step})")
-    if step >= tc.steps:
-        progress.print(f"nothing to do: the run is already at step {step} of {tc.steps}")
-        progress.close()
-        return out
+        stream = TrainStream(self.split.train, self.layout, tc.batch_size, tc.seed, self.cfg.stages.get(self.stage).cond_dropout, d.rank, d.world_size, start_batch=self.batches_done)
+        batches = iter(make_loader(stream, tc.num_workers, pin_memory=d.device.type == "cuda"))
+        self.val = val_batches(self.split.val, self.layout, tc.batch_size, tc.eval_batches)
+        metrics = Metrics(self.out, self.step) if d.main else None
+        train_batches = self._counted(batches, os.environ.get(DEBUG_KEYS_ENV))
+        self.model.train()
+        self.window_start, self.steps_in_window = time.perf_counter(), 0
+        # the window's loss sum stays on the device so that a step never waits for the GPU
+        self.window_sum = torch.tensor(self.window_loss, dtype=torch.float64, device=d.device)
+        try:
+            while self.step < tc.steps:
+                grad_norm, lr_now = self.train_step(train_batches)
+                progress.advance(self.step)
+                values = self._train_values(grad_norm, lr_now) if self._due(tc.log_every) else {}
+                if self._due(tc.eval_every):
+                    values.update(self._val_values())
+                if values and d.main:
+                    metrics.log(self.step, values)
+                    progress.logged(self.step, tc.steps, values)
+                if self._due(tc.save_every):
+                    self.save()
+        finally:
+            progress.close()
+            if metrics is not None:
+                metrics.close()
 
-    stream = TrainStream(split.train, layout, tc.batch_size, tc.seed, stage_cfg.cond_dropout, d.rank, d.world_size, start_batch=batches_done)
-    batches = iter(make_loader(stream, tc.num_workers, pin_memory=d.device.type == "cuda"))
-    val = val_batches(split.val, layout, tc.batch_size, tc.eval_batches)
-    my_val = val[d.rank :: d.world_size]
-    metrics = Metrics(out, step) if d.main else None
-    debug_keys = os.environ.get(DEBUG_KEYS_ENV)
+    def _due(self, every: int) -> bool:
+        """Whether the step just taken is one of every ``every`` (or the last)."""
+        return self.step % every == 0 or self.step == self.tc.steps
 
-    def evaluate() -> float | None:
-        if not val:
+    def _counted(self, batches: Iterator[dict[str, Any]], debug_keys: str | None) -> Iterator[dict[str, Any]]:
+        """``batches``, counted in ``batches_done`` as each is taken (and its keys logged with ``debug_keys``)."""
+        while True:
+            b = next(batches)
+            self.batches_done += 1
+            if debug_keys:
+                log_batch_keys(debug_keys, self.d.rank, self.step, b["keys"])
+            yield b
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[torch.Tensor | None, float]:
+        """One optimizer step over ``grad_accum`` micro-batches of ``batches``: returns the gradient norm
+        before clipping (None without clipping) and the learning rate the step used."""
+        tc = self.tc
+        grad_norm = None
+        for loss in accumulate_gradients(self.step_module, batches, tc.grad_accum, self.d.device, distributed=self.d.world_size > 1):
+            self.window_sum += loss.double() / tc.grad_accum
+        if tc.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.steps_in_window += 1
+        self.window_steps += 1
+        return grad_norm, lr_now
+
+    def _train_values(self, grad_norm: torch.Tensor | None, lr_now: float) -> dict[str, float]:
+        """The logged training scalars of the window since the last log step (averaged over ranks); starts the next window."""
+        tc, d = self.tc, self.d
+        mean_loss, gnorm = all_mean([float(self.window_sum) / max(self.window_steps, 1), float(grad_norm) if grad_norm is not None else 0.0], d)
+        if not math.isfinite(mean_loss):
+            raise UserError(f"the training loss is not finite at step {self.step}; lower --lr (now {tc.lr})")
+        elapsed = time.perf_counter() - self.window_start
+        # tokens_per_s: input positions (B x N, prefix and pads included) of all ranks per wall second
+        tokens = self.steps_in_window * tc.grad_accum * tc.batch_size * self.layout.seq_len * d.world_size
+        values = {"train/loss": mean_loss, "train/lr": lr_now, "train/grad_norm": gnorm, "tokens_per_s": tokens / max(elapsed, 1e-9)}
+        self.window_steps = 0
+        self.window_sum.zero_()
+        self.window_start, self.steps_in_window = time.perf_counter(), 0
+        return values
+
+    def _val_values(self) -> dict[str, float]:
+        """``val/loss`` and ``val/best`` after an evaluation; nothing without validation data."""
+        v = self.evaluate()
+        if v is None:
+            return {}
+        self.best_val = v if self.best_val is None else min(self.best_val, v)
+        return {"val/loss": v, "val/best": self.best_val}
+
+    def evaluate(self) -> float | None:
+        """The mean held-out loss per label over the validation batches of all ranks; None without any."""
+        if not self.val:
             return None
+        d, model = self.d, self.model
         model.eval()
         total, count = 0.0, 0
-        with torch.no_grad(), _autocast(d.device):
-            for b in my_val:
+        with torch.no_grad(), autocast(d.device):
+            for b in self.val[d.rank :: d.world_size]:
                 n = count_labels(b)
                 loss = model.loss(b["tokens"].to(d.device), b["labels"].to(d.device), b["label_levels"].to(d.device))
                 total += float(loss) * n
                 count += n
         model.train()
-        total, count = _all_sum([total, float(count)], d)
+        total, count = all_sum([total, float(count)], d)
         return total / max(count, 1.0)
 
-    def save() -> None:
-        rngs = [rng_state()]
-        if d.world_size > 1:
-            rngs = [None] * d.world_size
-            dist.all_gather_object(rngs, rng_state())
-        if d.main:
-            state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rngs,
-                "loader": {"batches": batches_done, "batch_size": tc.batch_size, "seed": tc.seed, "world_size": d.world_size, "num_workers": tc.num_workers},
-                "best_val": best_val,
-                "log_window": [float(window_sum), window_steps],
-            }
-            if start.lora is not None:  # the adapter only: the base is named in run.json
-                ckpt.save_checkpoint(out, step, lora.adapter_weights(model), state, tc.keep_last, file=ckpt.ADAPTER)
-            else:
-                ckpt.save_checkpoint(out, step, model.state_dict(), state, tc.keep_last)
-
-    def micro_batches() -> Iterator[dict[str, Any]]:
-        nonlocal batches_done
-        while True:
-            b = next(batches)
-            batches_done += 1
-            if debug_keys:
-                with open(Path(debug_keys) / f"keys-rank{d.rank}.txt", "a") as f:
-                    f.write("".join(f"{step} {k}\n" for k in b["keys"]))
-            yield b
-
-    train_batches = micro_batches()  # counts batches_done and logs debug keys as each batch is taken
-    tokens_per_batch = tc.batch_size * layout.seq_len
-    model.train()
-    t_window, steps_in_window = time.perf_counter(), 0
-    # the window's loss sum stays on the device so that a step never waits for the GPU
-    window_sum = torch.tensor(window_loss, dtype=torch.float64, device=d.device)
-    try:
-        while step < tc.steps:
-            grad_norm = None
-            for loss in accumulate_gradients(step_module, train_batches, tc.grad_accum, d.device, distributed=d.world_size > 1):
-                window_sum += loss.double() / tc.grad_accum
-            if tc.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_in_window += 1
-            window_steps += 1
-            progress.advance(step)
-
-            values: dict[str, float] = {}
-            if step % tc.log_every == 0 or step == tc.steps:
-                mean_loss, gnorm = _all_mean([float(window_sum) / max(window_steps, 1), float(grad_norm) if grad_norm is not None else 0.0], d)
-                if not math.isfinite(mean_loss):
-                    raise UserError(f"the training loss is not finite at step {step}; lower --lr (now {tc.lr})")
-                elapsed = time.perf_counter() - t_window
-                # tokens_per_s: input positions (B x N, prefix and pads included) of all ranks per wall second
-                values.update({"train/loss": mean_loss, "train/lr": lr_now, "train/grad_norm": gnorm, "tokens_per_s": steps_in_window * tc.grad_accum * tokens_per_batch * d.world_size / max(elapsed, 1e-9)})
-                window_steps = 0
-                window_sum.zero_()
-                t_window, steps_in_window = time.perf_counter(), 0
-            if step % tc.eval_every == 0 or step == tc.steps:
-                v = evaluate()
-                if v is not None:
-                    values["val/loss"] = v
-                    best_val = v if best_val is None else min(best_val, v)
-                    values["val/best"] = best_val
-            if values and d.main:
-                metrics.log(step, values)
-                progress.logged(step, tc.steps, values)
-            if step % tc.save_every == 0 or step == tc.steps:
-                save()
-    finally:
-        progress.close()
-        if metrics is not None:
-            metrics.close()
-    return out
-
-
-def _prepare_run_folder(
-    out: Path, stage: str, data: Path, val_data, cfg: Config, layout: StageLayout, info: TokenInfo, split: DataSplit, model: MusicTransformer, d: Dist, step: int, point: ResumePoint | None, start: Start
-) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_partial(out)
-    resumed = point is not None
-    old = read_run_lenient(out)
-    if resumed:
-        for folder, _ in point.passed:
-            ckpt.move_aside(folder)
-        atomic.write_text(out / ckpt.CHECKPOINTS / ckpt.LATEST, point.folder.name + "\n")
-        # checkpoints from here on carry a record file; older ones of a run begun before record files do not
-        records_from = ckpt.records_from(old, out)
-        records_from = int(records_from) if math.isfinite(records_from) else step + 1
-    else:
-        records_from = 0
-    old = old or {}
-    run = {
-        "format": 1,
-        "stage": stage,
-        "config": cfg.to_dict(),
-        "tokenizer": info.raw,
-        "fingerprint": info.fingerprint,
-        "data": str(data.resolve()),
-        "val_data": str(Path(val_data).resolve()) if val_data is not None else None,
-        "validation": split.how,
-        "layout": {
-            "description": layout.describe(),
-            "seq_len": layout.seq_len,
-            "prefix_len": layout.prefix_len,
-            "vocab_size": layout.vocab_size,
-            "target_levels": layout.target_levels,
-            "target_codebook": layout.target_codebook,
-            "null_id": layout.null_id,
-            "pad_id": layout.pad_id,
-        },
-        "parameters": model.num_parameters(),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "init_from": start.base.to_json() if start.base is not None else None,
-        "lora": start.lora.to_json() if start.lora is not None else None,
-        "world_size": d.world_size,
-        "created": old.get("created", time.strftime("%Y-%m-%dT%H:%M:%S")) if resumed else time.strftime("%Y-%m-%dT%H:%M:%S"),
-        ckpt.RECORDS_FROM: records_from,
-    }
-    if resumed:
-        run["resumed_at_step"] = step
-    atomic.write_text(out / RUN_FILE, json.dumps(run, indent=2, default=str) + "\n")
-    _copy_tokenizer(data / TOKENIZER_DIR, out / TOKENIZER_DIR, info)
-    carry_manifest(data, out)  # the corpus these weights learned from travels with them
-    if resumed:
-        _truncate_metrics(out / METRICS_FILE, step)
-    else:
-        (out / METRICS_FILE).unlink(missing_ok=True)
-        shutil.rmtree(out / TB_DIR, ignore_errors=True)
-
-
-def _copy_tokenizer(src: Path, dst: Path, info: TokenInfo) -> None:
-    """Copy the tokenizer folder into the run (atomically; kept when it is already the same tokenizer,
-    copied again when its tokenizer.json is another tokenizer's or unreadable)."""
-    try:
-        if json.loads((dst / TOKENIZER_FILE).read_bytes()).get("fingerprint") == info.fingerprint:
+    def save(self) -> None:
+        """A checkpoint at the current step (rank 0 writes it; every rank gives its RNG states)."""
+        tc = self.tc
+        rngs = all_gather(rng_state(), self.d)
+        if not self.d.main:
             return
-    except (OSError, ValueError, AttributeError):
-        pass
-    if (src / TOKENIZER_FILE).is_file():
-        atomic.copy_folder(src, dst)
-    else:
-        staging = atomic.fresh_staging(dst)
-        (staging / TOKENIZER_FILE).write_text(json.dumps(info.raw, indent=2) + "\n")
-        atomic.replace_folder(staging, dst)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rngs,
+            "loader": {"batches": self.batches_done, "batch_size": tc.batch_size, "seed": tc.seed, "world_size": self.d.world_size, "num_workers": tc.num_workers},
+            "best_val": self.best_val,
+            "log_window": [float(self.window_sum), self.window_steps],
+        }
+        if self.start.lora is not None:  # the adapter only: the base is named in run.json
+            ckpt.save_checkpoint(self.out, self.step, lora.adapter_weights(self.model), state, tc.keep_last, file=ckpt.ADAPTER)
+        else:
+            ckpt.save_checkpoint(self.out, self.step, self.model.state_dict(), state, tc.keep_last)
 
+    def _announce(self, progress: Progress) -> None:
+        """What this run trains, from what, and on what (rank 0 prints it)."""
+        model, start, point = self.model, self.start, self.point
+        progress.print(f"{self.layout.describe()}; {model.num_parameters():,} parameters on {self.d.device} x {self.d.world_size}")
+        if start.base is not None:
+            progress.print(f"fine-tuning {start.base.folder} (its step {start.base.step})")
+        if start.lora is not None:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            progress.print(f"LoRA rank {start.lora.rank}, alpha {start.lora.alpha:g} on {', '.join(start.lora.targets)}: {trainable:,} trainable parameters, the base frozen")
+        progress.print(f"training: {sum(e.used for e in self.split.train)} clips in {len(self.split.train)} shards; {self.split.how}")
+        if point is not None:
+            for folder, problem in point.passed:
+                progress.print(f"checkpoint {folder.name} is damaged ({problem}); resuming from {point.folder.name} (the damaged one is moved to {ckpt.CHECKPOINTS}/{ckpt.DAMAGED_PREFIX}{folder.name})")
+            progress.print(f"resuming from {point.folder} (step {self.step})")
 
-# ---- loading a trained stage ------------------------------------------------------------------------------------------
+    def _prepare_run_folder(self) -> None:
+        """Write run.json, the tokenizer copy and the manifest into the run folder, and ready its logs (rank 0)."""
+        out, point, step = self.out, self.point, self.step
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(out)
+        resumed = point is not None
+        old = read_run_lenient(out)
+        if resumed:
+            set_aside_passed(out, point)
+            # checkpoints from here on carry a record file; older ones of a run begun before record files do not
+            records_from = ckpt.records_from(old, out)
+            records_from = int(records_from) if math.isfinite(records_from) else step + 1
+        else:
+            records_from = 0
+        now = time.strftime("%Y-%m-%dT%H:%M:%S")
+        run = self._run_record(created=(old or {}).get("created", now) if resumed else now, records_from=records_from)
+        if resumed:
+            run["resumed_at_step"] = step
+        write_run(out, run)
+        copy_tokenizer(self.data / TOKENIZER_DIR, out / TOKENIZER_DIR, self.info)
+        carry_manifest(self.data, out)  # the corpus these weights learned from travels with them
+        start_logs(out, step if resumed else None)
 
-
-def load_stage(run_dir: str | Path, device: str | torch.device | None = None) -> tuple[MusicTransformer, StageLayout, Config, TokenInfo]:
-    """A trained stage from its run folder (latest checkpoint) or from one checkpoint folder.
-
-    Returns ``(model, layout, cfg, info)``: the model in eval mode on ``device``
-    (default: cuda if available, else cpu), the stage's sequence layout, the
-    run's config and its tokenizer info. Reads no data folder. An adapter run
-    (LoRA) gives its base with the adapter merged in: a plain fp32 model. Its
-    base must be where run.json says and hold the same weights (else UserError).
-    """
-    path = Path(run_dir)
-    folder = ckpt.checkpoint_folder(path)
-    run_path = ckpt.run_folder(folder)
-    run = _read_run(run_path)
-    ckpt.require_sound(folder, run, named=folder == path)
-    cfg = config_from_dict(run["config"])
-    info = TokenInfo.from_json(run["tokenizer"])
-    layout = layout_for(run["stage"], info, cfg.stages.get(run["stage"]))
-    model = MusicTransformer.for_layout(cfg.model, layout)
-    if run.get("lora"):
-        base = ckpt.CheckpointRef.from_json(run["init_from"]).verify(f"the adapter run {run_path}")
-        model.load_state_dict(ckpt.load_weights(base))
-        model = lora.merged(model, lora.LoraSpec.from_json(run["lora"]), ckpt.load_weights(folder, file=ckpt.ADAPTER), str(folder))
-    else:
-        model.load_state_dict(ckpt.load_weights(folder))
-    return model.to(_pick_device(device, local_rank=0)).eval(), layout, cfg, info
-
-
-def merge_run(adapter_run: str | Path, out: str | Path) -> Path:
-    """Write the adapter run ``adapter_run`` (or one of its checkpoints) merged into its base as a full
-    stage run folder ``out``; returns ``out``.
-
-    ``out`` loads with :func:`load_stage`, fine-tunes with ``init_from`` and no longer needs the
-    base. It holds one checkpoint at the adapter's step, without optimizer state (so it cannot be
-    resumed), a copy of the tokenizer, and a run.json that says what was merged (``merged_from``).
-    """
-    folder = ckpt.checkpoint_folder(adapter_run)
-    run_path = ckpt.run_folder(folder)
-    run = _read_run(run_path)
-    out = Path(out)
-    if not run.get("lora"):
-        raise UserError(f"{run_path} is not an adapter run (it was trained without --lora-rank): it is a full stage run already")
-    if out.resolve() == run_path.resolve() or ckpt.latest_checkpoint(out) is not None:
-        raise UserError(f"{out} already holds checkpoints; choose another --out")
-    model, _, _, info = load_stage(folder, device="cpu")
-    step = ckpt.checkpoint_step(folder)
-    merged = {k: v for k, v in run.items() if k not in ("lora", "resumed_at_step", "trainable_parameters")}
-    merged[ckpt.RECORDS_FROM] = 0
-    merged["merged_from"] = {"run": str(run_path.resolve()), "checkpoint": folder.name, "step": step, "lora": run["lora"]}
-    merged["parameters"] = model.num_parameters()
-    merged["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_partial(out)
-    _copy_tokenizer(run_path / "tokenizer", out / "tokenizer", info)
-    carry_manifest(run_path, out)
-    atomic.write_text(out / RUN_FILE, json.dumps(merged, indent=2, default=str) + "\n")
-    ckpt.save_checkpoint(out, step, model.state_dict(), {"step": step, "merged_from": str(folder.resolve())}, keep_last=0)
-    spec = lora.LoraSpec.from_json(run["lora"])
-    print(f"merged the rank-{spec.rank} adapter of {folder} into its base {run['init_from']['folder']}: wrote {out}")
-    return out
+    def _run_record(self, created: str, records_from: int) -> dict[str, Any]:
+        """The contents of run.json (see run_folder.py)."""
+        layout, model, start = self.layout, self.model, self.start
+        return {
+            "format": 1,
+            "stage": self.stage,
+            "config": self.cfg.to_dict(),
+            "tokenizer": self.info.raw,
+            "fingerprint": self.info.fingerprint,
+            "data": str(self.data.resolve()),
+            "val_data": str(Path(self.val_data).resolve()) if self.val_data is not None else None,
+            "validation": self.split.how,
+            "layout": {
+                "description": layout.describe(),
+                "seq_len": layout.seq_len,
+                "prefix_len": layout.prefix_len,
+                "vocab_size": layout.vocab_size,
+                "target_levels": layout.target_levels,
+                "target_codebook": layout.target_codebook,
+                "null_id": layout.null_id,
+                "pad_id": layout.pad_id,
+            },
+            "parameters": model.num_parameters(),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "init_from": start.base.to_json() if start.base is not None else None,
+            "lora": start.lora.to_json() if start.lora is not None else None,
+            "world_size": self.d.world_size,
+            "created": created,
+            ckpt.RECORDS_FROM: records_from,
+        }
