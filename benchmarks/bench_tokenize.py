@@ -102,6 +102,7 @@ def speed(args) -> None:
     import webdataset as wds
 
     import musiclm.pipeline.tokenize_job as job
+    from musiclm.pipeline.ray_runtime import actor_threads
     from musiclm.pipeline.tokenizer import Tokenizer
     from musiclm.shards.format import TokenSample, list_shards, sample_key
 
@@ -129,7 +130,7 @@ def speed(args) -> None:
         job._progress = base
     audio = summary.seconds
 
-    threads = job.actor_threads(os.cpu_count() or 1, 1, gpu=False)
+    threads = actor_threads(os.cpu_count() or 1, 1, gpu=False)
     torch.set_num_threads(threads)
     tok = Tokenizer.load(work / "fit_tokens" / "tokenizer")
     batches = planned_clips(work / "tokens", corpus, tok.cfg.audio.segment_seconds, tok.sample_rates)
