@@ -13,7 +13,7 @@ import torch
 from musiclm.config import load_config
 from musiclm.errors import UserError
 from musiclm.pipeline.ray_runtime import Resources, plan_cluster_resources
-from musiclm.pipeline.tokenize_job import plan_batches
+from musiclm.pipeline.batch_plan import plan_batches
 from musiclm.pipeline.tokenizer import Tokenizer
 
 

@@ -65,11 +65,10 @@ import numpy as np
 from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
-from musiclm.integrity import DamagedFile
 from musiclm.pipeline.batch_runner import ActorLost, InPlanOrder, Stalled
 from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
+from musiclm.pipeline.batch_plan import PLAN_FILE, failure_reason, plan_batches, plan_corpus, quiet_stderr, read_plan
 from musiclm.pipeline.ray_runtime import Resources, check_reachable, plan_cluster_resources, ray_session, stop_on_signals
-from musiclm.digest import file_digest
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
 from musiclm.shards.format import TokenSample, file_key, sample_key
 from musiclm.shards.writer import (
@@ -84,16 +83,13 @@ from musiclm.shards.writer import (
     list_unrepairable,
     next_shard_index,
     partial_keys,
-    read_parquet,
     record_folder_files,
-    repair_advice,
     recorded_files,
     record_path,
     settle,
 )
 
 LOCK_FILE = ".musiclm.lock"
-PLAN_FILE = "plan.parquet"
 # tokenizer config keys that change what tokens mean or which clips exist
 MEANING_KEYS = ("audio", "clap", "mert", "encodec", "precision")
 
@@ -151,11 +147,6 @@ def _error_row(key: str, rel: str, step: str, reason: str, seconds: float = 0.0)
     return {"key": key, "rel": rel, "segment": -1, "segments": 0, "start": 0.0, "seconds": float(seconds), "sample_rate": 0, "channels": 0, "error": reason, "step": step}
 
 
-def _reason(e: Exception) -> str:
-    """The errors/ line of a failure: an AudioError's own reason, else the exception."""
-    return e.reason if isinstance(e, AudioError) else f"{type(e).__name__}: {e}"
-
-
 TEST_FAULT_ENV = "MUSICLM_TEST_DECODE_FAULT"
 
 
@@ -190,7 +181,7 @@ def _decode_batch(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], s
             info = probe(path)
             spans = plan_segments(seconds, segment_seconds)
         except Exception as e:  # noqa: BLE001 - any failure is recorded, never fatal for the run
-            segments.append(_error_row(file_key(rel), rel, "decode", _reason(e), seconds))
+            segments.append(_error_row(file_key(rel), rel, "decode", failure_reason(e), seconds))
             continue
         for i, (start, length) in enumerate(spans):
             key = sample_key(rel, i)
@@ -199,7 +190,7 @@ def _decode_batch(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], s
             try:
                 audio = load_for_rates(path, start, length, rates)
             except Exception as e:  # noqa: BLE001
-                segments.append(_error_row(key, rel, "decode", _reason(e), length))
+                segments.append(_error_row(key, rel, "decode", failure_reason(e), length))
                 continue
             meta = dict(segment=i, segments=len(spans), start=float(start), seconds=float(length), sample_rate=int(info.sample_rate), channels=int(info.channels))
             segments.append({"key": key, "rel": rel, **meta, "error": "", "step": "", "audio": {sr: np.ascontiguousarray(audio[sr], dtype=np.float32) for sr in rates}})
@@ -328,124 +319,7 @@ class FitActor(_BatchActor):
         return out
 
 
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence C libraries (libmpg123 prints notes about broken MP3s) while probing on the driver."""
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)
-
-
 # ---- driver ----------------------------------------------------------------------------------
-def plan_batches(files: list[tuple[str, float]], batch_seconds: float, first: int = 0) -> list[tuple[int, list[tuple[str, float]]]]:
-    """Whole files ``(rel, seconds)``, in order, into numbered batches of at most ``batch_seconds``
-    of audio; a longer file is a batch of its own. Numbers start at ``first``."""
-    batches: list[tuple[int, list[tuple[str, float]]]] = []
-    current: list[tuple[str, float]] = []
-    total = 0.0
-    for rel, seconds in files:
-        if current and total + seconds > batch_seconds:
-            batches.append((first + len(batches), current))
-            current, total = [], 0.0
-        current.append((rel, seconds))
-        total += seconds
-    if current:
-        batches.append((first + len(batches), current))
-    return batches
-
-
-def _probe_rows(batch: dict[str, np.ndarray], *, corpus: str, min_seconds: float) -> dict[str, list]:
-    """Probe a block of files: their duration, or why they cannot be tokenized; and their size and sha256
-    for the corpus manifest (None when the file cannot be read), and the seconds a header promised when more
-    than decode (None when it agrees)."""
-    out: dict[str, list] = {"rel": [], "seconds": [], "error": [], "bytes": [], "sha256": [], "header_seconds": []}
-    with _quiet_stderr():
-        for rel in batch["rel"]:
-            rel = str(rel)
-            seconds, error, header = 0.0, "", None
-            try:
-                info = probe(Path(corpus) / rel)
-                seconds = info.duration
-                header = info.header_frames / info.sample_rate if info.header_frames else None
-                if seconds < min_seconds:
-                    error = f"too short: {seconds:.2f} s (minimum {min_seconds:g} s)"
-            except Exception as e:  # noqa: BLE001 - recorded in errors/, never fatal for the run
-                error = _reason(e)
-            try:
-                size, sha = file_digest(Path(corpus) / rel)
-            except OSError:
-                size, sha = None, None
-            out["rel"].append(rel)
-            out["seconds"].append(float(seconds))
-            out["error"].append(error)
-            out["bytes"].append(size)
-            out["sha256"].append(sha)
-            out["header_seconds"].append(float("nan") if header is None else header)  # NaN: every block has one type
-    return out
-
-
-def _plan_schema():
-    import pyarrow as pa
-
-    return pa.schema([("rel", pa.string()), ("seconds", pa.float64()), ("error", pa.string()), ("batch", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
-                      ("header_seconds", pa.float64())])
-
-
-def _read_plan(out: Path) -> dict[str, tuple[float, str, int, int | None, str | None, float | None]]:
-    """{rel: (seconds, error, batch, bytes, sha256, header_seconds)} of ``out/plan.parquet``; digests are None in
-    a plan written before plans kept them, header_seconds in one written before it was kept (or where the header
-    agrees with what decodes); a file pyarrow cannot read is a one-line DamagedFile."""
-    path = out / PLAN_FILE
-    if not path.is_file():
-        return {}
-    t = read_parquet(path, out)
-    if not {"rel", "seconds", "error", "batch"} <= set(t.column_names):
-        raise DamagedFile(path, f"not a plan (columns {', '.join(t.column_names)})", repair_advice(out))
-    cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in ("rel", "seconds", "error", "batch", "bytes", "sha256", "header_seconds")]
-    return {r[0]: tuple(r[1:]) for r in zip(*cols)}
-
-
-def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig, pinned: dict[str, int] | None = None) -> dict[str, tuple[float, str, int]]:
-    """{rel: (seconds, error, batch)} for every file of ``files``; batch -1 for a file that cannot
-    be tokenized. Files planned by an earlier run keep their batches (``out/plan.parquet``), so a
-    resumed run runs the same batches; new files are probed (Ray tasks) and planned after them.
-    ``pinned``: {rel: batch} for files of a lost plan whose batches the shard records still name."""
-    import pyarrow as pa
-
-    path = out / PLAN_FILE
-    planned = _read_plan(out)
-    new = [f for f in files if f not in planned]
-    if new:
-        ds = ray.data.from_items([{"rel": r} for r in new], override_num_blocks=max(1, min(len(new) // 64, 512)))
-        probed = ds.map_batches(_probe_rows, fn_kwargs=dict(corpus=str(corpus), min_seconds=tcfg.audio.min_seconds), batch_size=64, num_cpus=1, batch_format="numpy")
-        found = {row["rel"]: (row["seconds"], row["error"], row["bytes"], row["sha256"], None if np.isnan(row["header_seconds"]) else float(row["header_seconds"])) for row in probed.iter_rows()}
-        kept = {r: b for r, b in (pinned or {}).items() if r in found and not found[r][1]}
-        for rel, number in kept.items():
-            planned[rel] = (found[rel][0], "", number, *found[rel][2:])
-        first = max([v[2] for v in planned.values()] + [-1]) + 1
-        good = [(r, found[r][0]) for r in new if not found[r][1] and r not in kept]
-        for number, members in plan_batches(good, tcfg.batch_seconds, first):
-            for rel, seconds in members:
-                planned[rel] = (seconds, "", number, *found[rel][2:])
-        for r in new:
-            if found[r][1]:
-                planned[r] = (found[r][0], found[r][1], -1, *found[r][2:])
-        names = ("seconds", "error", "batch", "bytes", "sha256", "header_seconds")
-        rows = {"rel": list(planned), **{n: [v[i] for v in planned.values()] for i, n in enumerate(names)}}
-        atomic.write_parquet(pa.Table.from_pydict(rows, schema=_plan_schema()), path)
-        record_folder_files(out, PLAN_RECORD, [PLAN_FILE])
-    return {f: planned[f][:3] for f in files}
-
-
 def _in_plan_order(ray, actor: type, kwargs: dict[str, Any], res: Resources, batches: dict[int, list[tuple[str, float]]], corpus: Path, tcfg: TokenizeConfig,
                    rates: tuple[int, ...], done: frozenset, stall_seconds: float) -> InPlanOrder:
     """The planned ``batches`` decoded (``_decode_batch``) and run through a pool of ``actor``, out in plan order
@@ -491,7 +365,7 @@ def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mer
 
     def duration(rel: str) -> float | None:
         try:
-            with _quiet_stderr():
+            with quiet_stderr():
                 return probe(corpus / rel).duration
         except AudioError:
             return None
@@ -662,11 +536,11 @@ def _check_folder(console, out: Path, files: list[str], full: bool = False) -> R
     plan = None
     if plan_bad:
         try:  # changed since it was recorded, but whole: kept (the batches of clips to redo come from their records)
-            plan = _read_plan(out) if (out / PLAN_FILE).is_file() else None
+            plan = read_plan(out) if (out / PLAN_FILE).is_file() else None
         except UserError:
             plan = None
     else:
-        plan = _read_plan(out)
+        plan = read_plan(out)
     state = check_shards(out, {rel: v[2] for rel, v in (plan or {}).items()}, full=full)
     clean_unfinished(out)
     for f in state.found:
@@ -837,7 +711,7 @@ def run_tokenize(
 def _write_manifest(console, corpus: Path, out: Path, names: set[str], paths: str) -> None:
     """The corpus manifest of the files ``names``, from what the plan knows of them (digests the plan lacks are
     computed by :func:`~musiclm.shards.manifest.write_manifest`)."""
-    planned = _read_plan(out)
+    planned = read_plan(out)
     facts = {}
     for rel in names:
         p = planned.get(rel)
@@ -864,7 +738,7 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     if opts.get("batch_seconds"):
         tcfg = dataclasses.replace(tcfg, batch_seconds=opts["batch_seconds"])
     repair: Repair = opts.get("repair") or Repair()
-    plan = _batch_plan(ray, files, corpus, out, tcfg, repair.pinned)
+    plan = plan_corpus(ray, files, corpus, out, tcfg, repair.pinned)
     if opts.get("manifest"):
         opts["manifest"]()
     rates = tuple(sorted({int(s["sample_rate"]) for s in info.raw["streams"].values()}))
