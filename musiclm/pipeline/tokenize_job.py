@@ -65,12 +65,13 @@ import numpy as np
 from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
-from musiclm.pipeline.batch_runner import ActorLost, InPlanOrder, Stalled
-from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
-from musiclm.pipeline.batch_plan import PLAN_FILE, failure_reason, plan_batches, plan_corpus, quiet_stderr, read_plan
+from musiclm.pipeline.batch_runner import ActorLost, Stalled
+from musiclm.pipeline.audio import AudioError, audio_files_in, plan_segments, probe
+from musiclm.pipeline.batch_plan import PLAN_FILE, plan_batches, plan_corpus, quiet_stderr, read_plan
+from musiclm.pipeline.decode_stage import in_plan_order
 from musiclm.pipeline.ray_runtime import Resources, check_reachable, plan_cluster_resources, ray_session, stop_on_signals
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
-from musiclm.shards.format import TokenSample, file_key, sample_key
+from musiclm.shards.format import TokenSample, file_key
 from musiclm.shards.writer import (
     MANIFEST_RECORD,
     PLAN_RECORD,
@@ -142,61 +143,6 @@ def _lock(out: Path) -> Iterator[None]:
 
 
 # ---- decode stage (Ray tasks) ------------------------------------------------------------
-def _error_row(key: str, rel: str, step: str, reason: str, seconds: float = 0.0) -> dict[str, Any]:
-    """A failed file or segment; ``seconds`` is its planned audio (for the progress line)."""
-    return {"key": key, "rel": rel, "segment": -1, "segments": 0, "start": 0.0, "seconds": float(seconds), "sample_rate": 0, "channels": 0, "error": reason, "step": step}
-
-
-TEST_FAULT_ENV = "MUSICLM_TEST_DECODE_FAULT"
-
-
-def _test_fault(row: dict[str, Any]) -> None:
-    """For the tests of scheduling only: ``MUSICLM_TEST_DECODE_FAULT`` (JSON, in the environment the Ray workers
-    inherit) delays decode tasks, ``{"delay": S}`` up to S seconds at random, ``{"first": S}`` the first
-    batch S seconds, or never lets one return, ``{"hang": "rel"}`` (the batch holding that file)."""
-    spec = os.environ.get(TEST_FAULT_ENV)
-    if not spec:
-        return
-    fault = json.loads(spec)
-    files = [rel for rel, _ in json.loads(row["files"])]
-    if fault.get("hang") in files:
-        while True:
-            time.sleep(60)
-    if fault.get("first") and row["index"] == 0:
-        time.sleep(float(fault["first"]))
-    if fault.get("delay"):
-        time.sleep(float(np.random.default_rng().uniform(0, float(fault["delay"]))))
-
-
-def _decode_batch(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], segment_seconds: float, done: frozenset) -> dict[str, Any]:
-    """One planned batch → one row: its number and its segments still to do, pickled.
-
-    A segment is a dict of the meta data of a shard sample, ``error``/``step`` (empty when it
-    decoded) and ``audio``, {sample rate: float32 samples}."""
-    _test_fault(row)
-    segments: list[dict[str, Any]] = []
-    for rel, seconds in json.loads(row["files"]):
-        path = Path(corpus) / rel
-        try:
-            info = probe(path)
-            spans = plan_segments(seconds, segment_seconds)
-        except Exception as e:  # noqa: BLE001 - any failure is recorded, never fatal for the run
-            segments.append(_error_row(file_key(rel), rel, "decode", failure_reason(e), seconds))
-            continue
-        for i, (start, length) in enumerate(spans):
-            key = sample_key(rel, i)
-            if key in done:
-                continue
-            try:
-                audio = load_for_rates(path, start, length, rates)
-            except Exception as e:  # noqa: BLE001
-                segments.append(_error_row(key, rel, "decode", failure_reason(e), length))
-                continue
-            meta = dict(segment=i, segments=len(spans), start=float(start), seconds=float(length), sample_rate=int(info.sample_rate), channels=int(info.channels))
-            segments.append({"key": key, "rel": rel, **meta, "error": "", "step": "", "audio": {sr: np.ascontiguousarray(audio[sr], dtype=np.float32) for sr in rates}})
-    return {"batch": int(row["batch"]), "payload": pickle.dumps(segments, protocol=5)}
-
-
 # ---- actor stage -----------------------------------------------------------------------------
 def _load_tokenizer(tokenizer_dir: str | None, cfg_dict: dict | None, backbone_dir: str | None, threads: int):
     import torch
@@ -222,7 +168,7 @@ def _gpu_utilization() -> float:
 
 class _BatchActor:
     def run(self, row: dict[str, Any]) -> dict[str, list]:
-        """The output rows of one decoded planned batch (``_decode_batch``'s row)."""
+        """The output rows of one decoded planned batch (``decode_batch``'s row)."""
         return self({"batch": [row["batch"]], "payload": [row["payload"]]})
 
     def ready(self) -> bool:
@@ -320,15 +266,6 @@ class FitActor(_BatchActor):
 
 
 # ---- driver ----------------------------------------------------------------------------------
-def _in_plan_order(ray, actor: type, kwargs: dict[str, Any], res: Resources, batches: dict[int, list[tuple[str, float]]], corpus: Path, tcfg: TokenizeConfig,
-                   rates: tuple[int, ...], done: frozenset, stall_seconds: float) -> InPlanOrder:
-    """The planned ``batches`` decoded (``_decode_batch``) and run through a pool of ``actor``, out in plan order
-    (:mod:`musiclm.pipeline.batch_runner`). A crashed actor fails the run loudly (rerunning resumes it)."""
-    items = [{"batch": b, "files": json.dumps(members)} for b, members in sorted(batches.items())]
-    decode_kwargs = dict(corpus=str(corpus), rates=rates, segment_seconds=tcfg.audio.segment_seconds, done=done)
-    return InPlanOrder(ray, _decode_batch, decode_kwargs, actor, kwargs, res, items, stall_seconds)
-
-
 def _rows(output: dict[str, list]) -> Iterator[dict[str, Any]]:
     """The rows of an actor's output columns."""
     names = list(output)
@@ -396,7 +333,7 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
     t0 = time.time()
     batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
-    runner = _in_plan_order(ray, FitActor, kwargs, res, batches, corpus, tcfg, tok.sample_rates, frozenset(), stall_seconds)
+    runner = in_plan_order(ray, FitActor, kwargs, res, batches, corpus, tcfg, tok.sample_rates, frozenset(), stall_seconds)
     heldout = frozenset(plan.heldout)
     feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
     dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
@@ -763,7 +700,7 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     done = frozenset(partial_keys(out, opts["settled"], repair.records))  # keys of partly finished files only
     t_run = time.time()
     kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res.threads)
-    runner = _in_plan_order(ray, TokenizeActor, kwargs, res, batches, corpus, tcfg, rates, done, opts.get("stall_seconds") or tcfg.stall_seconds)
+    runner = in_plan_order(ray, TokenizeActor, kwargs, res, batches, corpus, tcfg, rates, done, opts.get("stall_seconds") or tcfg.stall_seconds)
     total = sum(seconds for members in batches.values() for _, seconds in members)
     finished = False
     try:
