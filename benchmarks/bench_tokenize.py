@@ -115,19 +115,19 @@ def speed(args) -> None:
     job.run_tokenize(fit_corpus, work / "fit_tokens", cfg)
 
     stamps: list[tuple[float, float]] = []  # (time, audio seconds tokenized so far) per row
-    base = job._progress
+    base = job.TokenizeProgress
 
     class Recorder(base):
         def update(self, seconds, summary, elapsed, gpu):
             stamps.append((time.perf_counter(), summary.seconds))
             super().update(seconds, summary, elapsed, gpu)
 
-    job._progress = Recorder
+    job.TokenizeProgress = Recorder
     t0 = time.perf_counter()
     try:
         wall, summary = timed(lambda: job.run_tokenize(corpus, work / "tokens", None, tokenizer_dir=work / "fit_tokens" / "tokenizer"))
     finally:
-        job._progress = base
+        job.TokenizeProgress = base
     audio = summary.seconds
 
     threads = actor_threads(os.cpu_count() or 1, 1, gpu=False)

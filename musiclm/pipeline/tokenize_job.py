@@ -69,6 +69,7 @@ from musiclm.pipeline.actors import FitActor, TokenizeActor, output_rows, unpack
 from musiclm.pipeline.audio import AudioError, audio_files_in, plan_segments, probe
 from musiclm.pipeline.batch_plan import PLAN_FILE, plan_batches, plan_corpus, quiet_stderr, read_plan
 from musiclm.pipeline.decode_stage import in_plan_order
+from musiclm.pipeline.progress import FitProgress, TokenizeProgress, TokenizeSummary, kept_shards, print_summary, stalled_error
 from musiclm.pipeline.ray_runtime import Resources, check_reachable, plan_cluster_resources, ray_session, stop_on_signals
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
 from musiclm.shards.format import file_key
@@ -93,25 +94,6 @@ from musiclm.shards.writer import (
 LOCK_FILE = ".musiclm.lock"
 # tokenizer config keys that change what tokens mean or which clips exist
 MEANING_KEYS = ("audio", "clap", "mert", "encodec", "precision")
-
-
-@dataclass
-class TokenizeSummary:
-    files: int  # audio files found in the corpus
-    skipped: int  # files finished by an earlier run (not counted below)
-    clips: int  # segments tokenized by this run
-    seconds: float  # audio seconds tokenized by this run
-    failed: int  # error rows written by this run
-    shards: int  # shards written by this run
-    elapsed: float
-    out: Path
-    compute: float = 0.0  # seconds the actors spent in the tokenizer (summed over actors)
-    repairs: list[str] = dataclasses.field(default_factory=list)  # what this run repaired, one line each
-    reorder_peak: int = 0  # the most finished batches held at once, waiting for an earlier one (batch_runner)
-
-    @property
-    def audio_seconds_per_second(self) -> float:
-        return self.seconds / self.elapsed if self.elapsed > 0 else 0.0
 
 
 # ---- input checks ---------------------------------------------------------------------------
@@ -145,23 +127,6 @@ def _lock(out: Path) -> Iterator[None]:
 # ---- decode stage (Ray tasks) ------------------------------------------------------------
 # ---- actor stage -----------------------------------------------------------------------------
 # ---- driver ----------------------------------------------------------------------------------
-def _stalled(console, out: Path, e: Stalled, stall_seconds: float) -> UserError:
-    """Print what Ray reports pending (one line each) and the one-line error that ends the run."""
-    console.print(f"tokenize stalled: no batch finished for {e.seconds:.0f} s (tokenize.stall_seconds = {stall_seconds:g}); pending:")
-    for line in e.lines:
-        console.print(f"  {line}")
-    return UserError(
-        f"tokenize stalled (pending work listed above); {_kept(out)} kept: re-run the same command to resume, "
-        "or raise tokenize.stall_seconds (--config) if a batch is really this slow"
-    )
-
-
-def _kept(out: Path) -> str:
-    """``N shards``: the finished shards of ``out``."""
-    n = len(list((out / "shards").glob("shard-*.tar")))
-    return f"{n} shard{'s' if n != 1 else ''}"
-
-
 def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
     da, db = to_dict(a), to_dict(b)
     return all(da[k] == db[k] for k in MEANING_KEYS)
@@ -210,7 +175,7 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
     feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
     dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
     cpu_seconds = 0.0
-    with _fit_progress(console, len(plan.files)) as bar:
+    with FitProgress(console, len(plan.files)) as bar:
         try:
             for _, output in runner:  # in plan order: the fit does not depend on which actor was first
                 for row in output_rows(output):
@@ -221,7 +186,7 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
                             x = np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name])
                             feats["heldout" if name == "clap" and row["rel"] in heldout else name].append(x)
         except Stalled as e:
-            raise _stalled(console, out, e, stall_seconds) from None
+            raise stalled_error(console, out, e, stall_seconds) from None
         except ActorLost as e:
             raise UserError(f"fitting the tokenizer stopped: {e}; re-run the same command to start it again") from None
     if not feats["mert"] or not feats["clap"]:
@@ -264,29 +229,6 @@ def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCo
         f"({report['cores_busy']['kmeans']:.1f} cores busy): {len(clap):,} CLAP windows ({len(clap) / tcfg.clap.codebook_size:.1f} per code), "
         f"{len(mert):,} MERT frames; CLAP relative error after {len(books)} levels {e[-1]:.3f} (held-out audio), {errors['text'][-1]:.3f} (text)"
     )
-
-
-class _fit_progress:
-    """A rich progress line over the files of the fit sample."""
-
-    def __init__(self, console, files: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress(SpinnerColumn(), TextColumn("fitting quantizers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-        self.files = files
-        self.seen: set[str] = set()
-
-    def __enter__(self):
-        self.p.__enter__()
-        self.task = self.p.add_task("fit", total=self.files)
-        return self
-
-    def update(self, rel: str) -> None:
-        self.seen.add(rel)
-        self.p.update(self.task, completed=len(self.seen))
-
-    def __exit__(self, *exc):
-        return self.p.__exit__(*exc)
 
 
 def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) -> dict | None:
@@ -480,7 +422,7 @@ def run_tokenize(
         check_reachable(address)  # a bad --address is told before the corpus is probed for the fit
     files = [p.relative_to(corpus).as_posix() for p in abs_files]
     t0 = time.time()
-    with _lock(out), stop_on_signals(lambda: f"stopped: {_kept(out)} kept; re-run the same command to resume"):
+    with _lock(out), stop_on_signals(lambda: f"stopped: {kept_shards(out)} kept; re-run the same command to resume"):
         record = _check_tokenizer(out, cfg, tokenizer_dir)
         if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
             atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
@@ -513,7 +455,7 @@ def run_tokenize(
             manifest()
         _finish_repairs(out, repair, summary)
     summary.elapsed = time.time() - t0
-    _print_summary(console, summary)
+    print_summary(console, summary)
     return summary
 
 
@@ -576,7 +518,7 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
     total = sum(seconds for members in batches.values() for _, seconds in members)
     finished = False
     try:
-        with _progress(console, total, res.workers) as bar:
+        with TokenizeProgress(console, total, res.workers) as bar:
             for item, output in runner:
                 number = item["batch"]
                 for row in output_rows(output):
@@ -600,9 +542,9 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
                     writer.flush()
         finished = True
     except Stalled as e:
-        raise _stalled(console, out, e, runner.stall_seconds) from None
+        raise stalled_error(console, out, e, runner.stall_seconds) from None
     except ActorLost as e:
-        raise UserError(f"tokenize stopped: {e}; {_kept(out)} kept: re-run the same command to resume") from None
+        raise UserError(f"tokenize stopped: {e}; {kept_shards(out)} kept: re-run the same command to resume") from None
     finally:
         summary.reorder_peak = runner.peak
         if finished:
@@ -626,49 +568,3 @@ def _repair_routes(out: Path, batches: dict[int, list[tuple[str, float]]], plan:
             routes[number] = names.pop()
     return routes
 
-
-class _progress:
-    """A rich progress line over the planned audio: hours done, audio-seconds per second, ETA,
-    how busy the actors are (and the GPU, where NVML reports it), clips and failures."""
-
-    def __init__(self, console, total_seconds: float, workers: int):
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            SpinnerColumn(), TextColumn("tokenizing"), BarColumn(), TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, transient=False,
-        )
-        self.total = total_seconds
-        self.workers = workers
-        self.done = 0.0
-        self.task = None
-
-    def __enter__(self):
-        self.p.__enter__()
-        self.task = self.p.add_task("tokenize", total=max(self.total, 1e-9), text=f"0/{self.total / 3600:.2f} h")
-        return self
-
-    def update(self, seconds: float, s: TokenizeSummary, elapsed: float, gpu: float) -> None:
-        self.done += seconds
-        rate = s.seconds / elapsed if elapsed > 0 else 0.0
-        busy = min(1.0, s.compute / (elapsed * self.workers)) if elapsed > 0 else 0.0
-        text = f"{self.done / 3600:.2f}/{self.total / 3600:.2f} h, {rate:.1f} audio-s/s, actors {busy:.0%} busy"
-        if gpu >= 0:
-            text += f", GPU {gpu:.0f}%"
-        text += f", {s.clips} clips, {s.failed} failed"
-        self.p.update(self.task, completed=self.done, text=text)
-
-    def __exit__(self, *exc):
-        return self.p.__exit__(*exc)
-
-
-def _print_summary(console, s: TokenizeSummary) -> None:
-    for line in s.repairs:
-        console.print(line)
-    console.print(
-        f"tokenized {s.clips} clips ({s.seconds / 3600:.2f} h of audio) into {s.shards} shard{'' if s.shards == 1 else 's'} in {s.elapsed:.1f} s "
-        f"({s.audio_seconds_per_second:.1f} audio-s/s); {s.skipped} of {s.files} files were already done"
-    )
-    if s.failed:
-        console.print(f"{s.failed} files or segments failed; they are listed in {s.out / 'errors'}")
-    console.print(f"output: {s.out}  (musiclm stats {s.out})")
