@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -59,17 +58,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.errors import UserError
 from musiclm.pipeline.batch_runner import ActorLost, Stalled
-from musiclm.pipeline.actors import FitActor, TokenizeActor, output_rows, unpack_sample
-from musiclm.pipeline.audio import AudioError, audio_files_in, plan_segments, probe
-from musiclm.pipeline.batch_plan import PLAN_FILE, plan_batches, plan_corpus, quiet_stderr, read_plan
+from musiclm.pipeline.actors import TokenizeActor, output_rows, unpack_sample
+from musiclm.pipeline.audio import audio_files_in
+from musiclm.pipeline.batch_plan import PLAN_FILE, plan_corpus, read_plan
 from musiclm.pipeline.decode_stage import in_plan_order
-from musiclm.pipeline.progress import FitProgress, TokenizeProgress, TokenizeSummary, kept_shards, print_summary, stalled_error
+from musiclm.pipeline.fit_job import fit_tokenizer, plan_fit_sample
+from musiclm.pipeline.progress import TokenizeProgress, TokenizeSummary, kept_shards, print_summary, stalled_error
 from musiclm.pipeline.ray_runtime import Resources, check_reachable, plan_cluster_resources, ray_session, stop_on_signals
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
 from musiclm.shards.format import file_key
@@ -130,105 +128,6 @@ def _lock(out: Path) -> Iterator[None]:
 def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
     da, db = to_dict(a), to_dict(b)
     return all(da[k] == db[k] for k in MEANING_KEYS)
-
-
-def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mert_rate: float | None):
-    """Probe files for the fit sample and refuse, before any backbone runs, a corpus too small for the vocabularies
-    (the MERT floor too when ``mert_rate`` is known from the backbone's config; else once it has loaded)."""
-    from musiclm.pipeline.fit_plan import check_enough, needs_line, plan_fit
-
-    def duration(rel: str) -> float | None:
-        try:
-            with quiet_stderr():
-                return probe(corpus / rel).duration
-        except AudioError:
-            return None
-
-    plan = plan_fit(files, duration, tcfg)
-    if not plan.files:
-        raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
-    console.print(needs_line(tcfg, plan))
-    check_enough(tcfg, plan, mert_rate)
-    return plan
-
-
-def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources, stall_seconds: float) -> None:
-    """Fit the quantizers on the files of ``plan`` and save the tokenizer to ``out/tokenizer``."""
-    from musiclm.models.backbones import set_encodec_codebooks
-    from musiclm.pipeline.fit_plan import check_enough
-    from musiclm.pipeline.quantizers import fit_encodec_codebooks, fit_residual, fit_semantic, residual_errors
-    from musiclm.pipeline.text_prompts import MUSIC_DESCRIPTIONS
-    from musiclm.pipeline.tokenizer import Tokenizer
-
-    fit = tcfg.fit
-    staging = atomic.fresh_staging(out / "tokenizer")
-    tok = Tokenizer.from_config(tcfg)
-    check_enough(tcfg, plan, mert_rate=tok.mert.frame_rate)
-    tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
-    mert_segments = sum(len(plan_segments(f.seconds, tcfg.audio.segment_seconds)) for f in plan.files if f.mert)
-    max_frames = max(1, math.ceil(fit.max_points / max(mert_segments, 1)))
-    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
-    t0 = time.time()
-    batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
-    runner = in_plan_order(ray, FitActor, kwargs, res, batches, corpus, tcfg, tok.sample_rates, frozenset(), stall_seconds)
-    heldout = frozenset(plan.heldout)
-    feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
-    dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
-    cpu_seconds = 0.0
-    with FitProgress(console, len(plan.files)) as bar:
-        try:
-            for _, output in runner:  # in plan order: the fit does not depend on which actor was first
-                for row in output_rows(output):
-                    bar.update(row["rel"])
-                    cpu_seconds += row["cpu"]
-                    for name in ("mert", "clap", "encodec"):
-                        if row[name]:
-                            x = np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name])
-                            feats["heldout" if name == "clap" and row["rel"] in heldout else name].append(x)
-        except Stalled as e:
-            raise stalled_error(console, out, e, stall_seconds) from None
-        except ActorLost as e:
-            raise UserError(f"fitting the tokenizer stopped: {e}; re-run the same command to start it again") from None
-    if not feats["mert"] or not feats["clap"]:
-        raise UserError(f"none of the {len(plan.files)} sampled files could be decoded to fit the tokenizer; see musiclm tokenize's errors")
-    extract = time.time() - t0
-    mert = np.concatenate(feats["mert"])
-    clap = np.concatenate(feats["clap"])
-    t0, cpu0 = time.time(), time.process_time()
-    centroids, norm = fit_semantic(mert, tcfg.mert.codebook_size, niter=fit.niter, seed=fit.seed)
-    books = fit_residual(clap, tcfg.clap.levels, tcfg.clap.codebook_size, niter=fit.niter, seed=fit.seed, what="CLAP residual quantizer")
-    counts = {"clap": (len(clap), tcfg.clap.codebook_size), "semantic": (len(mert), tcfg.mert.codebook_size)}
-    if feats["encodec"]:
-        latents = np.concatenate(feats["encodec"])
-        set_encodec_codebooks(tok.encodec, fit_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed))
-        counts["encodec"] = (len(latents), tok.encodec.codebook_size)
-    kmeans = time.time() - t0
-    kmeans_cores = (time.process_time() - cpu0) / max(kmeans, 1e-9)  # faiss runs k-means on every core of the driver
-    tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
-    errors = {"fit_audio": residual_errors(clap, books), "text": residual_errors(tok.clap_text_embed(list(MUSIC_DESCRIPTIONS)), books)}
-    if feats["heldout"]:
-        errors["heldout_audio"] = residual_errors(np.concatenate(feats["heldout"]), books)
-    report = {
-        "files": len(plan.files),
-        "seconds": round(plan.seconds, 3),
-        "heldout_files": len(heldout),
-        "heldout_windows": int(sum(len(x) for x in feats["heldout"])),
-        "clap_hop_seconds": fit.clap_hop_seconds,
-        "min_points_per_code": fit.min_points_per_code,
-        "points": {name: {"points": int(n), "codes": int(k), "points_per_code": round(n / k, 2)} for name, (n, k) in counts.items()},
-        "clap_relative_error": {k: [round(e, 5) for e in v] for k, v in errors.items()},
-        "text_prompts": len(MUSIC_DESCRIPTIONS),
-        "seconds_taken": {"features": round(extract, 2), "kmeans": round(kmeans, 2)},
-        "cores_busy": {"features": round(cpu_seconds / max(extract, 1e-9), 2), "kmeans": round(kmeans_cores, 2)},  # CPU seconds per wall second
-    }
-    tok.save(staging, fit_report=report)
-    atomic.replace_folder(staging, out / "tokenizer")
-    e = errors.get("heldout_audio", errors["fit_audio"])
-    console.print(
-        f"fitted in {extract:.0f} s of features ({report['cores_busy']['features']:.1f} cores busy) + {kmeans:.0f} s of k-means "
-        f"({report['cores_busy']['kmeans']:.1f} cores busy): {len(clap):,} CLAP windows ({len(clap) / tcfg.clap.codebook_size:.1f} per code), "
-        f"{len(mert):,} MERT frames; CLAP relative error after {len(books)} levels {e[-1]:.3f} (held-out audio), {errors['text'][-1]:.3f} (text)"
-    )
 
 
 def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) -> dict | None:
@@ -441,14 +340,14 @@ def run_tokenize(
 
             facts = backbone_facts(cfg.tokenize)
             check_backbones(cfg.tokenize, facts)
-            plan = _fit_plan(console, files, corpus, cfg.tokenize, facts.mert_frame_rate)
+            plan = plan_fit_sample(console, files, corpus, cfg.tokenize, facts.mert_frame_rate)
         if pending or repair.pinned is not None:
             with ray_session(address) as ray:
                 res = plan_cluster_resources(ray, workers, gpus_per_worker)
                 console.print(res.line())
                 stall = cfg.tokenize.stall_seconds if cfg is not None else None  # else the tokenizer's recorded config's
                 if plan is not None:
-                    _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res, stall)
+                    fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res, stall)
                 opts = dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled, manifest=manifest, repair=repair, stall_seconds=stall)
                 _tokenize_all(ray, console, files, pending, corpus, out, opts, res, summary)
         else:
