@@ -49,12 +49,10 @@ corpus since, since its tokens are still in the shards.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,30 +62,15 @@ from musiclm.errors import UserError
 from musiclm.pipeline.batch_runner import ActorLost, Stalled
 from musiclm.pipeline.actors import TokenizeActor, output_rows, unpack_sample
 from musiclm.pipeline.audio import audio_files_in
-from musiclm.pipeline.batch_plan import PLAN_FILE, plan_corpus, read_plan
+from musiclm.pipeline.batch_plan import plan_corpus, read_plan
 from musiclm.pipeline.decode_stage import in_plan_order
 from musiclm.pipeline.fit_job import fit_tokenizer, plan_fit_sample
 from musiclm.pipeline.progress import TokenizeProgress, TokenizeSummary, kept_shards, print_summary, stalled_error
 from musiclm.pipeline.ray_runtime import Resources, check_reachable, plan_cluster_resources, ray_session, stop_on_signals
+from musiclm.pipeline.repair import Repair, check_folder, finish_repairs, repair_routes
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
 from musiclm.shards.format import file_key
-from musiclm.shards.writer import (
-    MANIFEST_RECORD,
-    PLAN_RECORD,
-    FolderState,
-    ShardWriter,
-    check_shards,
-    clean_unfinished,
-    done_files,
-    folder_problems,
-    list_unrepairable,
-    next_shard_index,
-    partial_keys,
-    record_folder_files,
-    recorded_files,
-    record_path,
-    settle,
-)
+from musiclm.shards.writer import MANIFEST_RECORD, ShardWriter, done_files, next_shard_index, partial_keys, record_folder_files
 
 LOCK_FILE = ".musiclm.lock"
 # tokenizer config keys that change what tokens mean or which clips exist
@@ -159,131 +142,6 @@ def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) 
     return given
 
 
-@dataclass
-class Repair:
-    """What the check at the start of a run found, and what its repair has to do (see :func:`_check_folder`)."""
-
-    state: FolderState | None = None
-    records: dict[str, Any] | None = None  # path -> FileRecord of every sound file: resume's reads are checked against them
-    redo: dict[str, dict] = dataclasses.field(default_factory=dict)  # shard name -> its clips and failed files to redo
-    pinned: dict[str, int] | None = None  # a lost plan: {rel: batch} as the shard records name them; None when the plan is sound
-    notes: list[str] = dataclasses.field(default_factory=list)  # what was done before tokenizing, for the summary
-    gone: set[str] = dataclasses.field(default_factory=set)  # keys that cannot be redone (their audio is gone), listed in errors/
-
-
-def _check_folder(console, out: Path, files: list[str], full: bool = False) -> Repair:
-    """Check ``out`` against its records and prepare the repair of what is damaged (see the module docstring
-    of :mod:`musiclm.shards.writer`); print what was found. Files that ``files`` (the corpus) no longer holds
-    cannot be redone: their clips are listed in errors/ now. ``full``: hash every shard file (``--verify``)."""
-    from musiclm.shards.format import TokenInfo
-    from musiclm.shards.writer import ShardRecord
-
-    if not (out / "shards").is_dir() and not (out / "errors").is_dir():
-        clean_unfinished(out)
-        return Repair()
-    repair = Repair()
-    plan_bad = folder_problems(out, PLAN_RECORD, [PLAN_FILE])
-    plan = None
-    if plan_bad:
-        try:  # changed since it was recorded, but whole: kept (the batches of clips to redo come from their records)
-            plan = read_plan(out) if (out / PLAN_FILE).is_file() else None
-        except UserError:
-            plan = None
-    else:
-        plan = read_plan(out)
-    state = check_shards(out, {rel: v[2] for rel, v in (plan or {}).items()}, full=full)
-    clean_unfinished(out)
-    for f in state.found:
-        what = "; ".join(f"{rel}: {problem}" for rel, problem in f.problems.items())
-        console.print(f"damaged: {what}")
-        if "rebuilt" in f.actions:
-            repair.notes.append(f"rebuilt the statistics of {f.name} from its tar, which is sound")
-        if "recorded" in f.actions and any(rel.startswith("checksums/") for rel in f.problems):
-            repair.notes.append(f"recorded {f.name} again after reading its files whole (its record was damaged)")
-    if state.recorded:
-        repair.notes.append(f"recorded the checksums of {len(state.recorded)} shard{'s' if len(state.recorded) != 1 else ''} that had none")
-    if plan_bad:
-        what = "; ".join(f"{rel}: {problem}" for rel, problem in plan_bad.items())
-        if plan is not None:  # it reads whole, with its columns: kept, and recorded as it is now
-            console.print(f"{PLAN_FILE} does not match its record ({what}) but reads whole: kept, and recorded again")
-            record_folder_files(out, PLAN_RECORD, [PLAN_FILE])
-        else:
-            console.print(f"damaged: {what}")
-            (out / PLAN_FILE).unlink(missing_ok=True)
-            record_path(out, PLAN_RECORD).unlink(missing_ok=True)
-            repair.pinned = state.batches()
-            repair.notes.append(f"planned the corpus again ({PLAN_FILE} was damaged); files kept the batches their shards' records name")
-            plan = {}
-    elif (out / PLAN_FILE).is_file() and not record_path(out, PLAN_RECORD).is_file():
-        record_folder_files(out, PLAN_RECORD, [PLAN_FILE])  # written before records were kept; it reads whole
-    manifest_bad = folder_problems(out, MANIFEST_RECORD, [TABLE_FILE, MANIFEST_FILE])
-    if manifest_bad:
-        console.print("damaged: " + "; ".join(f"{rel}: {problem}" for rel, problem in manifest_bad.items()))
-        repair.notes.append(f"wrote the corpus manifest again ({', '.join(manifest_bad)} {'was' if len(manifest_bad) == 1 else 'were'} damaged)")
-    repair.state = state
-    if state.redo():
-        settle(out, state)  # a repair left by a killed run may be finished already
-        repair.redo = {name: json.loads(json.dumps(r)) for name, r in state.redo().items()}
-        info = TokenInfo.load(out)
-        listed = list_unrepairable(out, state, info, keep=set(files), reason="its source audio is gone, so this clip of damaged {shard} cannot be tokenized again")
-        repair.gone = {key for key, _, _ in listed}
-        unknown = [name for name, r in state.redo().items() if r.get("unknown")]
-        if unknown:
-            done = done_files(out)
-            corpus = set(files)
-            lost = [rel for rel, v in plan.items() if v[2] >= 0 and rel not in done and rel not in corpus]
-            if lost:
-                writer = ShardWriter(out, info, 1 << 62, next_shard_index(out))
-                for rel in lost:
-                    reason = f"its source audio is gone and no sound shard holds its tokens ({', '.join(unknown)} could not be read to tell which clips it held)"
-                    writer.add_error(file_key(rel), rel, "repair", reason)
-                writer.close()
-                repair.gone.update(file_key(rel) for rel in lost)
-            for name in unknown:  # told as far as it can be: what is left to redo are the clips it knows
-                rec = ShardRecord.read(out, name)
-                rec.redo["unknown"] = False
-                rec.drop_settled(frozenset())
-                rec.write(out)
-                state.records[name] = rec
-    # what resume reads is checked against these (an errors file written just above has its record on disk only)
-    repair.records = recorded_files(out, ("stats", "errors")) if repair.gone else state.file_records()
-    return repair
-
-
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
-def _finish_repairs(out: Path, repair: Repair, summary: TokenizeSummary) -> None:
-    """After a run that went to its end: what the repair redid (for the summary); anything of a damaged shard
-    that the run did not produce again is listed in errors/ with the reason, so nothing is silently dropped."""
-    from musiclm.shards.format import TokenInfo
-
-    summary.repairs[:0] = repair.notes
-    if not repair.redo or repair.state is None:
-        return
-    settle(out, repair.state)
-    if repair.state.redo():
-        reason = "it was not produced again from its source audio (did the file change since it was tokenized?); it was in damaged {shard}"
-        left = list_unrepairable(out, repair.state, TokenInfo.load(out), keep=set(), reason=reason)
-        summary.repairs.append(f"{_count(len(left), 'clip or file', 'clips or files')} of damaged shards were not produced again (listed in {out / 'errors'})")
-    shards = {name: r for name, r in repair.redo.items() if r["clips"] or r.get("problems", {}).keys() & {f"shards/{name}.tar"}}
-    if shards:
-        parts = []
-        for name, r in sorted(shards.items()):
-            redone = [(src, [k for k in keys if k not in repair.gone]) for src, _, keys in r["clips"]]
-            redone = [(src, keys) for src, keys in redone if keys]
-            what = f"{_count(sum(len(k) for _, k in redone), 'clip', 'clips')} from {_count(len(redone), 'file', 'files')}" if r["clips"] else "its clips could not be read, so every file in no sound shard was tokenized"
-            parts.append(f"{name}: {what}")
-        summary.repairs.append(f"repaired {len(shards)} damaged shard{'s' if len(shards) != 1 else ''} ({'; '.join(parts)})")
-    failed = {name: r for name, r in repair.redo.items() if r["errors"]}
-    if failed:
-        n = len({src for r in failed.values() for _, src in r["errors"]})
-        summary.repairs.append(f"decoded again the {n} failed files listed in damaged {', '.join(f'errors/{name}.parquet' for name in sorted(failed))}")
-    if repair.gone:
-        summary.repairs.append(f"{_count(len(repair.gone), 'clip or file', 'clips or files')} of damaged shards could not be redone: their source audio is gone (listed in {out / 'errors'})")
-
-
 def run_tokenize(
     corpus: Path,
     out: Path,
@@ -325,7 +183,7 @@ def run_tokenize(
         record = _check_tokenizer(out, cfg, tokenizer_dir)
         if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
             atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
-        repair = _check_folder(console, out, files, full=verify)
+        repair = check_folder(console, out, files, full=verify)
         settled = done_files(out, repair.records)
         finished = settled.intersection(files)
         pending = [f for f in files if f not in finished]
@@ -352,7 +210,7 @@ def run_tokenize(
                 _tokenize_all(ray, console, files, pending, corpus, out, opts, res, summary)
         else:
             manifest()
-        _finish_repairs(out, repair, summary)
+        finish_repairs(out, repair, summary)
     summary.elapsed = time.time() - t0
     print_summary(console, summary)
     return summary
@@ -407,7 +265,7 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
         writer.close()
         summary.shards = writer.shards_written
         return
-    routes = _repair_routes(out, batches, plan, repair.redo)  # batch -> the damaged shard it goes back into
+    routes = repair_routes(out, batches, plan, repair.redo)  # batch -> the damaged shard it goes back into
     rewriters = {name: ShardWriter(out, info, 1 << 62, int(name.split("-")[1])) for name in set(routes.values())}
     waiting = {name: {b for b, n in routes.items() if n == name} for name in rewriters}  # batches still to come
     done = frozenset(partial_keys(out, opts["settled"], repair.records))  # keys of partly finished files only
@@ -451,19 +309,4 @@ def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Pa
         # else the shard still filling is dropped: the rerun writes it whole, from the same batches (a shard
         # being repaired is written whole or not at all; its record keeps what is still to redo)
         summary.shards = writer.shards_written + sum(w.shards_written for w in rewriters.values())
-
-
-def _repair_routes(out: Path, batches: dict[int, list[tuple[str, float]]], plan: dict[str, tuple[float, str, int]], redo: dict[str, dict]) -> dict[int, str]:
-    """{planned batch: damaged shard name} for the batches that held only clips of one damaged shard,
-    whose tar is gone: they are written back into that shard's index. Other batches go to new shards."""
-    owner: dict[str, str] = {}
-    for name, r in redo.items():
-        if r.get("clips") and not (out / "shards" / f"{name}.tar").exists():
-            owner.update({src: name for src, _, _ in r["clips"]})
-    routes = {}
-    for number, members in batches.items():
-        names = {owner.get(rel) for rel, _ in members}
-        if len(names) == 1 and None not in names:
-            routes[number] = names.pop()
-    return routes
 
