@@ -36,10 +36,15 @@ from musiclm.pipeline.ray_runtime import Resources
 FEATURES = ("mert", "clap", "encodec")
 
 
-def plan_fit_sample(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mert_rate: float | None):
-    """Probe files for the fit sample and refuse, before any backbone runs, a corpus too small for the vocabularies
-    (the MERT floor too when ``mert_rate`` is known from the backbone's config; else once it has loaded)."""
-    from musiclm.pipeline.fit_plan import check_enough, needs_line, plan_fit
+def plan_fit_sample(console, files: list[str], corpus: Path, tcfg: TokenizeConfig):
+    """The fit sample of ``files`` (a :class:`~musiclm.pipeline.fit_plan.FitPlan`), from their probed durations.
+    Refused in one line, before any backbone runs: backbone settings that do not fit the config, and a corpus
+    too small for the vocabularies (the MERT floor too when its frame rate is known from the backbone's config;
+    else once it has loaded, in :func:`fit_tokenizer`)."""
+    from musiclm.pipeline.fit_plan import backbone_facts, check_backbones, check_enough, needs_line, plan_fit
+
+    facts = backbone_facts(tcfg)
+    check_backbones(tcfg, facts)
 
     def duration(rel: str) -> float | None:
         try:
@@ -52,7 +57,7 @@ def plan_fit_sample(console, files: list[str], corpus: Path, tcfg: TokenizeConfi
     if not plan.files:
         raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
     console.print(needs_line(tcfg, plan))
-    check_enough(tcfg, plan, mert_rate)
+    check_enough(tcfg, plan, facts.mert_frame_rate)
     return plan
 
 
