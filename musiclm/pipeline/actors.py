@@ -1,6 +1,6 @@
 """The backbone actors of the tokenize job: each holds a Tokenizer and turns decoded batches into rows.
 
-Layer: pipeline (imports the base layer, shards and models).
+Layer: pipeline (imports the base layer, shards and pipeline.tokenizer, which holds the models).
 
 :class:`TokenizeActor` turns the decoded segments of a planned batch (a row of
 :func:`~musiclm.pipeline.decode_stage.decode_batch`) into packed shard samples or error rows;

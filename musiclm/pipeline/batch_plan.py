@@ -1,6 +1,6 @@
 """The batch plan: which files of the corpus go through the backbones together, kept in ``plan.parquet``.
 
-Layer: pipeline (imports the base layer and shards).
+Layer: pipeline (imports the base layer, shards and pipeline.audio).
 
 ::
 

@@ -1,6 +1,7 @@
 """The decode stage of the tokenize job: a planned batch decoded, segmented and resampled, as a Ray task.
 
-Layer: pipeline (imports the base layer and shards).
+Layer: pipeline (imports the base layer, shards and the lower pipeline modules audio, batch_plan,
+batch_runner, ray_runtime).
 
 One CPU task per planned batch (:func:`decode_batch`) reads its files, cuts each into the
 segments of :func:`~musiclm.pipeline.audio.plan_segments` and resamples them to every rate the

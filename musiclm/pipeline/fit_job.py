@@ -1,6 +1,6 @@
 """The fit job: the quantizers fitted on a sample of the corpus, before it is tokenized without ``--tokenizer``.
 
-Layer: pipeline (imports the base layer, shards and models).
+Layer: pipeline (imports the base layer, models and the lower pipeline modules).
 
 ::
 

@@ -1,6 +1,6 @@
 """The main pass of the tokenize job: every pending file, in planned batches, through the actors into shards.
 
-Layer: pipeline (imports the base layer, shards and models).
+Layer: pipeline (imports the base layer, shards and the lower pipeline modules).
 
 ::
 

@@ -1,6 +1,6 @@
 """What the tokenize job tells the user: its counts, the progress lines, the closing summary, why it stopped.
 
-Layer: pipeline (imports the base layer).
+Layer: pipeline (imports the base layer and pipeline.batch_runner).
 
 :class:`TokenizeSummary` is what a run did (``run_tokenize`` returns it); :class:`TokenizeProgress`
 and :class:`FitProgress` are the rich progress lines of the main pass and of the fit;

@@ -1,6 +1,6 @@
 """Repairs of a damaged tokenize output folder: what the check at the start of a run found, and what it redoes.
 
-Layer: pipeline (imports the base layer and shards).
+Layer: pipeline (imports the base layer, shards, pipeline.batch_plan and pipeline.progress).
 
 Every file a run writes gets a checksum record (:mod:`musiclm.shards.writer`). A run first checks
 the folder against its records (:func:`check_folder`): a damaged shard's files are removed after

@@ -1,6 +1,6 @@
 """``musiclm tokenize``: a folder of audio → integer-token shards, as a Ray job. This module tells the story.
 
-Layer: pipeline (imports the base layer, shards and models).
+Layer: pipeline, its top (imports the base layer, shards and the pipeline modules named below).
 
 ::
 
