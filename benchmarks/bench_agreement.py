@@ -209,7 +209,7 @@ def first_seconds(planned: Planned, seconds: float) -> Planned:
 def plan(corpus: Corpus, batch_seconds: float, segment_seconds: float, rates: tuple[int, ...]) -> Planned:
     """The clips of ``corpus`` in the job's batches: ``plan_batches`` of whole files, ``plan_segments`` of each."""
     from musiclm.pipeline.audio import plan_segments
-    from musiclm.pipeline.tokenize_job import plan_batches
+    from musiclm.pipeline.batch_plan import plan_batches
 
     batches = []
     for _, members in plan_batches(corpus.files, batch_seconds):

@@ -101,7 +101,9 @@ def speed(args) -> None:
     import torch
     import webdataset as wds
 
+    import musiclm.pipeline.main_pass as main_pass
     import musiclm.pipeline.tokenize_job as job
+    from musiclm.pipeline.ray_runtime import actor_threads
     from musiclm.pipeline.tokenizer import Tokenizer
     from musiclm.shards.format import TokenSample, list_shards, sample_key
 
@@ -114,22 +116,22 @@ def speed(args) -> None:
     job.run_tokenize(fit_corpus, work / "fit_tokens", cfg)
 
     stamps: list[tuple[float, float]] = []  # (time, audio seconds tokenized so far) per row
-    base = job._progress
+    base = main_pass.TokenizeProgress
 
     class Recorder(base):
         def update(self, seconds, summary, elapsed, gpu):
             stamps.append((time.perf_counter(), summary.seconds))
             super().update(seconds, summary, elapsed, gpu)
 
-    job._progress = Recorder
+    main_pass.TokenizeProgress = Recorder
     t0 = time.perf_counter()
     try:
         wall, summary = timed(lambda: job.run_tokenize(corpus, work / "tokens", None, tokenizer_dir=work / "fit_tokens" / "tokenizer"))
     finally:
-        job._progress = base
+        main_pass.TokenizeProgress = base
     audio = summary.seconds
 
-    threads = job.actor_threads(os.cpu_count() or 1, 1, gpu=False)
+    threads = actor_threads(os.cpu_count() or 1, 1, gpu=False)
     torch.set_num_threads(threads)
     tok = Tokenizer.load(work / "fit_tokens" / "tokenizer")
     batches = planned_clips(work / "tokens", corpus, tok.cfg.audio.segment_seconds, tok.sample_rates)

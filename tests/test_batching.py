@@ -12,7 +12,8 @@ import torch
 
 from musiclm.config import load_config
 from musiclm.errors import UserError
-from musiclm.pipeline.tokenize_job import Resources, _resources, plan_batches
+from musiclm.pipeline.ray_runtime import Resources, plan_cluster_resources
+from musiclm.pipeline.batch_plan import plan_batches
 from musiclm.pipeline.tokenizer import Tokenizer
 
 
@@ -143,13 +144,13 @@ class FakeRay:
 
 
 def test_actors_share_a_gpu_with_a_fraction_per_worker():
-    assert _resources(FakeRay(16, 1), None, 0.5)[:4] == Resources(workers=2, gpus=0.5, cpus=4.0, threads=4)[:4]
-    assert _resources(FakeRay(16, 2), None, None)[:4] == Resources(workers=2, gpus=1.0, cpus=4.0, threads=4)[:4]
+    assert plan_cluster_resources(FakeRay(16, 1), None, 0.5)[:4] == Resources(workers=2, gpus=0.5, cpus=4.0, threads=4)[:4]
+    assert plan_cluster_resources(FakeRay(16, 2), None, None)[:4] == Resources(workers=2, gpus=1.0, cpus=4.0, threads=4)[:4]
     # on the CPU an actor reserves the cores its threads use, one is left to decoding (tests/test_tokenize_runs.py: the plan)
-    assert _resources(FakeRay(2, 0), None, None)[:4] == Resources(workers=1, gpus=0.0, cpus=1.0, threads=1)[:4]
-    assert _resources(FakeRay(8, 0), None, None)[:4] == Resources(workers=1, gpus=0.0, cpus=7.0, threads=7)[:4]
+    assert plan_cluster_resources(FakeRay(2, 0), None, None)[:4] == Resources(workers=1, gpus=0.0, cpus=1.0, threads=1)[:4]
+    assert plan_cluster_resources(FakeRay(8, 0), None, None)[:4] == Resources(workers=1, gpus=0.0, cpus=7.0, threads=7)[:4]
     with pytest.raises(UserError, match="--gpus-per-worker"):
-        _resources(FakeRay(8, 0), None, 0.5)
+        plan_cluster_resources(FakeRay(8, 0), None, 0.5)
 
 
 

@@ -101,7 +101,7 @@ def test_shard_tokens_equal_tokenizing_the_planned_batch_directly(tokenized, aud
 
     Float reductions depend on the thread count, so the check runs with the actor's threads.
     """
-    from musiclm.pipeline.tokenize_job import actor_threads
+    from musiclm.pipeline.ray_runtime import actor_threads
     from musiclm.pipeline.tokenizer import Tokenizer
 
     out, _ = tokenized

@@ -18,7 +18,9 @@ import pytest
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import list_audio_files
 from musiclm.pipeline.batch_runner import reorder_window
-from musiclm.pipeline.tokenize_job import LOCK_FILE, TEST_FAULT_ENV, MIN_ACTOR_CPUS, plan_resources
+from musiclm.pipeline.ray_runtime import MIN_ACTOR_CPUS, plan_resources
+from musiclm.pipeline.decode_stage import TEST_FAULT_ENV
+from musiclm.pipeline.tokenize_job import LOCK_FILE
 from musiclm.shards.format import list_shards
 from tests.conftest import ROOT, make_test_corpus
 

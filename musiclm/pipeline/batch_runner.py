@@ -1,5 +1,7 @@
 """Planned batches through decode tasks and an actor pool, out in plan order, with a watchdog.
 
+Layer: pipeline (imports nothing of musiclm: Ray, the decode function and the actor class come in as arguments).
+
 ::
 
     batch i ─► decode task (CPU) ─► an actor with room (at most DEPTH calls each) ─► held until
@@ -63,6 +65,9 @@ class InPlanOrder:
         self.actors = [cls.remote(**actor_kwargs) for _ in range(res.workers)]
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        """Submit, dispatch, collect and yield in plan order, until every item is out. One loop on purpose
+        (61 lines): its books (decoding, decoded, calls, load, held, the times) are shared by every step and
+        read whole by the watchdog's report, so split steps would pass them all around."""
         ray, n = self.ray, len(self.items)
         decoding: dict[Any, int] = {}  # decode ref -> item index
         decoded: dict[int, Any] = {}  # item index -> its decoded ref, waiting for an actor

@@ -1,5 +1,7 @@
 """How much audio fitting the quantizers needs, and which files the fit reads.
 
+Layer: pipeline (imports the base layer; models.backbones and pipeline.audio where a check needs them).
+
 A codebook is only as good as its sample: every code needs ``tokenize.fit.min_points_per_code``
 points at every level. A residual quantizer fits each level on the same points (the residuals
 of the level before), so CLAP's need is ``codebook_size x min_points`` window embeddings,

@@ -1,109 +1,140 @@
-"""``musiclm tokenize``: a folder of audio → integer-token shards, as a Ray job.
+"""``musiclm tokenize``: a folder of audio → integer-token shards, as a Ray job. This module tells the story.
+
+Layer: pipeline, its top (imports the base layer, shards and the pipeline modules named below).
 
 ::
 
-    list files, probe durations (Ray Data tasks), plan batches   driver; the plan is kept in plan.parquet
-      → decode, segment, resample a planned batch        CPU tasks (one per batch)
-      → tokenize the batch                               actor pool holding the Tokenizer (1 GPU each if any)
-      → in plan order (a bounded reorder window)         driver (:mod:`musiclm.pipeline.batch_runner`)
-      → ShardWriter (driver)                             shards/, stats/, errors/
-    corpus manifest (driver, once the plan is known)   manifest.json, manifest.parquet
+    check the inputs, lock the output folder, check it against its records    repair.check_folder
+    without --tokenizer: choose the fit sample (refuse a corpus too small)     fit_job.plan_fit_sample
+    start or join Ray, plan what each actor reserves                         ray_runtime
+    without --tokenizer: fit the quantizers (a FitActor pool)                fit_job.fit_tokenizer
+    plan the batches (probe tasks; kept in plan.parquet)                     batch_plan
+      → corpus manifest (manifest.json, manifest.parquet)                    _write_manifest
+      → decode a planned batch (CPU task) → TokenizeActor → in plan order    decode_stage, actors, batch_runner
+      → ShardWriter: shards/, stats/, errors/                                main_pass
+    say what the repair redid, print the summary                             repair.finish_repairs, progress
 
-The batch plan is the driver's: whole files, in listing order, up to
-``tokenize.batch_seconds`` of audio per batch (a longer file is a batch of its
-own). Each planned batch goes through the backbones whole, and batches reach
-the writer in plan order, so tokens and shard membership do not depend on
-scheduling, on the number of actors or on timing.
-
-Resources (:func:`plan_resources`, printed at start-up): what each actor reserves
-always leaves CPU to the decode tasks that feed the actors, or the arrangement is
-refused in one line. A watchdog names what is pending when no batch finishes for
-``tokenize.stall_seconds``; SIGINT and SIGTERM stop the run cleanly (finished
-shards kept, lock released, one line).
-
-Without ``--tokenizer`` the quantizers are fitted first, on a sample of the
-corpus, by the same decode stage feeding a feature-extracting actor pool.
+Tokens and shard membership are a function of the audio and the batch plan, not of scheduling,
+the number of actors or timing (:mod:`musiclm.pipeline.batch_plan`). SIGINT and SIGTERM stop the
+run cleanly (finished shards kept, lock released, one line); so does a stall, naming what is
+pending (:mod:`musiclm.pipeline.batch_runner`).
 
 Resume: finished shards and errors files name the files that are done
-(:func:`~musiclm.shards.writer.done_files`); shards close only between batches,
-so a batch is either all done or not started, and a rerun of the same command
-runs the same batches that are left, which give the same tokens. A lock file
-keeps a second run out of the same folder.
+(:func:`~musiclm.shards.writer.done_files`); shards close only between batches, so a batch is
+either all done or not started, and a rerun of the same command runs the same batches that are
+left, which give the same tokens. A lock file keeps a second run out of the same folder. Damaged
+files are repaired first (:mod:`musiclm.pipeline.repair`).
 
-Repair: every file written gets a checksum record (:mod:`musiclm.shards.writer`).
-A run first checks the folder against its records
-(:func:`~musiclm.shards.writer.check_shards`): a damaged shard's files are
-removed after its clips were put on record as to be redone, so the resume above
-tokenizes them again, in their planned batches, and writes them back into the
-damaged shard's index; clips whose audio is gone are listed in ``errors/``. A
-damaged plan is probed again (files keep the batches their shards' records
-name); the manifest is rewritten by every run anyway.
-
-Manifest: the probe tasks also hash each file they probe (size and sha256 go
-into plan.parquet with the duration), and the driver writes the corpus manifest
-(:mod:`musiclm.shards.manifest`) as soon as the plan is known: every file of
-the corpus, and every file an earlier run finished even if it has left the
-corpus since, since its tokens are still in the shards.
+Manifest: the probe tasks also hash each file they probe (size and sha256 go into plan.parquet
+with the duration), and the driver writes the corpus manifest (:mod:`musiclm.shards.manifest`)
+as soon as the plan is known: every file of the corpus, and every file an earlier run finished
+even if it has left the corpus since, since its tokens are still in the shards.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import math
 import os
-import pickle
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import numpy as np
 
 from musiclm import atomic
 from musiclm.config import Config, TokenizeConfig, to_dict, tokenize_config_from_dict
-from musiclm.errors import Stopped, UserError
-from musiclm.integrity import DamagedFile
-from musiclm.pipeline.batch_runner import ActorLost, InPlanOrder, Stalled
-from musiclm.pipeline.audio import AudioError, audio_files_in, load_for_rates, plan_segments, probe
-from musiclm.digest import file_digest
+from musiclm.errors import UserError
+from musiclm.pipeline.audio import audio_files_in
+from musiclm.pipeline.batch_plan import read_plan
+from musiclm.pipeline.fit_job import fit_tokenizer, plan_fit_sample
+from musiclm.pipeline.main_pass import tokenize_pending
+from musiclm.pipeline.progress import TokenizeSummary, kept_shards, print_summary
+from musiclm.pipeline.ray_runtime import check_reachable, plan_cluster_resources, ray_session, stop_on_signals
+from musiclm.pipeline.repair import check_folder, finish_repairs
 from musiclm.shards.manifest import MANIFEST_FILE, TABLE_FILE, FileFacts, check_paths_mode, write_manifest
-from musiclm.shards.format import TokenSample, file_key, sample_key
-from musiclm.shards.read import done_files, partial_keys, read_parquet
-from musiclm.shards.records import MANIFEST_RECORD, PLAN_RECORD, record_folder_files, record_path, recorded_files, repair_advice
-from musiclm.shards.repair import FolderState, check_shards, folder_problems, list_unrepairable, settle
-from musiclm.shards.writer import ShardWriter, clean_unfinished, next_shard_index
+from musiclm.shards.read import done_files
+from musiclm.shards.records import MANIFEST_RECORD, record_folder_files
 
 LOCK_FILE = ".musiclm.lock"
-PLAN_FILE = "plan.parquet"
 # tokenizer config keys that change what tokens mean or which clips exist
 MEANING_KEYS = ("audio", "clap", "mert", "encodec", "precision")
 
 
-@dataclass
-class TokenizeSummary:
-    files: int  # audio files found in the corpus
-    skipped: int  # files finished by an earlier run (not counted below)
-    clips: int  # segments tokenized by this run
-    seconds: float  # audio seconds tokenized by this run
-    failed: int  # error rows written by this run
-    shards: int  # shards written by this run
-    elapsed: float
-    out: Path
-    compute: float = 0.0  # seconds the actors spent in the tokenizer (summed over actors)
-    repairs: list[str] = dataclasses.field(default_factory=list)  # what this run repaired, one line each
-    reorder_peak: int = 0  # the most finished batches held at once, waiting for an earlier one (batch_runner)
+def run_tokenize(
+    corpus: Path,
+    out: Path,
+    cfg: Config | None,
+    *,
+    tokenizer_dir: Path | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    shard_size: int | None = None,
+    batch_seconds: float | None = None,
+    manifest_paths: str = "names",
+    verify: bool = False,
+    console=None,
+) -> TokenizeSummary:
+    """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring).
 
-    @property
-    def audio_seconds_per_second(self) -> float:
-        return self.seconds / self.elapsed if self.elapsed > 0 else 0.0
+    ``manifest_paths``: how the corpus manifest names files, "names" (relative paths) or "hashed"
+    (sha256 of each relative path; see :mod:`musiclm.shards.manifest`). ``verify``: hash every file of
+    ``out`` against its record before resuming, not only those whose size or times changed."""
+    from rich.console import Console
+
+    from musiclm.shards.tokenizer_folder import tokenizer_folder
+
+    console = console or Console(stderr=True)
+    corpus, out = Path(corpus), Path(out)
+    files = _check_inputs(corpus, out, cfg, tokenizer_dir, address, manifest_paths)
+    t0 = time.time()
+    with _lock(out), stop_on_signals(lambda: f"stopped: {kept_shards(out)} kept; re-run the same command to resume"):
+        record = _check_tokenizer(out, cfg, tokenizer_dir)
+        if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
+            atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
+        repair = check_folder(console, out, files, full=verify)
+        settled = done_files(out, repair.records)
+        finished = settled.intersection(files)
+        pending = [f for f in files if f not in finished]
+        summary = TokenizeSummary(len(files), len(finished), 0, 0.0, 0, 0, 0.0, out)
+
+        def manifest() -> None:  # after the plan: a killed run leaves a manifest of every file it may have tokenized
+            _write_manifest(console, corpus, out, set(files) | settled, manifest_paths)
+
+        plan = plan_fit_sample(console, files, corpus, cfg.tokenize) if pending and record is None else None
+        if pending or repair.pinned is not None:
+            with ray_session(address) as ray:
+                res = plan_cluster_resources(ray, workers, gpus_per_worker)
+                console.print(res.line())
+                stall = cfg.tokenize.stall_seconds if cfg is not None else None  # else the tokenizer's recorded config's
+                if plan is not None:
+                    fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res, stall)
+                opts = dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled, manifest=manifest, repair=repair, stall_seconds=stall)
+                tokenize_pending(ray, console, files, pending, corpus, out, opts, res, summary)
+        else:
+            manifest()
+        finish_repairs(out, repair, summary)
+    summary.elapsed = time.time() - t0
+    print_summary(console, summary)
+    return summary
 
 
-# ---- input checks ---------------------------------------------------------------------------
+def _check_inputs(corpus: Path, out: Path, cfg: Config | None, tokenizer_dir: Path | None, address: str | None, manifest_paths: str) -> list[str]:
+    """The audio files of ``corpus`` (paths relative to it), once every check that needs no lock has passed:
+    a config or a tokenizer given, the corpus and ``out`` usable, ``--address`` reachable (told before the
+    corpus is probed for the fit)."""
+    if cfg is None and tokenizer_dir is None:
+        raise UserError("give --preset/--config to fit a tokenizer, or --tokenizer to reuse one")
+    if tokenizer_dir is not None and not Path(tokenizer_dir).exists():
+        raise UserError(f"--tokenizer folder not found: {tokenizer_dir}")
+    check_paths_mode(manifest_paths)
+    abs_files = audio_files_in(corpus, "corpus")
+    _check_out(out)
+    if address:
+        check_reachable(address)
+    return [p.relative_to(corpus).as_posix() for p in abs_files]
+
+
 def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that is a file or cannot be written to, in one line; create it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out must be a folder, but {out} is a file")
     try:
@@ -117,6 +148,7 @@ def _check_out(out: Path) -> None:
 
 @contextmanager
 def _lock(out: Path) -> Iterator[None]:
+    """Hold the lock file of ``out`` for the run; a second run on the same folder is refused in one line."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(out / LOCK_FILE), timeout=0)
@@ -130,643 +162,10 @@ def _lock(out: Path) -> Iterator[None]:
         lock.release()
 
 
-# ---- Ray -------------------------------------------------------------------------------------
-def _quiet_ray_loggers() -> None:
-    # Ray and Ray Data log progress and notices at INFO/WARNING; the rich progress line says it all
-    for name in list(logging.root.manager.loggerDict):
-        if name == "ray" or name.startswith("ray."):
-            logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, not after Ray's many minutes of retries, when HOST:PORT does not answer."""
-    import socket
-
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:
-        return  # "auto", "ray://...": Ray resolves those itself
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): check --address, or drop it to start a local Ray") from None
-
-
-def _token_auth_for_clients() -> None:
-    """Send this machine's Ray token when joining a cluster.
-
-    A head started with ``ray start --head`` enables token authentication when a token
-    exists, but ``ray.init(address=...)`` attaches the token only when RAY_AUTH_MODE says
-    so (ray-project/ray#64755); a head without authentication ignores the token.
-    """
-    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file()
-    if has_token and "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
-@contextmanager
-def _ray(address: str | None) -> Iterator[Any]:
-    """A Ray instance for the job; ``address`` was checked reachable by run_tokenize, before the fit plan."""
-    if address:
-        _token_auth_for_clients()  # before Ray is imported: it reads RAY_AUTH_MODE once
-    import ray
-    import ray.data
-
-    _quiet_ray_loggers()
-    started = False
-    if not ray.is_initialized():
-        kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
-        try:
-            if address:
-                ray.init(address=address, **kwargs)
-            else:
-                # "local": a new instance even when `ray start` runs a cluster on this machine
-                ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-            raise UserError(f"cannot start or join {where}: {str(e).splitlines()[0]}") from None
-        started = True
-    _reinstall_stop_handler()
-    _quiet_ray_loggers()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.verbose_stats_logs = False
-    try:
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
-
-
-class Resources(NamedTuple):
-    """The resource plan of the actor pool (:func:`plan_resources`)."""
-
-    workers: int  # actors in the pool
-    gpus: float  # per actor
-    cpus: float  # per actor, reserved
-    threads: int  # torch threads per actor
-    decode_cpus: float = 1.0  # CPUs the actors leave to the decode tasks
-    task_cpus: float = 1.0  # what one decode task reserves
-    cluster_cpus: float = 0.0
-    cluster_gpus: float = 0.0
-
-    def line(self) -> str:
-        """The plan as the start-up line prints it."""
-        n = lambda x: f"{x:g}"  # noqa: E731
-        return (
-            f"resources: {self.workers} actor{'s' if self.workers != 1 else ''} x ({n(self.cpus)} CPU, {n(self.gpus)} GPU, "
-            f"{self.threads} thread{'s' if self.threads != 1 else ''}); {n(self.decode_cpus)} CPU left for decoding "
-            f"(Ray cluster: {n(self.cluster_cpus)} CPUs, {n(self.cluster_gpus)} GPUs)"
-        )
-
-
-# the least CPU an actor is given: a GPU actor only feeds its GPU; a CPU actor under half a core is not worth starting
-MIN_ACTOR_CPUS = {True: 0.25, False: 0.5}
-
-
-def plan_resources(cpus: float, gpus: float, workers: int | None, gpus_per_worker: float | None) -> Resources:
-    """What each actor reserves on a cluster of ``cpus`` CPUs and ``gpus`` GPUs, so that decoding always has
-    room: at least one CPU (half of a lone one) is left to the decode tasks that feed the actors, else the
-    actors wait for ever on a batch that no CPU decodes. Actors reserve the cores their torch threads use
-    where they can, fewer (fractions) where they cannot. ``workers`` None: one per GPU (else one), as many
-    as fit. An arrangement that cannot leave decode room is refused in one line (UserError)."""
-    if gpus_per_worker is None:
-        gpus_per_worker = 1.0 if gpus >= 1 else 0.0
-    if gpus_per_worker > 0 and gpus < gpus_per_worker:
-        raise UserError(f"--gpus-per-worker {gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs")
-    gpu = gpus_per_worker > 0
-    decode = 1.0 if cpus >= 2 else cpus / 2
-    fit = int((cpus - decode) / MIN_ACTOR_CPUS[gpu] + 1e-9)  # actors the CPUs hold besides decoding
-    by_gpu = int(gpus / gpus_per_worker + 1e-9) if gpu else 1
-    if workers is None:
-        workers = max(1, min(by_gpu, fit))
-    if gpu and workers > by_gpu:
-        raise UserError(
-            f"--workers {workers} with {gpus_per_worker:g} GPU each needs {workers * gpus_per_worker:g} GPUs, but the Ray cluster has {gpus:g}: "
-            f"use --workers {by_gpu}, or a smaller --gpus-per-worker"
-        )
-    if workers > fit:
-        way = f"use --workers {fit}, or a cluster with more CPUs" if fit else "use a cluster with more CPUs"
-        cluster = f"{cpus:g} CPU{'s' if cpus != 1 else ''}" + (f" and {gpus:g} GPUs" if gpu else "")
-        raise UserError(f"--workers {workers} leaves no CPU for decoding on a cluster of {cluster}: {way}")
-    threads = actor_threads(int(cpus), workers, gpu)
-    per = min(float(threads), math.floor((cpus - decode) / workers * 100) / 100)  # Ray takes fractions to 1e-4
-    left = round(cpus - workers * per, 4)
-    return Resources(workers, gpus_per_worker, per, threads, left, min(1.0, left), float(cpus), float(gpus))
-
-
-def _resources(ray, workers: int | None, gpus_per_worker: float | None) -> Resources:
-    total = ray.cluster_resources()
-    return plan_resources(float(total.get("CPU", 0)), float(total.get("GPU", 0)), workers, gpus_per_worker)
-
-
-def actor_threads(cpus: int, workers: int, gpu: bool) -> int:
-    """torch threads per actor. Without GPUs the actors do the heavy lifting; one core is left to
-    decoding when there are several. (Tokens are bitwise reproducible at a given thread count.)"""
-    if gpu:
-        return max(1, min(4, cpus // workers))
-    return max(1, (max(1, cpus - 1) if cpus > 1 else 1) // workers)
-
-
-@contextmanager
-def _stop_on_signals(out: Path) -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`~musiclm.errors.Stopped`, raised in the main thread: the run unwinds
-    (Ray shut down, the lock released, finished shards kept) and the CLI prints one line. Installed again after
-    ``ray.init`` (:func:`_ray`), whose core worker would otherwise print a C++ stack dump on SIGTERM."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal while unwinding does not cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
-        raise Stopped(f"stopped: {_kept(out)} kept; re-run the same command to resume", signum)
-
-    saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    global _STOP_HANDLER
-    _STOP_HANDLER = stop
-    try:
-        yield
-    finally:
-        _STOP_HANDLER = None
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
-_STOP_HANDLER = None  # the handler of the run under way, installed again once Ray has started
-
-
-def _reinstall_stop_handler() -> None:
-    import signal
-
-    if _STOP_HANDLER is not None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _STOP_HANDLER)
-
-
-# ---- decode stage (Ray tasks) ------------------------------------------------------------
-def _error_row(key: str, rel: str, step: str, reason: str, seconds: float = 0.0) -> dict[str, Any]:
-    """A failed file or segment; ``seconds`` is its planned audio (for the progress line)."""
-    return {"key": key, "rel": rel, "segment": -1, "segments": 0, "start": 0.0, "seconds": float(seconds), "sample_rate": 0, "channels": 0, "error": reason, "step": step}
-
-
-def _reason(e: Exception) -> str:
-    """The errors/ line of a failure: an AudioError's own reason, else the exception."""
-    return e.reason if isinstance(e, AudioError) else f"{type(e).__name__}: {e}"
-
-
-TEST_FAULT_ENV = "MUSICLM_TEST_DECODE_FAULT"
-
-
-def _test_fault(row: dict[str, Any]) -> None:
-    """For the tests of scheduling only: ``MUSICLM_TEST_DECODE_FAULT`` (JSON, in the environment the Ray workers
-    inherit) delays decode tasks, ``{"delay": S}`` up to S seconds at random, ``{"first": S}`` the first
-    batch S seconds, or never lets one return, ``{"hang": "rel"}`` (the batch holding that file)."""
-    spec = os.environ.get(TEST_FAULT_ENV)
-    if not spec:
-        return
-    fault = json.loads(spec)
-    files = [rel for rel, _ in json.loads(row["files"])]
-    if fault.get("hang") in files:
-        while True:
-            time.sleep(60)
-    if fault.get("first") and row["index"] == 0:
-        time.sleep(float(fault["first"]))
-    if fault.get("delay"):
-        time.sleep(float(np.random.default_rng().uniform(0, float(fault["delay"]))))
-
-
-def _decode_batch(row: dict[str, Any], *, corpus: str, rates: tuple[int, ...], segment_seconds: float, done: frozenset) -> dict[str, Any]:
-    """One planned batch → one row: its number and its segments still to do, pickled.
-
-    A segment is a dict of the meta data of a shard sample, ``error``/``step`` (empty when it
-    decoded) and ``audio``, {sample rate: float32 samples}."""
-    _test_fault(row)
-    segments: list[dict[str, Any]] = []
-    for rel, seconds in json.loads(row["files"]):
-        path = Path(corpus) / rel
-        try:
-            info = probe(path)
-            spans = plan_segments(seconds, segment_seconds)
-        except Exception as e:  # noqa: BLE001 - any failure is recorded, never fatal for the run
-            segments.append(_error_row(file_key(rel), rel, "decode", _reason(e), seconds))
-            continue
-        for i, (start, length) in enumerate(spans):
-            key = sample_key(rel, i)
-            if key in done:
-                continue
-            try:
-                audio = load_for_rates(path, start, length, rates)
-            except Exception as e:  # noqa: BLE001
-                segments.append(_error_row(key, rel, "decode", _reason(e), length))
-                continue
-            meta = dict(segment=i, segments=len(spans), start=float(start), seconds=float(length), sample_rate=int(info.sample_rate), channels=int(info.channels))
-            segments.append({"key": key, "rel": rel, **meta, "error": "", "step": "", "audio": {sr: np.ascontiguousarray(audio[sr], dtype=np.float32) for sr in rates}})
-    return {"batch": int(row["batch"]), "payload": pickle.dumps(segments, protocol=5)}
-
-
-# ---- actor stage -----------------------------------------------------------------------------
-def _load_tokenizer(tokenizer_dir: str | None, cfg_dict: dict | None, backbone_dir: str | None, threads: int):
-    import torch
-
-    from musiclm.pipeline.tokenizer import Tokenizer
-
-    torch.set_num_threads(min(threads, os.cpu_count() or 1))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if tokenizer_dir is not None:
-        return Tokenizer.load(tokenizer_dir, device=device)
-    return Tokenizer.from_config(tokenize_config_from_dict(cfg_dict), device=device, folders=Path(backbone_dir))
-
-
-def _gpu_utilization() -> float:
-    """The busy percentage of this process's GPU as NVML reports it; -1 where it cannot."""
-    import torch
-
-    try:
-        return float(torch.cuda.utilization()) if torch.cuda.is_available() else -1.0
-    except Exception:  # noqa: BLE001 - pynvml missing or NVML unavailable
-        return -1.0
-
-
-class _BatchActor:
-    def run(self, row: dict[str, Any]) -> dict[str, list]:
-        """The output rows of one decoded planned batch (``_decode_batch``'s row)."""
-        return self({"batch": [row["batch"]], "payload": [row["payload"]]})
-
-    def ready(self) -> bool:
-        return True
-
-
-class TokenizeActor(_BatchActor):
-    """Holds the tokenizer; turns the decoded segments of a planned batch into shard samples."""
-
-    def __init__(self, tokenizer_dir: str, threads: int):
-        self.tok = _load_tokenizer(tokenizer_dir, None, None, threads)
-        self.told = 0  # back-off lines already passed on
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("batch", "rows", "key", "rel", "error", "step", "seconds", "compute", "gpu", "note", "sample")}
-        for number, payload in zip(batch["batch"], batch["payload"]):
-            segments = pickle.loads(payload)
-            good = [s for s in segments if not s["error"]]
-            t0 = time.perf_counter()
-            results = self.tok.tokenize_batch([s["audio"] for s in good]) if good else []
-            compute = time.perf_counter() - t0
-            by_key = {s["key"]: r for s, r in zip(good, results)}
-            note = "; ".join(self.tok.backoffs[self.told :])
-            self.told = len(self.tok.backoffs)
-            total = sum(s["seconds"] for s in good) or 1.0
-            gpu = _gpu_utilization()
-            for s in segments:
-                r = by_key.get(s["key"])
-                error, step, sample = s["error"], s["step"], b""
-                if isinstance(r, Exception):
-                    error, step = f"{type(r).__name__}: {r}", "tokenize"
-                elif r is not None:
-                    meta = {"source": s["rel"], **{k: s[k] for k in ("segment", "segments", "start", "sample_rate", "channels")}, "duration": s["seconds"]}
-                    sample = _pack(TokenSample(s["key"], r["semantic"], r["acoustic"], r["clap"], r["clap_emb"], meta))
-                out["batch"].append(int(number))
-                out["rows"].append(len(segments))
-                out["key"].append(s["key"])
-                out["rel"].append(s["rel"])
-                out["error"].append(error)
-                out["step"].append(step)
-                out["seconds"].append(float(s["seconds"]))
-                out["compute"].append(compute * s["seconds"] / total if r is not None else 0.0)
-                out["gpu"].append(gpu)
-                out["note"].append(note)
-                note = ""
-                out["sample"].append(sample)
-        return out
-
-
-def _pack(sample: TokenSample) -> bytes:
-    """A sample as one bytes value (its WebDataset members, length-prefixed) for the trip to the driver."""
-    parts = [(k, v) for k, v in sample.to_wds().items() if k != "__key__"]
-    header = json.dumps([sample.key, [(k, len(v)) for k, v in parts]]).encode()
-    return len(header).to_bytes(4, "little") + header + b"".join(v for _, v in parts)
-
-
-def _unpack(data: bytes) -> TokenSample:
-    n = int.from_bytes(data[:4], "little")
-    key, sizes = json.loads(data[4 : 4 + n])
-    members: dict[str, Any] = {"__key__": key}
-    pos = 4 + n
-    for name, size in sizes:
-        members[name] = data[pos : pos + size]
-        pos += size
-    return TokenSample.from_wds(members)
-
-
-class FitActor(_BatchActor):
-    """Extracts the features that quantizers are fitted on: CLAP windows of every clip, MERT frames
-    (and Encodec latents) of the clips of ``mert_files``."""
-
-    def __init__(self, cfg_dict: dict, backbone_dir: str, threads: int, max_frames: int, seed: int, mert_files: list[str]):
-        self.tok = _load_tokenizer(None, cfg_dict, backbone_dir, threads)
-        self.max_frames = max_frames
-        self.seed = seed
-        self.mert_files = frozenset(mert_files)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"rel": [], "mert": [], "clap": [], "encodec": [], "cpu": []}
-        for payload in batch["payload"]:
-            cpu = time.process_time()
-            for s in pickle.loads(payload):
-                if s["error"]:
-                    continue
-                # seeded per clip so the fitted quantizers do not depend on how clips were batched
-                rng = np.random.default_rng([self.seed, int(s["key"][:8], 16)])
-                feats = self.tok.fit_features(s["audio"], self.max_frames, rng, frames=s["rel"] in self.mert_files)
-                out["rel"].append(s["rel"])
-                for name in ("mert", "clap", "encodec"):
-                    f = feats.get(name)
-                    out[name].append(b"" if f is None else np.ascontiguousarray(f, dtype=np.float32).tobytes())
-                out["cpu"].append(time.process_time() - cpu)  # CPU seconds of this actor process, all its threads
-                cpu = time.process_time()
-        return out
-
-
-@contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence C libraries (libmpg123 prints notes about broken MP3s) while probing on the driver."""
-    import sys
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(devnull)
-        os.close(saved)
-
-
-# ---- driver ----------------------------------------------------------------------------------
-def plan_batches(files: list[tuple[str, float]], batch_seconds: float, first: int = 0) -> list[tuple[int, list[tuple[str, float]]]]:
-    """Whole files ``(rel, seconds)``, in order, into numbered batches of at most ``batch_seconds``
-    of audio; a longer file is a batch of its own. Numbers start at ``first``."""
-    batches: list[tuple[int, list[tuple[str, float]]]] = []
-    current: list[tuple[str, float]] = []
-    total = 0.0
-    for rel, seconds in files:
-        if current and total + seconds > batch_seconds:
-            batches.append((first + len(batches), current))
-            current, total = [], 0.0
-        current.append((rel, seconds))
-        total += seconds
-    if current:
-        batches.append((first + len(batches), current))
-    return batches
-
-
-def _probe_rows(batch: dict[str, np.ndarray], *, corpus: str, min_seconds: float) -> dict[str, list]:
-    """Probe a block of files: their duration, or why they cannot be tokenized; and their size and sha256
-    for the corpus manifest (None when the file cannot be read), and the seconds a header promised when more
-    than decode (None when it agrees)."""
-    out: dict[str, list] = {"rel": [], "seconds": [], "error": [], "bytes": [], "sha256": [], "header_seconds": []}
-    with _quiet_stderr():
-        for rel in batch["rel"]:
-            rel = str(rel)
-            seconds, error, header = 0.0, "", None
-            try:
-                info = probe(Path(corpus) / rel)
-                seconds = info.duration
-                header = info.header_frames / info.sample_rate if info.header_frames else None
-                if seconds < min_seconds:
-                    error = f"too short: {seconds:.2f} s (minimum {min_seconds:g} s)"
-            except Exception as e:  # noqa: BLE001 - recorded in errors/, never fatal for the run
-                error = _reason(e)
-            try:
-                size, sha = file_digest(Path(corpus) / rel)
-            except OSError:
-                size, sha = None, None
-            out["rel"].append(rel)
-            out["seconds"].append(float(seconds))
-            out["error"].append(error)
-            out["bytes"].append(size)
-            out["sha256"].append(sha)
-            out["header_seconds"].append(float("nan") if header is None else header)  # NaN: every block has one type
-    return out
-
-
-def _plan_schema():
-    import pyarrow as pa
-
-    return pa.schema([("rel", pa.string()), ("seconds", pa.float64()), ("error", pa.string()), ("batch", pa.int64()), ("bytes", pa.int64()), ("sha256", pa.string()),
-                      ("header_seconds", pa.float64())])
-
-
-def _read_plan(out: Path) -> dict[str, tuple[float, str, int, int | None, str | None, float | None]]:
-    """{rel: (seconds, error, batch, bytes, sha256, header_seconds)} of ``out/plan.parquet``; digests are None in
-    a plan written before plans kept them, header_seconds in one written before it was kept (or where the header
-    agrees with what decodes); a file pyarrow cannot read is a one-line DamagedFile."""
-    path = out / PLAN_FILE
-    if not path.is_file():
-        return {}
-    t = read_parquet(path, out)
-    if not {"rel", "seconds", "error", "batch"} <= set(t.column_names):
-        raise DamagedFile(path, f"not a plan (columns {', '.join(t.column_names)})", repair_advice(out))
-    cols = [t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows for c in ("rel", "seconds", "error", "batch", "bytes", "sha256", "header_seconds")]
-    return {r[0]: tuple(r[1:]) for r in zip(*cols)}
-
-
-def _batch_plan(ray, files: list[str], corpus: Path, out: Path, tcfg: TokenizeConfig, pinned: dict[str, int] | None = None) -> dict[str, tuple[float, str, int]]:
-    """{rel: (seconds, error, batch)} for every file of ``files``; batch -1 for a file that cannot
-    be tokenized. Files planned by an earlier run keep their batches (``out/plan.parquet``), so a
-    resumed run runs the same batches; new files are probed (Ray tasks) and planned after them.
-    ``pinned``: {rel: batch} for files of a lost plan whose batches the shard records still name."""
-    import pyarrow as pa
-
-    path = out / PLAN_FILE
-    planned = _read_plan(out)
-    new = [f for f in files if f not in planned]
-    if new:
-        ds = ray.data.from_items([{"rel": r} for r in new], override_num_blocks=max(1, min(len(new) // 64, 512)))
-        probed = ds.map_batches(_probe_rows, fn_kwargs=dict(corpus=str(corpus), min_seconds=tcfg.audio.min_seconds), batch_size=64, num_cpus=1, batch_format="numpy")
-        found = {row["rel"]: (row["seconds"], row["error"], row["bytes"], row["sha256"], None if np.isnan(row["header_seconds"]) else float(row["header_seconds"])) for row in probed.iter_rows()}
-        kept = {r: b for r, b in (pinned or {}).items() if r in found and not found[r][1]}
-        for rel, number in kept.items():
-            planned[rel] = (found[rel][0], "", number, *found[rel][2:])
-        first = max([v[2] for v in planned.values()] + [-1]) + 1
-        good = [(r, found[r][0]) for r in new if not found[r][1] and r not in kept]
-        for number, members in plan_batches(good, tcfg.batch_seconds, first):
-            for rel, seconds in members:
-                planned[rel] = (seconds, "", number, *found[rel][2:])
-        for r in new:
-            if found[r][1]:
-                planned[r] = (found[r][0], found[r][1], -1, *found[r][2:])
-        names = ("seconds", "error", "batch", "bytes", "sha256", "header_seconds")
-        rows = {"rel": list(planned), **{n: [v[i] for v in planned.values()] for i, n in enumerate(names)}}
-        atomic.write_parquet(pa.Table.from_pydict(rows, schema=_plan_schema()), path)
-        record_folder_files(out, PLAN_RECORD, [PLAN_FILE])
-    return {f: planned[f][:3] for f in files}
-
-
-def _in_plan_order(ray, actor: type, kwargs: dict[str, Any], res: Resources, batches: dict[int, list[tuple[str, float]]], corpus: Path, tcfg: TokenizeConfig,
-                   rates: tuple[int, ...], done: frozenset, stall_seconds: float) -> InPlanOrder:
-    """The planned ``batches`` decoded (``_decode_batch``) and run through a pool of ``actor``, out in plan order
-    (:mod:`musiclm.pipeline.batch_runner`). A crashed actor fails the run loudly (rerunning resumes it)."""
-    items = [{"batch": b, "files": json.dumps(members)} for b, members in sorted(batches.items())]
-    decode_kwargs = dict(corpus=str(corpus), rates=rates, segment_seconds=tcfg.audio.segment_seconds, done=done)
-    return InPlanOrder(ray, _decode_batch, decode_kwargs, actor, kwargs, res, items, stall_seconds)
-
-
-def _rows(output: dict[str, list]) -> Iterator[dict[str, Any]]:
-    """The rows of an actor's output columns."""
-    names = list(output)
-    for values in zip(*output.values()):
-        yield dict(zip(names, values))
-
-
-def _stalled(console, out: Path, e: Stalled, stall_seconds: float) -> UserError:
-    """Print what Ray reports pending (one line each) and the one-line error that ends the run."""
-    console.print(f"tokenize stalled: no batch finished for {e.seconds:.0f} s (tokenize.stall_seconds = {stall_seconds:g}); pending:")
-    for line in e.lines:
-        console.print(f"  {line}")
-    return UserError(
-        f"tokenize stalled (pending work listed above); {_kept(out)} kept: re-run the same command to resume, "
-        "or raise tokenize.stall_seconds (--config) if a batch is really this slow"
-    )
-
-
-def _kept(out: Path) -> str:
-    """``N shards``: the finished shards of ``out``."""
-    n = len(list((out / "shards").glob("shard-*.tar")))
-    return f"{n} shard{'s' if n != 1 else ''}"
-
-
 def _same_meaning(a: TokenizeConfig, b: TokenizeConfig) -> bool:
+    """Whether two tokenize configs give the same tokens (they agree on :data:`MEANING_KEYS`)."""
     da, db = to_dict(a), to_dict(b)
     return all(da[k] == db[k] for k in MEANING_KEYS)
-
-
-def _fit_plan(console, files: list[str], corpus: Path, tcfg: TokenizeConfig, mert_rate: float | None):
-    """Probe files for the fit sample and refuse, before any backbone runs, a corpus too small for the vocabularies
-    (the MERT floor too when ``mert_rate`` is known from the backbone's config; else once it has loaded)."""
-    from musiclm.pipeline.fit_plan import check_enough, needs_line, plan_fit
-
-    def duration(rel: str) -> float | None:
-        try:
-            with _quiet_stderr():
-                return probe(corpus / rel).duration
-        except AudioError:
-            return None
-
-    plan = plan_fit(files, duration, tcfg)
-    if not plan.files:
-        raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
-    console.print(needs_line(tcfg, plan))
-    check_enough(tcfg, plan, mert_rate)
-    return plan
-
-
-def _fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, res: Resources, stall_seconds: float) -> None:
-    """Fit the quantizers on the files of ``plan`` and save the tokenizer to ``out/tokenizer``."""
-    from musiclm.models.backbones import set_encodec_codebooks
-    from musiclm.pipeline.fit_plan import check_enough
-    from musiclm.pipeline.quantizers import fit_encodec_codebooks, fit_residual, fit_semantic, residual_errors
-    from musiclm.pipeline.text_prompts import MUSIC_DESCRIPTIONS
-    from musiclm.pipeline.tokenizer import Tokenizer
-
-    fit = tcfg.fit
-    staging = atomic.fresh_staging(out / "tokenizer")
-    tok = Tokenizer.from_config(tcfg)
-    check_enough(tcfg, plan, mert_rate=tok.mert.frame_rate)
-    tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
-    mert_segments = sum(len(plan_segments(f.seconds, tcfg.audio.segment_seconds)) for f in plan.files if f.mert)
-    max_frames = max(1, math.ceil(fit.max_points / max(mert_segments, 1)))
-    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
-    t0 = time.time()
-    batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
-    runner = _in_plan_order(ray, FitActor, kwargs, res, batches, corpus, tcfg, tok.sample_rates, frozenset(), stall_seconds)
-    heldout = frozenset(plan.heldout)
-    feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
-    dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
-    cpu_seconds = 0.0
-    with _fit_progress(console, len(plan.files)) as bar:
-        try:
-            for _, output in runner:  # in plan order: the fit does not depend on which actor was first
-                for row in _rows(output):
-                    bar.update(row["rel"])
-                    cpu_seconds += row["cpu"]
-                    for name in ("mert", "clap", "encodec"):
-                        if row[name]:
-                            x = np.frombuffer(row[name], dtype=np.float32).reshape(-1, dims[name])
-                            feats["heldout" if name == "clap" and row["rel"] in heldout else name].append(x)
-        except Stalled as e:
-            raise _stalled(console, out, e, stall_seconds) from None
-        except ActorLost as e:
-            raise UserError(f"fitting the tokenizer stopped: {e}; re-run the same command to start it again") from None
-    if not feats["mert"] or not feats["clap"]:
-        raise UserError(f"none of the {len(plan.files)} sampled files could be decoded to fit the tokenizer; see musiclm tokenize's errors")
-    extract = time.time() - t0
-    mert = np.concatenate(feats["mert"])
-    clap = np.concatenate(feats["clap"])
-    t0, cpu0 = time.time(), time.process_time()
-    centroids, norm = fit_semantic(mert, tcfg.mert.codebook_size, niter=fit.niter, seed=fit.seed)
-    books = fit_residual(clap, tcfg.clap.levels, tcfg.clap.codebook_size, niter=fit.niter, seed=fit.seed, what="CLAP residual quantizer")
-    counts = {"clap": (len(clap), tcfg.clap.codebook_size), "semantic": (len(mert), tcfg.mert.codebook_size)}
-    if feats["encodec"]:
-        latents = np.concatenate(feats["encodec"])
-        set_encodec_codebooks(tok.encodec, fit_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed))
-        counts["encodec"] = (len(latents), tok.encodec.codebook_size)
-    kmeans = time.time() - t0
-    kmeans_cores = (time.process_time() - cpu0) / max(kmeans, 1e-9)  # faiss runs k-means on every core of the driver
-    tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
-    errors = {"fit_audio": residual_errors(clap, books), "text": residual_errors(tok.clap_text_embed(list(MUSIC_DESCRIPTIONS)), books)}
-    if feats["heldout"]:
-        errors["heldout_audio"] = residual_errors(np.concatenate(feats["heldout"]), books)
-    report = {
-        "files": len(plan.files),
-        "seconds": round(plan.seconds, 3),
-        "heldout_files": len(heldout),
-        "heldout_windows": int(sum(len(x) for x in feats["heldout"])),
-        "clap_hop_seconds": fit.clap_hop_seconds,
-        "min_points_per_code": fit.min_points_per_code,
-        "points": {name: {"points": int(n), "codes": int(k), "points_per_code": round(n / k, 2)} for name, (n, k) in counts.items()},
-        "clap_relative_error": {k: [round(e, 5) for e in v] for k, v in errors.items()},
-        "text_prompts": len(MUSIC_DESCRIPTIONS),
-        "seconds_taken": {"features": round(extract, 2), "kmeans": round(kmeans, 2)},
-        "cores_busy": {"features": round(cpu_seconds / max(extract, 1e-9), 2), "kmeans": round(kmeans_cores, 2)},  # CPU seconds per wall second
-    }
-    tok.save(staging, fit_report=report)
-    atomic.replace_folder(staging, out / "tokenizer")
-    e = errors.get("heldout_audio", errors["fit_audio"])
-    console.print(
-        f"fitted in {extract:.0f} s of features ({report['cores_busy']['features']:.1f} cores busy) + {kmeans:.0f} s of k-means "
-        f"({report['cores_busy']['kmeans']:.1f} cores busy): {len(clap):,} CLAP windows ({len(clap) / tcfg.clap.codebook_size:.1f} per code), "
-        f"{len(mert):,} MERT frames; CLAP relative error after {len(books)} levels {e[-1]:.3f} (held-out audio), {errors['text'][-1]:.3f} (text)"
-    )
-
-
-class _fit_progress:
-    """A rich progress line over the files of the fit sample."""
-
-    def __init__(self, console, files: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress(SpinnerColumn(), TextColumn("fitting quantizers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-        self.files = files
-        self.seen: set[str] = set()
-
-    def __enter__(self):
-        self.p.__enter__()
-        self.task = self.p.add_task("fit", total=self.files)
-        return self
-
-    def update(self, rel: str) -> None:
-        self.seen.add(rel)
-        self.p.update(self.task, completed=len(self.seen))
-
-    def __exit__(self, *exc):
-        return self.p.__exit__(*exc)
 
 
 def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) -> dict | None:
@@ -798,209 +197,10 @@ def _check_tokenizer(out: Path, cfg: Config | None, tokenizer_dir: Path | None) 
     return given
 
 
-@dataclass
-class Repair:
-    """What the check at the start of a run found, and what its repair has to do (see :func:`_check_folder`)."""
-
-    state: FolderState | None = None
-    records: dict[str, Any] | None = None  # path -> FileRecord of every sound file: resume's reads are checked against them
-    redo: dict[str, dict] = dataclasses.field(default_factory=dict)  # shard name -> its clips and failed files to redo
-    pinned: dict[str, int] | None = None  # a lost plan: {rel: batch} as the shard records name them; None when the plan is sound
-    notes: list[str] = dataclasses.field(default_factory=list)  # what was done before tokenizing, for the summary
-    gone: set[str] = dataclasses.field(default_factory=set)  # keys that cannot be redone (their audio is gone), listed in errors/
-
-
-def _check_folder(console, out: Path, files: list[str], full: bool = False) -> Repair:
-    """Check ``out`` against its records and prepare the repair of what is damaged (see the module docstring
-    of :mod:`musiclm.shards.writer`); print what was found. Files that ``files`` (the corpus) no longer holds
-    cannot be redone: their clips are listed in errors/ now. ``full``: hash every shard file (``--verify``)."""
-    from musiclm.shards.format import TokenInfo
-    from musiclm.shards.records import ShardRecord
-
-    if not (out / "shards").is_dir() and not (out / "errors").is_dir():
-        clean_unfinished(out)
-        return Repair()
-    repair = Repair()
-    plan_bad = folder_problems(out, PLAN_RECORD, [PLAN_FILE])
-    plan = None
-    if plan_bad:
-        try:  # changed since it was recorded, but whole: kept (the batches of clips to redo come from their records)
-            plan = _read_plan(out) if (out / PLAN_FILE).is_file() else None
-        except UserError:
-            plan = None
-    else:
-        plan = _read_plan(out)
-    state = check_shards(out, {rel: v[2] for rel, v in (plan or {}).items()}, full=full)
-    clean_unfinished(out)
-    for f in state.found:
-        what = "; ".join(f"{rel}: {problem}" for rel, problem in f.problems.items())
-        console.print(f"damaged: {what}")
-        if "rebuilt" in f.actions:
-            repair.notes.append(f"rebuilt the statistics of {f.name} from its tar, which is sound")
-        if "recorded" in f.actions and any(rel.startswith("checksums/") for rel in f.problems):
-            repair.notes.append(f"recorded {f.name} again after reading its files whole (its record was damaged)")
-    if state.recorded:
-        repair.notes.append(f"recorded the checksums of {len(state.recorded)} shard{'s' if len(state.recorded) != 1 else ''} that had none")
-    if plan_bad:
-        what = "; ".join(f"{rel}: {problem}" for rel, problem in plan_bad.items())
-        if plan is not None:  # it reads whole, with its columns: kept, and recorded as it is now
-            console.print(f"{PLAN_FILE} does not match its record ({what}) but reads whole: kept, and recorded again")
-            record_folder_files(out, PLAN_RECORD, [PLAN_FILE])
-        else:
-            console.print(f"damaged: {what}")
-            (out / PLAN_FILE).unlink(missing_ok=True)
-            record_path(out, PLAN_RECORD).unlink(missing_ok=True)
-            repair.pinned = state.batches()
-            repair.notes.append(f"planned the corpus again ({PLAN_FILE} was damaged); files kept the batches their shards' records name")
-            plan = {}
-    elif (out / PLAN_FILE).is_file() and not record_path(out, PLAN_RECORD).is_file():
-        record_folder_files(out, PLAN_RECORD, [PLAN_FILE])  # written before records were kept; it reads whole
-    manifest_bad = folder_problems(out, MANIFEST_RECORD, [TABLE_FILE, MANIFEST_FILE])
-    if manifest_bad:
-        console.print("damaged: " + "; ".join(f"{rel}: {problem}" for rel, problem in manifest_bad.items()))
-        repair.notes.append(f"wrote the corpus manifest again ({', '.join(manifest_bad)} {'was' if len(manifest_bad) == 1 else 'were'} damaged)")
-    repair.state = state
-    if state.redo():
-        settle(out, state)  # a repair left by a killed run may be finished already
-        repair.redo = {name: json.loads(json.dumps(r)) for name, r in state.redo().items()}
-        info = TokenInfo.load(out)
-        listed = list_unrepairable(out, state, info, keep=set(files), reason="its source audio is gone, so this clip of damaged {shard} cannot be tokenized again")
-        repair.gone = {key for key, _, _ in listed}
-        unknown = [name for name, r in state.redo().items() if r.get("unknown")]
-        if unknown:
-            done = done_files(out)
-            corpus = set(files)
-            lost = [rel for rel, v in plan.items() if v[2] >= 0 and rel not in done and rel not in corpus]
-            if lost:
-                writer = ShardWriter(out, info, 1 << 62, next_shard_index(out))
-                for rel in lost:
-                    reason = f"its source audio is gone and no sound shard holds its tokens ({', '.join(unknown)} could not be read to tell which clips it held)"
-                    writer.add_error(file_key(rel), rel, "repair", reason)
-                writer.close()
-                repair.gone.update(file_key(rel) for rel in lost)
-            for name in unknown:  # told as far as it can be: what is left to redo are the clips it knows
-                rec = ShardRecord.read(out, name)
-                rec.redo["unknown"] = False
-                rec.drop_settled(frozenset())
-                rec.write(out)
-                state.records[name] = rec
-    # what resume reads is checked against these (an errors file written just above has its record on disk only)
-    repair.records = recorded_files(out, ("stats", "errors")) if repair.gone else state.file_records()
-    return repair
-
-
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
-def _finish_repairs(out: Path, repair: Repair, summary: TokenizeSummary) -> None:
-    """After a run that went to its end: what the repair redid (for the summary); anything of a damaged shard
-    that the run did not produce again is listed in errors/ with the reason, so nothing is silently dropped."""
-    from musiclm.shards.format import TokenInfo
-
-    summary.repairs[:0] = repair.notes
-    if not repair.redo or repair.state is None:
-        return
-    settle(out, repair.state)
-    if repair.state.redo():
-        reason = "it was not produced again from its source audio (did the file change since it was tokenized?); it was in damaged {shard}"
-        left = list_unrepairable(out, repair.state, TokenInfo.load(out), keep=set(), reason=reason)
-        summary.repairs.append(f"{_count(len(left), 'clip or file', 'clips or files')} of damaged shards were not produced again (listed in {out / 'errors'})")
-    shards = {name: r for name, r in repair.redo.items() if r["clips"] or r.get("problems", {}).keys() & {f"shards/{name}.tar"}}
-    if shards:
-        parts = []
-        for name, r in sorted(shards.items()):
-            redone = [(src, [k for k in keys if k not in repair.gone]) for src, _, keys in r["clips"]]
-            redone = [(src, keys) for src, keys in redone if keys]
-            what = f"{_count(sum(len(k) for _, k in redone), 'clip', 'clips')} from {_count(len(redone), 'file', 'files')}" if r["clips"] else "its clips could not be read, so every file in no sound shard was tokenized"
-            parts.append(f"{name}: {what}")
-        summary.repairs.append(f"repaired {len(shards)} damaged shard{'s' if len(shards) != 1 else ''} ({'; '.join(parts)})")
-    failed = {name: r for name, r in repair.redo.items() if r["errors"]}
-    if failed:
-        n = len({src for r in failed.values() for _, src in r["errors"]})
-        summary.repairs.append(f"decoded again the {n} failed files listed in damaged {', '.join(f'errors/{name}.parquet' for name in sorted(failed))}")
-    if repair.gone:
-        summary.repairs.append(f"{_count(len(repair.gone), 'clip or file', 'clips or files')} of damaged shards could not be redone: their source audio is gone (listed in {out / 'errors'})")
-
-
-def run_tokenize(
-    corpus: Path,
-    out: Path,
-    cfg: Config | None,
-    *,
-    tokenizer_dir: Path | None = None,
-    address: str | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    shard_size: int | None = None,
-    batch_seconds: float | None = None,
-    manifest_paths: str = "names",
-    verify: bool = False,
-    console=None,
-) -> TokenizeSummary:
-    """Tokenize every audio file under ``corpus`` into ``out`` (see the module docstring).
-
-    ``manifest_paths``: how the corpus manifest names files, "names" (relative paths) or "hashed"
-    (sha256 of each relative path; see :mod:`musiclm.shards.manifest`). ``verify``: hash every file of
-    ``out`` against its record before resuming, not only those whose size or times changed."""
-    from rich.console import Console
-
-    from musiclm.shards.tokenizer_folder import tokenizer_folder
-
-    console = console or Console(stderr=True)
-    corpus, out = Path(corpus), Path(out)
-    if cfg is None and tokenizer_dir is None:
-        raise UserError("give --preset/--config to fit a tokenizer, or --tokenizer to reuse one")
-    if tokenizer_dir is not None and not Path(tokenizer_dir).exists():
-        raise UserError(f"--tokenizer folder not found: {tokenizer_dir}")
-    check_paths_mode(manifest_paths)
-    abs_files = audio_files_in(corpus, "corpus")
-    _check_out(out)
-    if address:
-        _check_reachable(address)  # a bad --address is told before the corpus is probed for the fit
-    files = [p.relative_to(corpus).as_posix() for p in abs_files]
-    t0 = time.time()
-    with _lock(out), _stop_on_signals(out):
-        record = _check_tokenizer(out, cfg, tokenizer_dir)
-        if record is not None and not (out / "tokenizer" / "tokenizer.json").is_file():
-            atomic.copy_folder(tokenizer_folder(tokenizer_dir), out / "tokenizer")
-        repair = _check_folder(console, out, files, full=verify)
-        settled = done_files(out, repair.records)
-        finished = settled.intersection(files)
-        pending = [f for f in files if f not in finished]
-        summary = TokenizeSummary(len(files), len(finished), 0, 0.0, 0, 0, 0.0, out)
-
-        def manifest() -> None:  # after the plan: a killed run leaves a manifest of every file it may have tokenized
-            _write_manifest(console, corpus, out, set(files) | settled, manifest_paths)
-
-        plan = None
-        if pending and record is None:
-            from musiclm.pipeline.fit_plan import backbone_facts, check_backbones
-
-            facts = backbone_facts(cfg.tokenize)
-            check_backbones(cfg.tokenize, facts)
-            plan = _fit_plan(console, files, corpus, cfg.tokenize, facts.mert_frame_rate)
-        if pending or repair.pinned is not None:
-            with _ray(address) as ray:
-                res = _resources(ray, workers, gpus_per_worker)
-                console.print(res.line())
-                stall = cfg.tokenize.stall_seconds if cfg is not None else None  # else the tokenizer's recorded config's
-                if plan is not None:
-                    _fit_tokenizer(ray, console, plan, corpus, out, cfg.tokenize, res, stall)
-                opts = dict(shard_size=shard_size, batch_seconds=batch_seconds, settled=settled, manifest=manifest, repair=repair, stall_seconds=stall)
-                _tokenize_all(ray, console, files, pending, corpus, out, opts, res, summary)
-        else:
-            manifest()
-        _finish_repairs(out, repair, summary)
-    summary.elapsed = time.time() - t0
-    _print_summary(console, summary)
-    return summary
-
-
 def _write_manifest(console, corpus: Path, out: Path, names: set[str], paths: str) -> None:
     """The corpus manifest of the files ``names``, from what the plan knows of them (digests the plan lacks are
     computed by :func:`~musiclm.shards.manifest.write_manifest`)."""
-    planned = _read_plan(out)
+    planned = read_plan(out)
     facts = {}
     for rel in names:
         p = planned.get(rel)
@@ -1010,145 +210,3 @@ def _write_manifest(console, corpus: Path, out: Path, names: set[str], paths: st
     lic = len(summary["licences"])
     console.print(f"manifest: {summary['files']} files, {lic} licence file{'s' if lic != 1 else ''}, sha256 {summary['manifest_sha256'][:12]} ({out / 'manifest.json'})")
 
-
-def _tokenize_all(ray, console, files: list[str], pending: list[str], corpus: Path, out: Path, opts: dict[str, Any], res: Resources, summary: TokenizeSummary) -> None:
-    """The main pass: every segment of ``pending`` not yet done → shards; counts go into ``summary``.
-
-    Batches reach the writer in plan order (:mod:`musiclm.pipeline.batch_runner`) and a shard closes at the
-    end of the batch that fills it, so which clips a shard holds is a function of the plan: the same for
-    any number of actors, any timing, and for a killed run resumed (a shard still filling when the run
-    stops is not written: the rerun fills it again from the same batches)."""
-    from musiclm.shards.tokenizer_folder import read_record
-    from musiclm.shards.format import TokenInfo
-
-    tcfg = tokenize_config_from_dict(read_record(out / "tokenizer")["config"])
-    info = TokenInfo.load(out / "tokenizer")
-    shard_size = opts.get("shard_size") or tcfg.shard_size
-    if opts.get("batch_seconds"):
-        tcfg = dataclasses.replace(tcfg, batch_seconds=opts["batch_seconds"])
-    repair: Repair = opts.get("repair") or Repair()
-    plan = _batch_plan(ray, files, corpus, out, tcfg, repair.pinned)
-    if opts.get("manifest"):
-        opts["manifest"]()
-    rates = tuple(sorted({int(s["sample_rate"]) for s in info.raw["streams"].values()}))
-    writer = ShardWriter(out, info, 1 << 62, next_shard_index(out))  # closed here, between batches
-    batches: dict[int, list[tuple[str, float]]] = {}
-    recorded = {src: b for r in repair.redo.values() for src, b, _ in r.get("clips", []) if b >= 0}  # as the damaged shard ran them
-    for rel in pending:
-        seconds, error, number = plan[rel]
-        number = recorded.get(rel, number)
-        if error:
-            writer.add_error(file_key(rel), rel, "decode", error)
-            summary.failed += 1
-        else:
-            batches.setdefault(number, []).append((rel, seconds))
-    if not batches:
-        writer.close()
-        summary.shards = writer.shards_written
-        return
-    routes = _repair_routes(out, batches, plan, repair.redo)  # batch -> the damaged shard it goes back into
-    rewriters = {name: ShardWriter(out, info, 1 << 62, int(name.split("-")[1])) for name in set(routes.values())}
-    waiting = {name: {b for b, n in routes.items() if n == name} for name in rewriters}  # batches still to come
-    done = frozenset(partial_keys(out, opts["settled"], repair.records))  # keys of partly finished files only
-    t_run = time.time()
-    kwargs = dict(tokenizer_dir=str(out / "tokenizer"), threads=res.threads)
-    runner = _in_plan_order(ray, TokenizeActor, kwargs, res, batches, corpus, tcfg, rates, done, opts.get("stall_seconds") or tcfg.stall_seconds)
-    total = sum(seconds for members in batches.values() for _, seconds in members)
-    finished = False
-    try:
-        with _progress(console, total, res.workers) as bar:
-            for item, output in runner:
-                number = item["batch"]
-                for row in _rows(output):
-                    if row["note"]:
-                        console.print(f"tokenize: {row['note']}; carrying on")
-                    if row["error"]:
-                        writer.add_error(row["key"], row["rel"], row["step"], row["error"])
-                        summary.failed += 1
-                    else:
-                        (rewriters[routes[number]] if number in routes else writer).add(_unpack(row["sample"]), batch=number)
-                        summary.clips += 1
-                        summary.seconds += row["seconds"]
-                        summary.compute += row["compute"]
-                    bar.update(row["seconds"], summary, time.time() - t_run, row["gpu"])
-                if number in routes:
-                    name = routes[number]
-                    waiting[name].discard(number)
-                    if not waiting[name]:  # every batch of the damaged shard is back: write it whole
-                        rewriters[name].flush()
-                if len(writer.samples) >= shard_size:
-                    writer.flush()
-        finished = True
-    except Stalled as e:
-        raise _stalled(console, out, e, runner.stall_seconds) from None
-    except ActorLost as e:
-        raise UserError(f"tokenize stopped: {e}; {_kept(out)} kept: re-run the same command to resume") from None
-    finally:
-        summary.reorder_peak = runner.peak
-        if finished:
-            writer.close()
-        # else the shard still filling is dropped: the rerun writes it whole, from the same batches (a shard
-        # being repaired is written whole or not at all; its record keeps what is still to redo)
-        summary.shards = writer.shards_written + sum(w.shards_written for w in rewriters.values())
-
-
-def _repair_routes(out: Path, batches: dict[int, list[tuple[str, float]]], plan: dict[str, tuple[float, str, int]], redo: dict[str, dict]) -> dict[int, str]:
-    """{planned batch: damaged shard name} for the batches that held only clips of one damaged shard,
-    whose tar is gone: they are written back into that shard's index. Other batches go to new shards."""
-    owner: dict[str, str] = {}
-    for name, r in redo.items():
-        if r.get("clips") and not (out / "shards" / f"{name}.tar").exists():
-            owner.update({src: name for src, _, _ in r["clips"]})
-    routes = {}
-    for number, members in batches.items():
-        names = {owner.get(rel) for rel, _ in members}
-        if len(names) == 1 and None not in names:
-            routes[number] = names.pop()
-    return routes
-
-
-class _progress:
-    """A rich progress line over the planned audio: hours done, audio-seconds per second, ETA,
-    how busy the actors are (and the GPU, where NVML reports it), clips and failures."""
-
-    def __init__(self, console, total_seconds: float, workers: int):
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            SpinnerColumn(), TextColumn("tokenizing"), BarColumn(), TextColumn("{task.fields[text]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, transient=False,
-        )
-        self.total = total_seconds
-        self.workers = workers
-        self.done = 0.0
-        self.task = None
-
-    def __enter__(self):
-        self.p.__enter__()
-        self.task = self.p.add_task("tokenize", total=max(self.total, 1e-9), text=f"0/{self.total / 3600:.2f} h")
-        return self
-
-    def update(self, seconds: float, s: TokenizeSummary, elapsed: float, gpu: float) -> None:
-        self.done += seconds
-        rate = s.seconds / elapsed if elapsed > 0 else 0.0
-        busy = min(1.0, s.compute / (elapsed * self.workers)) if elapsed > 0 else 0.0
-        text = f"{self.done / 3600:.2f}/{self.total / 3600:.2f} h, {rate:.1f} audio-s/s, actors {busy:.0%} busy"
-        if gpu >= 0:
-            text += f", GPU {gpu:.0f}%"
-        text += f", {s.clips} clips, {s.failed} failed"
-        self.p.update(self.task, completed=self.done, text=text)
-
-    def __exit__(self, *exc):
-        return self.p.__exit__(*exc)
-
-
-def _print_summary(console, s: TokenizeSummary) -> None:
-    for line in s.repairs:
-        console.print(line)
-    console.print(
-        f"tokenized {s.clips} clips ({s.seconds / 3600:.2f} h of audio) into {s.shards} shard{'' if s.shards == 1 else 's'} in {s.elapsed:.1f} s "
-        f"({s.audio_seconds_per_second:.1f} audio-s/s); {s.skipped} of {s.files} files were already done"
-    )
-    if s.failed:
-        console.print(f"{s.failed} files or segments failed; they are listed in {s.out / 'errors'}")
-    console.print(f"output: {s.out}  (musiclm stats {s.out})")
