@@ -224,7 +224,7 @@ def push(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub endpoint (default huggingface.co)."),
 ) -> None:
     """Upload three trained stages (weights only), their tokenizer and a model card to the hub."""
-    from musiclm.hub import push as push_model
+    from musiclm.hub.push import push as push_model
 
     sha = push_model(model, repo_id, revision=revision, token=token, private=private, endpoint=endpoint)
     print(f"pushed {repo_id} at {sha}: pull exactly this with --model {repo_id} --revision {sha}")

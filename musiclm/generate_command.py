@@ -99,7 +99,7 @@ def run_generate(
 
         check_audit_target(audit, seconds)
     if model is not None:
-        from musiclm.hub import resolve_model
+        from musiclm.hub.pull import resolve_model
 
         model = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
     elif revision is not None:

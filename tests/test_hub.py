@@ -26,7 +26,10 @@ from safetensors.torch import load_file, save_file
 from musiclm import MusicLM
 from musiclm.config import STAGES
 from musiclm.errors import UserError
-from musiclm.hub import BACKBONE_LICENCES, model_card, push, push_operations, resolve_model, stage_source
+from musiclm.hub.card import BACKBONE_LICENCES, model_card
+from musiclm.hub.model_folder import stage_source
+from musiclm.hub.pull import resolve_model
+from musiclm.hub.push import push, push_operations
 from musiclm.integrity import FileRecord, write_records
 from musiclm.shards.manifest import FileFacts, carry_manifest, read_manifest, write_manifest
 from tests.factories import materialize, torch_threads

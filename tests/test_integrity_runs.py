@@ -336,7 +336,7 @@ def test_an_unrecorded_checkpoint_that_torch_cannot_read_is_passed_over(resumabl
 
 
 def test_a_pushed_model_carries_the_weights_record_and_verifies(trained_runs, model, tmp_path):
-    from musiclm.hub import push_operations
+    from musiclm.hub.push import push_operations
 
     pulled = materialize(push_operations(trained_runs, "owner/name"), tmp_path / "pulled")
     assert (pulled / "README.md").is_file()  # the model card is part of a pulled model
