@@ -1,23 +1,27 @@
 """A model folder: the stage run folders of one model and the tokenizer they were trained with, found by fingerprint.
 
-Layer: hub (imports the base layer, ``pipeline.tokenizer``'s folder reads and ``training.checkpoint``).
+Layer: hub (imports the base layer, ``shards.format``, ``pipeline.tokenizer``'s folder reads, and
+``training``'s checkpoint names and run file).
 
 ::
 
     MODEL/semantic/    a run folder written by musiclm train semantic, or a pushed stage (weights, no state.pt)
     MODEL/coarse/      the same, for coarse
     MODEL/fine/        the same, for fine; may be missing (coarse-only use)
-    MODEL/tokenizer/   the tokenizer the stages were trained with; else a stage's own copy, STAGE/tokenizer/
+    MODEL/tokenizer/   the tokenizer the stages were trained with; else a stage's own copy, STAGE/tokenizer/,
+                       else the data folder a stage's run.json records (a training run on this machine)
 
 A folder put together by hand from three training runs and a model pulled from the hub
 (:func:`musiclm.hub.pull.resolve_model`) are both model folders; the hub pushes one
-(:func:`musiclm.hub.push.push`) and describes it (:func:`musiclm.hub.card.model_card`).
+(:func:`musiclm.hub.push.push`) and describes it (:func:`musiclm.hub.card.model_card`); generation loads one.
+The stages and their tokenizer share one tokenizer fingerprint: a tokenizer searched for is found by it
+(:func:`tokenizer_with`); one given (:func:`own_tokenizer`) is checked against it when it is loaded.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,39 @@ def tokenizer_copies(folder: Path, stages: Iterable[str] = STAGES) -> list[Path]
     """Where the model folder ``folder`` may keep its tokenizer, in the order they are looked at:
     ``folder/tokenizer``, then each stage's own copy ``folder/STAGE/tokenizer`` (they may not exist)."""
     return [folder / TOKENIZER, *(folder / s / TOKENIZER for s in stages)]
+
+
+def stage_folders(folder: Path) -> dict[str, Path]:
+    """The stage run folders of the model folder ``folder``: ``semantic`` and ``coarse`` (a UserError names the
+    first one missing) and ``fine`` when it is there (without it, coarse-only use)."""
+    found = {}
+    for name in STAGES:
+        if (folder / name).exists():
+            found[name] = folder / name
+        elif name != "fine":
+            raise UserError(f"no {name} stage: {folder} has no {name}/ run folder")
+    return found
+
+
+def chosen_stages(model: Path | None, given: Mapping[str, str | Path | None], coarse_only: bool = False) -> dict[str, Path | None]:
+    """Each stage's run folder for ``musiclm generate``: the one ``given`` for it (``--semantic``, ``--coarse``,
+    ``--fine``), else ``model/STAGE``. Every stage must exist, but fine with ``coarse_only`` (then None);
+    else a one-line UserError says how to give it."""
+    runs: dict[str, Path | None] = {}
+    for name in STAGES:
+        path = Path(given[name]) if given.get(name) is not None else (Path(model) / name if model is not None else None)
+        if name == "fine" and coarse_only:
+            path = None
+        elif path is None or not path.exists():
+            where = f"{path} does not exist" if path is not None else f"pass --model DIR holding {name}/ or --{name} RUN"
+            raise UserError(f"no {name} stage: {where}" + ("" if name != "fine" else " (or generate with --coarse-only)"))
+        runs[name] = path
+    return runs
+
+
+def own_tokenizer(folder: Path) -> Path | None:
+    """``folder/tokenizer`` when the model folder has one, else None (then the stages' copies are searched)."""
+    return folder / TOKENIZER if (folder / TOKENIZER).is_dir() else None
 
 
 def stage_source(run: str | Path) -> Path:
@@ -69,12 +106,7 @@ def stage_runs(runs: Path) -> dict[str, StageRun]:
     if not runs.is_dir():
         raise UserError(f"model folder {runs} does not exist: it should hold the semantic/, coarse/ and fine/ run folders")
     found: dict[str, StageRun] = {}
-    for name in STAGES:
-        run = runs / name
-        if not run.exists():
-            if name != "fine":
-                raise UserError(f"no {name} stage: {runs} has no {name}/ run folder")
-            continue
+    for name, run in stage_folders(runs).items():
         ckpt = latest_checkpoint(run) or stage_source(run)  # a training run, else a pushed (weights-only) stage
         if ckpt == run:
             raise UserError(f"{run} holds no checkpoint: train it with musiclm train {name}")
@@ -93,19 +125,56 @@ def stage_runs(runs: Path) -> dict[str, StageRun]:
     return found
 
 
+def tokenizer_with(candidates: Iterable[Path], fingerprint: str, checked: bool = True) -> Path | None:
+    """The first of the tokenizer folders ``candidates`` that holds the tokenizer ``fingerprint`` names, else None.
+
+    ``checked`` (loading a model): a tokenizer.json is checked against its record before it is read, and a
+    copy whose tokenizer.json is gone while its record file says it had one is refused (UserError), not
+    passed over for the next candidate. Unchecked (the hub): tokenizer.json is read as it is, and a
+    candidate without one passed over; a push checks the folder it found, every file, afterwards."""
+    from musiclm.pipeline.tokenizer import ADVICE, RECORDS_FILE, read_checked_record, read_record
+    from musiclm.shards.format import TOKENIZER_FILE
+
+    read = read_checked_record if checked else read_record
+    for folder in candidates:
+        if checked and not (folder / TOKENIZER_FILE).is_file() and (folder / RECORDS_FILE).is_file():
+            raise UserError(f"{folder / TOKENIZER_FILE} is missing: {ADVICE}")
+        if (folder / TOKENIZER_FILE).is_file() and read(folder)["fingerprint"] == fingerprint:
+            return folder
+    return None
+
+
+def find_tokenizer(runs: list[Path], fingerprint: str) -> Path:
+    """The tokenizer folder of the stage runs ``runs``: RUN/tokenizer/, else the data folder recorded in
+    RUN/run.json; the first that holds the tokenizer ``fingerprint`` names (:func:`tokenizer_with`)."""
+    from musiclm.pipeline.tokenizer import tokenizer_folder
+    from musiclm.training.trainer import RUN_FILE
+
+    candidates = [run / TOKENIZER for run in runs]
+    for run in runs:
+        try:
+            data = json.loads((run / RUN_FILE).read_text()).get("data")
+        except (OSError, ValueError):
+            data = None
+        if data:
+            candidates.append(tokenizer_folder(data))
+    found = tokenizer_with(candidates, fingerprint)
+    if found is None:
+        tried = ", ".join(str(c) for c in dict.fromkeys(candidates))
+        raise UserError(f"cannot find the tokenizer (fingerprint {fingerprint}) these stages were trained with; looked in {tried}")
+    return found
+
+
 def model_tokenizer(runs: Path, stages: dict[str, StageRun]) -> Path:
-    """``runs/tokenizer``, else a stage's own copy; checked to be the stages' tokenizer, with its quantizers."""
+    """The tokenizer of the model folder ``runs`` as pushed: ``runs/tokenizer``, else a stage's own copy
+    (:func:`tokenizer_with`, unchecked), with every quantizer its record names."""
     from musiclm.pipeline.tokenizer import read_record
 
     fingerprint = next(iter(stages.values())).record.get("fingerprint")
-    for folder in tokenizer_copies(runs, stages):
-        if not (folder / "tokenizer.json").is_file():
-            continue
-        record = read_record(folder)
-        if record["fingerprint"] != fingerprint:
-            continue
-        missing = [f for f in record["quantizers"] if not (folder / f).is_file()]
-        if missing:
-            raise UserError(f"the tokenizer {folder} lacks {', '.join(missing)}: copy the tokenized corpus's DIR/tokenizer folder there")
-        return folder
-    raise UserError(f"cannot find the tokenizer (fingerprint {fingerprint}) of {runs}: put the corpus's DIR/tokenizer folder at {runs / TOKENIZER}")
+    folder = tokenizer_with(tokenizer_copies(runs, stages), fingerprint, checked=False)
+    if folder is None:
+        raise UserError(f"cannot find the tokenizer (fingerprint {fingerprint}) of {runs}: put the corpus's DIR/tokenizer folder at {runs / TOKENIZER}")
+    missing = [f for f in read_record(folder)["quantizers"] if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"the tokenizer {folder} lacks {', '.join(missing)}: copy the tokenized corpus's DIR/tokenizer folder there")
+    return folder
