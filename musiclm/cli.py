@@ -254,7 +254,7 @@ def verify(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Files hashed in parallel (default: CPU count)."),
 ) -> None:
     """Check every file against its recorded checksum; exit 0 only when nothing is damaged, missing or unexpected."""
-    from musiclm.verify import run_verify
+    from musiclm.commands.verify import run_verify
 
     ok = run_verify(folder, as_json=json_out, workers=workers)
     raise typer.Exit(0 if ok else 1)

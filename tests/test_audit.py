@@ -151,7 +151,7 @@ def test_the_index_is_reused_and_a_new_shard_adds_its_files_only(tokenized, tmp_
     assert set(expected_files(data)) == on_disk  # what musiclm verify is told to expect there
 
     # verify checks the index is whole; audit makes a damaged index file again
-    from musiclm.verify import verify_folder
+    from musiclm.commands.verify import verify_folder
 
     assert verify_folder(data)[2] == []
     cut = data / INDEX_DIR / f"{tar.stem}.ngrams.npy"

@@ -23,7 +23,7 @@ from musiclm.integrity import FileRecord, read_records
 from musiclm.pipeline import tokenizer as tok
 from musiclm.training import checkpoint as ckpt
 from musiclm.training.trainer import load_stage, run_train
-from musiclm.verify import verify_folder
+from musiclm.commands.verify import verify_folder
 from tests.conftest import run_cli
 from tests.factories import materialize, torch_threads
 
