@@ -241,7 +241,7 @@ def audit(
     """Memorization audit: the training clips nearest each generated file, with source, offset, score and verdict.
 
     Exit code 0 when no file is flagged, 1 when one is (like grep), 2 on bad input."""
-    from musiclm.audit import run_audit
+    from musiclm.commands.audit import run_audit
 
     flagged = run_audit(generated, data, top=top, as_json=json_out, device=device)
     raise typer.Exit(1 if any(flagged) else 0)

@@ -53,7 +53,7 @@ def copy_corpus(tokenized_dir: Path, dest: Path, drop_last_shard: bool = False) 
 @pytest.fixture(scope="module")
 def corpus(tokenized, tmp_path_factory) -> Path:
     """A copy of the tokenized session corpus, its audit index built and calibrated once."""
-    from musiclm.audit import audit
+    from musiclm.commands.audit import audit
 
     data = copy_corpus(tokenized[0], tmp_path_factory.mktemp("audit") / "data")
     with torch_threads(1):
@@ -79,7 +79,7 @@ def write_novel(out: Path, kind: str = "melody", seed: int = 5005, sr: int = 441
 
 
 def test_a_shifted_mp3_copy_is_flagged_with_its_source_and_offset(corpus, audio_corpus, tmp_path):
-    from musiclm.audit import audit
+    from musiclm.commands.audit import audit
 
     root, _ = audio_corpus
     copy = write_copy(root / COPIED, tmp_path / "copy.mp3")
@@ -98,7 +98,7 @@ def test_a_shifted_mp3_copy_is_flagged_with_its_source_and_offset(corpus, audio_
 # bpm, and the audit flags it (semantic 0.82 against it): rightly, it is the same piece.
 @pytest.mark.parametrize("kind,seed", [("melody", 5005), ("arpeggio", 5000), ("mix", 5006), ("chord", 5003), ("drums", 5004)])
 def test_music_from_outside_the_corpus_is_not_flagged(corpus, tmp_path, kind, seed):
-    from musiclm.audit import audit
+    from musiclm.commands.audit import audit
 
     (f,) = audit([write_novel(tmp_path / f"{kind}.wav", kind, seed)], corpus)["files"]
     assert not f["flagged"], f
@@ -120,7 +120,7 @@ def test_calibration_separates_copies_from_new_music_and_gets_offsets_right(corp
 
 
 def test_the_index_is_reused_and_a_new_shard_adds_its_files_only(tokenized, tmp_path):
-    from musiclm.audit import audit
+    from musiclm.commands.audit import audit
 
     data = copy_corpus(tokenized[0], tmp_path / "data", drop_last_shard=True)
     novel = write_novel(tmp_path / "n.wav")
