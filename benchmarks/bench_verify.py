@@ -4,7 +4,7 @@
 Builds (or reuses, in ``--dir``) the synthetic corpus of ``bench_driver_scale.py``: ``--clips`` tiny clips in
 shards of 256 written by the project's ShardWriter, so every shard has its record. Then, in this process:
 
-- ``verify``: :func:`musiclm.verify.verify_folder` (every file hashed whole) with 1 thread and with
+- ``verify``: :func:`musiclm.commands.verify.verify_folder` (every file hashed whole) with 1 thread and with
   ``--workers`` threads: files/s and MB/s; next to it sha256 alone over the same bytes on one thread;
 - the tokenize start-up check (:func:`musiclm.shards.repair.check_shards`) on the untouched folder (records
   read once, a quick check of every file, no hashing), and on a folder whose files' times all moved (as
@@ -36,7 +36,7 @@ from musiclm.shards.format import list_shards  # noqa: E402
 from musiclm.shards.records import RECORDS_DIR  # noqa: E402
 from musiclm.shards.repair import check_shards  # noqa: E402
 from musiclm.training.data import index_shards  # noqa: E402
-from musiclm.verify import verify_folder  # noqa: E402
+from musiclm.commands.verify import verify_folder  # noqa: E402
 
 
 def timed(call):

@@ -224,7 +224,7 @@ def push(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub endpoint (default huggingface.co)."),
 ) -> None:
     """Upload three trained stages (weights only), their tokenizer and a model card to the hub."""
-    from musiclm.hub import push as push_model
+    from musiclm.hub.push import push as push_model
 
     sha = push_model(model, repo_id, revision=revision, token=token, private=private, endpoint=endpoint)
     print(f"pushed {repo_id} at {sha}: pull exactly this with --model {repo_id} --revision {sha}")
@@ -241,7 +241,7 @@ def audit(
     """Memorization audit: the training clips nearest each generated file, with source, offset, score and verdict.
 
     Exit code 0 when no file is flagged, 1 when one is (like grep), 2 on bad input."""
-    from musiclm.audit import run_audit
+    from musiclm.commands.audit import run_audit
 
     flagged = run_audit(generated, data, top=top, as_json=json_out, device=device)
     raise typer.Exit(1 if any(flagged) else 0)
@@ -254,7 +254,7 @@ def verify(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Files hashed in parallel (default: CPU count)."),
 ) -> None:
     """Check every file against its recorded checksum; exit 0 only when nothing is damaged, missing or unexpected."""
-    from musiclm.verify import run_verify
+    from musiclm.commands.verify import run_verify
 
     ok = run_verify(folder, as_json=json_out, workers=workers)
     raise typer.Exit(0 if ok else 1)

@@ -95,11 +95,11 @@ def run_generate(
     if audit is not None:
         if to_stdout:
             raise UserError("--audit reads the files generate writes: write to a file instead of --out -")
-        from musiclm.audit.command import check_audit_target
+        from musiclm.commands.audit import check_audit_target
 
         check_audit_target(audit, seconds)
     if model is not None:
-        from musiclm.hub import resolve_model
+        from musiclm.hub.pull import resolve_model
 
         model = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
     elif revision is not None:
@@ -205,8 +205,7 @@ def run_generate(
 def _audit(files: list[Path], data: str | Path, device: str, record: dict, sidecar: Path, say: _Say) -> str:
     """``--audit DIR``: audit the files just written against the corpus ``DIR``, print the report, add it to
     the sidecar; returns the verdict for the summary line. Generation's exit code does not depend on it."""
-    from musiclm.audit import audit
-    from musiclm.audit.command import report_lines
+    from musiclm.commands.audit import audit, report_lines
 
     report = audit(files, data, device=device)
     for line in report_lines(report):

@@ -55,7 +55,7 @@ def copy_corpus(tokenized_dir: Path, dest: Path, drop_last_shard: bool = False) 
 @pytest.fixture(scope="module")
 def corpus(tokenized, tmp_path_factory) -> Path:
     """A copy of the tokenized session corpus, its audit index built and calibrated once."""
-    from musiclm.audit import audit
+    from musiclm.commands.audit import audit
 
     data = copy_corpus(tokenized[0], tmp_path_factory.mktemp("audit") / "data")
     with torch_threads(1):
@@ -81,7 +81,7 @@ def write_novel(out: Path, kind: str = "melody", seed: int = 5005, sr: int = 441
 
 
 def test_a_shifted_mp3_copy_is_flagged_with_its_source_and_offset(corpus, audio_corpus, tmp_path):
-    from musiclm.audit import audit
+    from musiclm.commands.audit import audit
 
     root, _ = audio_corpus
     copy = write_copy(root / COPIED, tmp_path / "copy.mp3")
@@ -117,7 +117,7 @@ def test_overlapping_scores_put_the_threshold_just_above_the_highest_novel_score
 # bpm, and the audit flags it (semantic 0.82 against it): rightly, it is the same piece.
 @pytest.mark.parametrize("kind,seed", [("melody", 5005), ("arpeggio", 5000), ("mix", 5006), ("chord", 5003), ("drums", 5004)])
 def test_music_from_outside_the_corpus_is_not_flagged(corpus, tmp_path, kind, seed):
-    from musiclm.audit import audit
+    from musiclm.commands.audit import audit
 
     (f,) = audit([write_novel(tmp_path / f"{kind}.wav", kind, seed)], corpus)["files"]
     assert not f["flagged"], f
@@ -139,7 +139,7 @@ def test_calibration_separates_copies_from_new_music_and_gets_offsets_right(corp
 
 
 def test_the_index_is_reused_and_a_new_shard_adds_its_files_only(tokenized, tmp_path):
-    from musiclm.audit import audit
+    from musiclm.commands.audit import audit
 
     data = copy_corpus(tokenized[0], tmp_path / "data", drop_last_shard=True)
     novel = write_novel(tmp_path / "n.wav")
@@ -170,7 +170,7 @@ def test_the_index_is_reused_and_a_new_shard_adds_its_files_only(tokenized, tmp_
     assert set(expected_files(data)) == on_disk  # what musiclm verify is told to expect there
 
     # verify checks the index is whole; audit makes a damaged index file again
-    from musiclm.verify import verify_folder
+    from musiclm.commands.verify import verify_folder
 
     assert verify_folder(data)[2] == []
     cut = data / INDEX_DIR / f"{tar.stem}.ngrams.npy"

@@ -26,7 +26,10 @@ from safetensors.torch import load_file, save_file
 from musiclm import MusicLM
 from musiclm.config import STAGES
 from musiclm.errors import UserError
-from musiclm.hub import BACKBONE_LICENCES, model_card, push, push_operations, resolve_model, stage_source
+from musiclm.hub.card import BACKBONE_LICENCES, model_card
+from musiclm.hub.model_folder import chosen_stages, find_tokenizer, own_tokenizer, stage_folders, stage_source, tokenizer_with
+from musiclm.hub.pull import resolve_model
+from musiclm.hub.push import push, push_operations
 from musiclm.integrity import FileRecord, write_records
 from musiclm.shards.manifest import FileFacts, carry_manifest, read_manifest, write_manifest
 from tests.factories import materialize
@@ -90,6 +93,47 @@ def semantic_weights(lm: MusicLM) -> dict[str, torch.Tensor]:
 
 
 SHA_A, SHA_B = "a" * 40, "b" * 40
+
+
+# ---- the model folder --------------------------------------------------------------------------------------------------
+
+
+def test_a_model_folder_needs_semantic_and_coarse_and_may_lack_fine(tmp_path):
+    model = tmp_path / "model"
+    (model / "semantic").mkdir(parents=True)
+    with pytest.raises(UserError, match="no coarse stage: .* has no coarse/ run folder"):
+        stage_folders(model)
+    (model / "coarse").mkdir()
+    assert stage_folders(model) == {"semantic": model / "semantic", "coarse": model / "coarse"}
+    assert own_tokenizer(model) is None
+    (model / "tokenizer").mkdir()
+    assert own_tokenizer(model) == model / "tokenizer"
+
+
+def test_generate_takes_each_stage_given_else_the_model_folders(tmp_path):
+    model = tmp_path / "model"
+    for stage in ("semantic", "coarse"):
+        (model / stage).mkdir(parents=True)
+    other = tmp_path / "other-coarse"
+    other.mkdir()
+    assert chosen_stages(model, {"coarse": other}, coarse_only=True) == {"semantic": model / "semantic", "coarse": other, "fine": None}
+    with pytest.raises(UserError, match="no fine stage: .* does not exist .or generate with --coarse-only."):
+        chosen_stages(model, {})
+    with pytest.raises(UserError, match="pass --model DIR holding semantic/ or --semantic RUN"):
+        chosen_stages(None, {"coarse": other})
+
+
+def test_the_tokenizer_is_found_by_fingerprint_and_a_gone_one_is_refused(runs, tmp_path):
+    fingerprint = json.loads((runs / "semantic" / "run.json").read_text())["fingerprint"]
+    assert find_tokenizer([runs / "semantic"], fingerprint) == runs / "semantic" / "tokenizer"
+    assert tokenizer_with([runs / "nowhere", runs / "coarse" / "tokenizer"], fingerprint) == runs / "coarse" / "tokenizer"
+    assert tokenizer_with([runs / "coarse" / "tokenizer"], "0" * 16) is None
+    copy = Path(shutil.copytree(runs / "semantic" / "tokenizer", tmp_path / "tokenizer"))
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="tokenizer.json is missing"):
+        tokenizer_with([copy, runs / "coarse" / "tokenizer"], fingerprint)
+    with pytest.raises(UserError, match="cannot find the tokenizer .fingerprint 0000000000000000. these stages were trained with; looked in"):
+        find_tokenizer([runs / "semantic"], "0" * 16)
 
 
 # ---- pull --------------------------------------------------------------------------------------------------------------

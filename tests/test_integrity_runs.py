@@ -23,9 +23,9 @@ from musiclm.generation import MusicLM
 from musiclm.integrity import UNRECORDED, FileRecord, end_marker_problem, quick_check, read_records
 from musiclm.shards import tokenizer_folder as tok
 from musiclm.training import checkpoint as ckpt
+from musiclm.commands.verify import verify_folder
 from musiclm.training.run_folder import load_stage
 from musiclm.training.trainer import run_train
-from musiclm.verify import verify_folder
 from tests.conftest import run_cli
 from tests.factories import materialize
 
@@ -347,7 +347,7 @@ def test_an_unrecorded_checkpoint_that_torch_cannot_read_is_passed_over(resumabl
 
 
 def test_a_pushed_model_carries_the_weights_record_and_verifies(trained_runs, model, tmp_path):
-    from musiclm.hub import push_operations
+    from musiclm.hub.push import push_operations
 
     pulled = materialize(push_operations(trained_runs, "owner/name"), tmp_path / "pulled")
     assert (pulled / "README.md").is_file()  # the model card is part of a pulled model

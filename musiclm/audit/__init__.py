@@ -29,8 +29,9 @@ falls; exact to a frame), the stretch that agrees, both scores and the verdict.
 What it does not catch: a copy at another tempo or pitch (tokens change), and
 audio whose tokens are not stable under re-encoding (noise, e.g. rain, in the
 ``tiny`` preset); steady tones give too few runs for n-grams and are left to CLAP.
+
+The command (:func:`~musiclm.commands.audit.audit`, :func:`~musiclm.commands.audit.run_audit`) is in
+:mod:`musiclm.commands.audit`.
+
+Layer: audit (imports only the layers below it: base, shards, pipeline, training; never commands).
 """
-
-from musiclm.audit.command import audit, run_audit
-
-__all__ = ["audit", "run_audit"]

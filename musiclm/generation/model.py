@@ -289,7 +289,7 @@ class MusicLM:
         folder recorded in a stage's run.json. Fingerprints are checked before the tokenizer's
         backbones are loaded.
         """
-        from musiclm.hub import stage_source
+        from musiclm.hub.model_folder import stage_source
         from musiclm.training.checkpoint import run_folder
         from musiclm.device import pick_device
         from musiclm.training.run_folder import load_stage
@@ -325,7 +325,7 @@ class MusicLM:
         sha; None: main) through the Hugging Face cache (:func:`musiclm.hub.resolve_model`). The folder holds
         the run folders semantic/, coarse/ and fine/ (fine may be missing for coarse-only use) and optionally
         tokenizer/. A pulled tokenizer that would run remote code needs ``trust_remote_code=True``."""
-        from musiclm.hub import resolve_model
+        from musiclm.hub.pull import resolve_model
 
         folder = resolve_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         runs = {}

@@ -22,6 +22,9 @@ none (a folder written before records were kept): it is reported as
 parallel threads (hashlib lets go of the GIL), with a progress bar on a
 terminal; each record file is read once. The exit code is 0 only when nothing
 is damaged, missing, unrecorded or unexpected.
+
+Layer: commands (imports the base layer and, lazily, the expected-files hooks of shards, pipeline, training,
+hub and audit).
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from musiclm.config import STAGES
 from musiclm.errors import UserError
+from musiclm.hub.card import README
+from musiclm.hub.model_folder import TOKENIZER
 from musiclm.integrity import FileRecord, Finding, check_files
 
 IGNORED = (".musiclm.lock", "audit/.lock")  # the lock files musiclm tokenize and musiclm audit leave
 
 Expected = dict[str, tuple[FileRecord | None, str]]
-STAGES = ("semantic", "coarse", "fine")
 
 
 def _prefixed(prefix: str, files: Expected) -> Expected:
@@ -68,10 +73,10 @@ def _model(folder: Path) -> Expected:
     for stage in STAGES:
         if (folder / stage).is_dir():
             out.update(_prefixed(stage, _run(folder / stage)))
-    if (folder / "tokenizer").is_dir():
-        out.update(_prefixed("tokenizer", _tokenizer(folder / "tokenizer")))
-    if (folder / "README.md").is_file():  # the model card of a model pulled from the hub
-        out["README.md"] = (None, "pull the model again")
+    if (folder / TOKENIZER).is_dir():
+        out.update(_prefixed(TOKENIZER, _tokenizer(folder / TOKENIZER)))
+    if (folder / README).is_file():  # the model card of a model pulled from the hub
+        out[README] = (None, "pull the model again")
     return out
 
 

@@ -1,4 +1,9 @@
-"""``musiclm audit`` and ``musiclm generate --audit``: check inputs, bring the index up to date, report."""
+"""``musiclm audit`` and ``musiclm generate --audit``: check inputs, bring the index up to date, report.
+
+The memorization audit itself (the index, the search, the calibration) is :mod:`musiclm.audit`.
+
+Layer: commands (imports :mod:`musiclm.audit`, the base layer and, lazily, pipeline and metrics).
+"""
 
 from __future__ import annotations
 
