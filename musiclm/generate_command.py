@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from musiclm.errors import UserError
-from musiclm.generation.model import MusicLM, Progress, _check_prompt_audio, check_request, conditioning_prompts
+from musiclm.generation.model import MusicLM
+from musiclm.generation.request import check_prompt_audio, check_request, conditioning_prompts
+from musiclm.generation.run import Progress
 from musiclm.generation.stages import temperatures
 from musiclm.version import __version__
 
@@ -91,7 +93,7 @@ def run_generate(
     if not to_stdout:
         output_paths(out, fmt, 1)  # the format, before any work
     if prompt_audio is not None:
-        _check_prompt_audio(prompt_audio)
+        check_prompt_audio(prompt_audio)
     if audit is not None:
         if to_stdout:
             raise UserError("--audit reads the files generate writes: write to a file instead of --out -")
