@@ -1,0 +1,1 @@
+"""Command glue: what each `musiclm` command does between its arguments and the library. Layer: commands."""
