@@ -58,7 +58,11 @@ class Page:
         self.requests = count()
 
     def build(self, gr):
-        """The page as a ``gr.Blocks`` (not yet launched)."""
+        """The page as a ``gr.Blocks`` (not yet launched).
+
+        Long for a reason: gradio builds a page as nested ``with`` blocks in the order it shows, and the
+        generate event is a closure over the components it updates; split, the layout would no longer
+        read as the page looks."""
         defaults = self.lm.stages["semantic"].cfg.generate
         stage_cfg = " ".join(f"{st.cfg.generate.cfg_scale:g}" for st in self.lm.stages.values())
         stage_temp = " ".join(f"{getattr(st.cfg.generate, 'temperature_' + name):g}" for name, st in self.lm.stages.items())
