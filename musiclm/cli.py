@@ -182,16 +182,12 @@ def generate(
     audit: Optional[Path] = typer.Option(None, "--audit", help="Then audit what was written against this tokenized corpus (see musiclm audit)."),
 ) -> None:
     """Generate music from text with three trained stages."""
-    from musiclm.generate_command import run_generate
+    from musiclm.commands.generate import Output, run_generate
+    from musiclm.generation.request import SamplingRequest
 
-    run_generate(
-        prompts,
-        model=model,
-        semantic=semantic,
-        coarse=coarse,
-        fine=fine,
-        seconds=seconds,
-        out=out,
+    request = SamplingRequest(
+        prompts or None,
+        seconds,
         num_samples=num_samples,
         keep=keep,
         cfg_scale=cfg_scale,
@@ -204,13 +200,19 @@ def generate(
         every=every,
         coarse_only=coarse_only,
         use_cache=not no_cache,
-        fmt=fmt,
+    )
+    output = Output(out, fmt, stream=stream, audit=audit)
+    run_generate(
+        request,
+        output,
+        model=model,
+        semantic=semantic,
+        coarse=coarse,
+        fine=fine,
         device=device,
         precision=precision,
-        stream=stream,
         revision=revision,
         trust_remote_code=trust_remote_code,
-        audit=audit,
     )
 
 

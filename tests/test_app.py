@@ -393,7 +393,7 @@ def test_cancel_stops_the_running_request_at_its_next_window(page, monkeypatch):
     """A run of the page's longest output is cancelled once it has made audio; the next request
     then runs at once. Counting the fine windows sampled shows the cancelled run stopped."""
     from musiclm.config import load_config
-    from musiclm.generation import model
+    from musiclm.generation import run
 
     windows = []
 
@@ -401,8 +401,8 @@ def test_cancel_stops_the_running_request_at_its_next_window(page, monkeypatch):
         windows.append(stage.layout.stage)
         return sample(stage, *args, **kw)
 
-    sample = model.sample_window
-    monkeypatch.setattr(model, "sample_window", counted)
+    sample = run.sample_window
+    monkeypatch.setattr(run, "sample_window", counted)
     fill(page, prompt="a calm piano", seconds=MAX_SECONDS)
     press_generate(page)
     page.locator("#status .progress-level").filter(has_text=re.compile(r"fine \d")).first.wait_for(state="attached")  # the progress bar

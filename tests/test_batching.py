@@ -168,7 +168,7 @@ def test_the_tokenizer_imports_without_audio_io_ray_or_faiss():
         "            raise ImportError('absent: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "from musiclm.pipeline.tokenizer import Tokenizer\n"
-        "import runpy, musiclm.generation, musiclm.generate_command\n"
+        "import runpy, musiclm.generation, musiclm.commands.generate\n"
         "for script in ('benchmarks/gpu_check.py', 'benchmarks/bench_generate.py'):\n"
         "    runpy.run_path(script, run_name='imported')\n"
     )

@@ -145,7 +145,7 @@ def test_a_continued_prompt_is_followed_from_its_last_frame_on(trained, chain, m
     clip = trained["semantic"]["val"][3]
     ticks = 50  # 2 s of prompt
     tokens = {"semantic": clip.semantic[: ticks * lm.per_tick["semantic"]].astype(np.int64), "acoustic": clip.acoustic[:, : ticks * lm.per_tick["acoustic"]].astype(np.int64)}
-    monkeypatch.setattr(lm, "_prompt_tokens", lambda path: (tokens, ticks * lm.tick, 0.0))
+    monkeypatch.setattr(lm, "prompt_tokens", lambda path: (tokens, ticks * lm.tick, 0.0))
     clap = clip.clap[0].astype(np.int64)
     g = lm.generate_with_details(None, SECONDS, clap_tokens=clap, seed=7, prompt_audio=tmp_path / "unread.wav")
     assert g.prompt_frames == {"semantic": 100, "acoustic": 150}

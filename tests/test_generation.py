@@ -21,7 +21,7 @@ import soundfile as sf
 import musiclm.generation.stages as stages
 from musiclm.cli import main
 from musiclm.config import STAGES
-from musiclm.generate_command import output_paths
+from musiclm.commands.generate import output_paths
 from musiclm.generation import MusicLM, plan_windows
 from musiclm.metrics import clap_audio_embeddings
 

@@ -1,11 +1,13 @@
 """The page itself: gradio components, the generate event and its cancel button.
 
 One :class:`Page` holds the loaded model. A request is a generator: it checks the form
-(:mod:`musiclm.app.request`), then steps a :class:`~musiclm.generation.model.GenerationRun`
+(:mod:`musiclm.app.request`), then steps a :class:`~musiclm.generation.run.GenerationRun`
 window by window, yielding between steps, so that the progress bar moves, one sample
 plays as it is made (gradio's streamed audio, which needs ffmpeg) and a cancel stops the
 run at the next window. Each step holds a lock: a cancelled run's last window finishes
 before the next request touches the model.
+
+Layer: app (imports the generation layer).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from itertools import count
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,9 @@ import numpy as np
 from musiclm.app.picture import render_picture
 from musiclm.app.request import MAX_KEEP, MAX_SECONDS, Request, StageProgress, build_request, page_message
 from musiclm.errors import UserError
-from musiclm.generation.model import Generation, GenerationRun, MusicLM, _check_prompt_audio
+from musiclm.generation.model import MusicLM
+from musiclm.generation.request import check_prompt_audio
+from musiclm.generation.run import Generation, GenerationRun
 from musiclm.version import __version__
 
 INTRO = """## musiclm
@@ -53,7 +58,11 @@ class Page:
         self.requests = count()
 
     def build(self, gr):
-        """The page as a ``gr.Blocks`` (not yet launched)."""
+        """The page as a ``gr.Blocks`` (not yet launched).
+
+        Long for a reason: gradio builds a page as nested ``with`` blocks in the order it shows, and the
+        generate event is a closure over the components it updates; split, the layout would no longer
+        read as the page looks."""
         defaults = self.lm.stages["semantic"].cfg.generate
         stage_cfg = " ".join(f"{st.cfg.generate.cfg_scale:g}" for st in self.lm.stages.values())
         stage_temp = " ".join(f"{getattr(st.cfg.generate, 'temperature_' + name):g}" for name, st in self.lm.stages.items())
@@ -93,7 +102,7 @@ class Page:
                 try:
                     req = build_request(prompt_, seconds_, num_samples_, keep_, cfg_scale_, temperature_, seed_, every_)
                     if prompt_audio_:
-                        _check_prompt_audio(prompt_audio_)
+                        check_prompt_audio(prompt_audio_)
                 except UserError as e:
                     raise gr.Error(html.escape(page_message(e, names)), print_exception=False) from None
                 stream = self.live and req.streams
@@ -129,11 +138,10 @@ class Page:
         gradio's progress bar ``progress(fraction, desc=...)``."""
         stages = ("semantic", "coarse") if self.coarse_only else ("semantic", "coarse", "fine")
         report = StageProgress(stages, lambda fraction, text: progress(fraction, desc=text))
-        kw = {**req.kwargs(), "prompt_audio": prompt_audio, "coarse_only": self.coarse_only, "progress": report}
+        request = req.sampling(prompt_audio=prompt_audio, coarse_only=self.coarse_only)
         if stream:
-            del kw["num_samples"], kw["keep"]  # one sample
-            return self.lm.stream(req.prompts, req.seconds, **kw)
-        return GenerationRun(self.lm, req.prompts, req.seconds, top_k=None, top_p=None, use_cache=True, stream=False, **kw)
+            request = replace(request, num_samples=1, keep=1)  # one sample
+        return self.lm.run(request, progress=report, stream=stream)
 
     def step(self, chunks: Iterator[np.ndarray]) -> np.ndarray | None:
         """The run's next audio chunk, None at its end. The lock is held for one step only: a generator

@@ -1,10 +1,14 @@
-"""The web page's form as a generation request: values in, checked keyword arguments out.
+"""The web page's form as a generation request: values in, a checked :class:`Request` out.
 
 Nothing here imports gradio, so the form's rules are tested without a browser. The checks
-are the library's own (:func:`~musiclm.generation.model.check_request`,
+are the library's own (:func:`~musiclm.generation.request.check_request`,
 :func:`~musiclm.generation.stages.temperatures`); this module adds only the page's limits
 (longest output, most samples) and story times that would leave a prompt unplayed, and
-names the form's fields where the library's messages name command-line options.
+names the form's fields where the library's messages name command-line options. A
+:class:`Request` becomes the library's :class:`~musiclm.generation.request.SamplingRequest`
+with :meth:`Request.sampling`.
+
+Layer: app (imports the generation layer's request checks).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from musiclm.errors import UserError
-from musiclm.generation.model import _prompt_list, check_request
+from musiclm.generation.request import SamplingRequest, check_request, prompt_list
 from musiclm.generation.stages import temperatures
 
 MAX_SECONDS = 300.0  # one request holds the queue of one for its whole run
@@ -53,15 +57,20 @@ class Request:
         return self.num_samples == 1
 
     def kwargs(self) -> dict:
-        """Keyword arguments of :meth:`MusicLM.generate_with_details` (and of a ``GenerationRun``)
+        """Keyword arguments of :meth:`MusicLM.generate_with_details` (fields of a :class:`SamplingRequest`)
         after the prompts and seconds."""
         return dict(num_samples=self.num_samples, keep=self.keep, cfg_scale=self.cfg_scale, temperature=self.temperature, seed=self.seed, every=self.every)
+
+    def sampling(self, **more) -> SamplingRequest:
+        """This request as the library's :class:`SamplingRequest`; ``more``: its fields the form does not
+        hold (``prompt_audio``, ``coarse_only``). Top-k and top-p are each stage's own."""
+        return SamplingRequest(self.prompts, self.seconds, **self.kwargs(), **more)
 
 
 def parse_story(text: str | None, every: float | None) -> tuple[list[str], float | None]:
     """The prompt box as (prompts, every): one prompt per non-empty line; ``every`` 0 or empty
     means the prompts share the output equally (None)."""
-    prompts = _prompt_list([line.strip() for line in (text or "").splitlines() if line.strip()])
+    prompts = prompt_list([line.strip() for line in (text or "").splitlines() if line.strip()])
     if every is not None and every == 0:
         every = None
     return prompts, every

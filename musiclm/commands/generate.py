@@ -4,6 +4,11 @@ Checks every argument before a model is loaded, writes the kept samples (WAV or
 FLAC files plus a JSON sidecar of settings, scores and timings), streams with
 ``--stream`` (chunks written as they are made) and writes a WAV stream to stdout
 with ``--out -`` for a player to read from a pipe; all messages then go to stderr.
+
+:func:`run_generate` reads top to bottom: check, find the stages, load, generate
+and write the audio, then the sidecar and the summary (and an ``--audit``).
+
+Layer: commands (imports the generation layer, and the audit for ``--audit``).
 """
 
 from __future__ import annotations
@@ -11,16 +16,34 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from musiclm.errors import UserError
-from musiclm.generation.model import MusicLM, Progress, _check_prompt_audio, check_request, conditioning_prompts
+from musiclm.generation.loading import command_runs
+from musiclm.generation.model import MusicLM
+from musiclm.generation.request import SamplingRequest, check_prompt_audio, check_request, conditioning_prompts
+from musiclm.generation.run import Generation, Progress
 from musiclm.generation.stages import temperatures
 from musiclm.version import __version__
 
 FORMATS = ("wav", "flac")
 STDOUT = "-"
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where ``musiclm generate`` writes: ``out`` (a file name, or ``-`` for a WAV stream on stdout), the
+    format ``fmt`` (None: from the suffix), streamed as made or not, and the corpus to ``audit`` against."""
+
+    out: str | Path = "out.wav"
+    fmt: str | None = None
+    stream: bool = False
+    audit: str | Path | None = None
+
+    @property
+    def to_stdout(self) -> bool:
+        return str(self.out) == STDOUT
 
 
 def output_paths(out: str | Path, fmt: str | None, keep: int) -> tuple[list[Path], Path, str]:
@@ -43,117 +66,123 @@ def output_paths(out: str | Path, fmt: str | None, keep: int) -> tuple[list[Path
 
 
 def run_generate(
-    prompts: list[str] | None,
+    request: SamplingRequest,
+    output: Output,
     *,
     model: str | Path | None = None,
     semantic: str | Path | None = None,
     coarse: str | Path | None = None,
     fine: str | Path | None = None,
-    seconds: float = 10.0,
-    out: str | Path = "out.wav",
-    num_samples: int | None = None,
-    keep: int | None = None,
-    cfg_scale: float | None = None,
-    temperature: float | Sequence[float] | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    prompt_audio: str | Path | None = None,
-    style_audio: str | Path | None = None,
-    every: float | None = None,
-    coarse_only: bool = False,
-    use_cache: bool = True,
-    fmt: str | None = None,
     device: str | None = None,
     precision: str | None = None,
-    stream: bool = False,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    audit: str | Path | None = None,
 ) -> list[Path]:
-    """``musiclm generate``: write the kept samples as audio files plus a JSON sidecar; returns the audio paths
-    (none for ``out="-"``, a WAV stream on stdout).
+    """``musiclm generate``: write the kept samples of ``request`` as audio files plus a JSON sidecar; returns
+    the audio paths (none for ``out="-"``, a WAV stream on stdout).
 
-    Stage run folders come from ``--semantic/--coarse/--fine``, else ``model``/<stage>; ``model`` may
-    be a hub repo id (pulled at ``revision``, see :func:`musiclm.hub.resolve_model`). Every argument is
-    checked before a model is loaded.
+    The command conditions on text prompts or a style audio. Stage run folders come from
+    ``--semantic/--coarse/--fine``, else ``model``/<stage>; ``model`` may be a hub repo id (pulled at
+    ``revision``, see :func:`musiclm.hub.resolve_model`). Every argument is checked before a model is loaded.
     """
+    check_arguments(request, output, precision)
+    runs, tokenizer = find_stages(request, model, semantic, coarse, fine, revision, trust_remote_code)
+    say = _Say(output.to_stdout)
+    t0 = time.perf_counter()
+    lm = MusicLM.from_runs(runs["semantic"], runs["coarse"], runs["fine"], tokenizer=tokenizer, device=device, precision=precision)
+    load_s = time.perf_counter() - t0
+    g, files = generate_and_write(lm, request, output)
+    record = sidecar_record(lm, request, output, g, files, load_s)
+    report(lm, output, g, files, record, say)
+    return files
+
+
+def check_arguments(request: SamplingRequest, output: Output, precision: str | None) -> None:
+    """Every argument that can be checked without a model: a one-line :class:`UserError` for the first bad one."""
     from musiclm.models.precision import check_precision
 
-    prompts = conditioning_prompts(prompts or None, None, style_audio)  # checks a style audio is readable
-    to_stdout = str(out) == STDOUT
-    check_request(prompts, seconds, num_samples, keep, every, top_k, top_p, cfg_scale, stream=stream)
-    if to_stdout and ((keep or 1) > 1 or fmt not in (None, "wav")):
+    r = request
+    prompts = conditioning_prompts(r.prompt, None, r.style_audio)  # checks a style audio is readable
+    check_request(prompts, r.seconds, r.num_samples, r.keep, r.every, r.top_k, r.top_p, r.cfg_scale, stream=output.stream)
+    if output.to_stdout and ((r.keep or 1) > 1 or output.fmt not in (None, "wav")):
         raise UserError("--out - writes one WAV stream to stdout: drop --keep above 1 and --format flac, or write to a file")
-    temperatures(temperature)
+    temperatures(r.temperature)
     if precision is not None:
         check_precision(precision)
-    if not to_stdout:
-        output_paths(out, fmt, 1)  # the format, before any work
-    if prompt_audio is not None:
-        _check_prompt_audio(prompt_audio)
-    if audit is not None:
-        if to_stdout:
+    if not output.to_stdout:
+        output_paths(output.out, output.fmt, 1)  # the format, before any work
+    if r.prompt_audio is not None:
+        check_prompt_audio(r.prompt_audio)
+    if output.audit is not None:
+        if output.to_stdout:
             raise UserError("--audit reads the files generate writes: write to a file instead of --out -")
         from musiclm.commands.audit import check_audit_target
 
-        check_audit_target(audit, seconds)
+        check_audit_target(output.audit, r.seconds)
+
+
+def find_stages(
+    request: SamplingRequest,
+    model: str | Path | None,
+    semantic: str | Path | None,
+    coarse: str | Path | None,
+    fine: str | Path | None,
+    revision: str | None,
+    trust_remote_code: bool,
+) -> tuple[dict[str, Path | None], Path | None]:
+    """The stage run folders (fine None with ``coarse_only``) and the model folder's tokenizer/ (or None);
+    a hub ``model`` is pulled first."""
     if model is not None:
         from musiclm.hub.pull import resolve_model
 
         model = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
     elif revision is not None:
         raise UserError("--revision pins a hub model: give it with --model OWNER/NAME")
-    runs: dict[str, Path | None] = {}
-    for name, given in (("semantic", semantic), ("coarse", coarse), ("fine", fine)):
-        path = Path(given) if given is not None else (Path(model) / name if model is not None else None)
-        if name == "fine" and coarse_only:
-            path = None
-        elif path is None or not path.exists():
-            where = f"{path} does not exist" if path is not None else f"pass --model DIR holding {name}/ or --{name} RUN"
-            raise UserError(f"no {name} stage: {where}" + ("" if name != "fine" else " (or generate with --coarse-only)"))
-        runs[name] = path
-    tokenizer = Path(model) / "tokenizer" if model is not None and (Path(model) / "tokenizer").is_dir() else None
-    say = _Say(to_stdout)
+    return command_runs(model, semantic, coarse, fine, request.coarse_only)
 
-    t0 = time.perf_counter()
-    lm = MusicLM.from_runs(runs["semantic"], runs["coarse"], runs["fine"], tokenizer=tokenizer, device=device, precision=precision)
-    load_s = time.perf_counter() - t0
-    kw = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, prompt_audio=prompt_audio, every=every, coarse_only=coarse_only, style_audio=style_audio)
-    text = None if style_audio is not None else prompts
-    samples = lm.stages["coarse"].layout.frames_of("acoustic", seconds) * lm.hop
+
+def generate_and_write(lm: MusicLM, request: SamplingRequest, output: Output) -> tuple[Generation, list[Path]]:
+    """Run ``request`` with a progress bar and write its kept samples: streamed (one sample, each chunk as it
+    is made) or whole; returns the generation and the audio files (none on stdout)."""
+    samples = lm.stages["coarse"].layout.frames_of("acoustic", request.seconds) * lm.hop
     with _ProgressDisplay() as progress:
-        if stream:
-            run = lm.stream(text, seconds, progress=progress, **kw)
-            files = [] if to_stdout else output_paths(out, fmt, 1)[0]
-            with _AudioSink(out, fmt, lm.sample_rate, samples) as sink:
+        if output.stream:
+            run = lm.run(replace(request, num_samples=1, keep=1, use_cache=True), progress=progress, stream=True)  # one sample
+            with _AudioSink(output.out, output.fmt, lm.sample_rate, samples) as sink:
                 for chunk in run:
                     sink(chunk)
-            g = run.generation
-        else:
-            g = lm.generate_with_details(text, seconds, num_samples=num_samples, keep=keep, use_cache=use_cache, progress=progress, **kw)
-            if to_stdout:
-                files = []
-                with _AudioSink(out, fmt, lm.sample_rate, samples) as sink:
-                    sink(g.audio[0])
-            else:
-                from musiclm.pipeline.audio import write_audio
+            return run.generation, ([] if output.to_stdout else output_paths(output.out, output.fmt, 1)[0])
+        run = lm.run(request, progress=progress)
+        for _ in run:
+            pass
+        g = run.generation
+    if output.to_stdout:
+        with _AudioSink(output.out, output.fmt, lm.sample_rate, samples) as sink:
+            sink(g.audio[0])
+        return g, []
+    from musiclm.pipeline.audio import write_audio
 
-                files, _, kind = output_paths(out, fmt, len(g.kept))
-                for path, audio in zip(files, g.audio):
-                    write_audio(path, audio, g.sample_rate, kind)
+    files, _, kind = output_paths(output.out, output.fmt, len(g.kept))
+    for path, audio in zip(files, g.audio):
+        write_audio(path, audio, g.sample_rate, kind)
+    return g, files
 
-    record = {
+
+def sidecar_record(lm: MusicLM, request: SamplingRequest, output: Output, g: Generation, files: list[Path], load_s: float) -> dict:
+    """What the JSON sidecar records: the request, the model, every sample's score, each stage's settings and
+    windows, the prompt audio's part, and the timings."""
+    samples = g.audio.shape[1]
+    return {
         "musiclm": __version__,
         "prompts": g.prompts,
         "every": g.every,
-        "seconds": seconds,
-        "seed": seed,
+        "seconds": request.seconds,
+        "seed": request.seed,
         "num_samples": len(g.scores),
         "keep": len(g.kept),
-        "coarse_only": coarse_only,
-        "use_cache": use_cache,
-        "streamed": stream,
+        "coarse_only": request.coarse_only,
+        "use_cache": request.use_cache,
+        "streamed": output.stream,
         "device": str(lm.device),
         "precision": lm.precision,
         "cuda_graphs": lm.cuda_graphs,
@@ -173,33 +202,37 @@ def run_generate(
         },
         "tokenizer": {"fingerprint": lm.info.fingerprint, "path": str(lm.tokenizer_path) if lm.tokenizer_path else None},
         "prompt_audio": None
-        if prompt_audio is None
+        if request.prompt_audio is None
         else {
-            "path": str(prompt_audio),
+            "path": str(request.prompt_audio),
             "seconds_used": g.prompt_seconds,
             "continues_at": g.continues_at,
             "included_in_output": False,  # the files hold only the new music (see musiclm.generation.model)
         },
         "timings": {"load": load_s, **g.timings},
     }
-    audio_s = samples / g.sample_rate
+
+
+def report(lm: MusicLM, output: Output, g: Generation, files: list[Path], record: dict, say: _Say) -> None:
+    """Write the sidecar (not for stdout), say what was written, run the ``--audit``, and end with one
+    line of timings."""
+    audio_s = g.audio.shape[1] / g.sample_rate
     work_s = sum(v for k, v in g.timings.items() if k != "first_audio")
     stage_times = ", ".join(f"{k} {v:.1f} s" for k, v in g.timings.items() if k != "first_audio")
-    if to_stdout:
+    if output.to_stdout:
         say(f"wrote {audio_s:.2f} s at {g.sample_rate} Hz to stdout (CLAP score {g.scores[0]:.3f})")
     else:
-        _, sidecar, _ = output_paths(out, fmt, len(g.kept))
+        _, sidecar, _ = output_paths(output.out, output.fmt, len(g.kept))
         sidecar.parent.mkdir(parents=True, exist_ok=True)
         sidecar.write_text(json.dumps(record, indent=2) + "\n")
         for p, i in zip(files, g.kept):
             say(f"wrote {p}  ({audio_s:.2f} s at {g.sample_rate} Hz, CLAP score {g.scores[i]:.3f}, sample {i} of {len(g.scores)})")
-    first = f"; first audio after {g.timings['first_audio']:.1f} s" if stream and "first_audio" in g.timings else ""
-    where = "" if to_stdout else f"settings in {sidecar}; "
+    first = f"; first audio after {g.timings['first_audio']:.1f} s" if output.stream and "first_audio" in g.timings else ""
+    where = "" if output.to_stdout else f"settings in {sidecar}; "
     verdict = ""
-    if audit is not None:
-        verdict = "; " + _audit(files, audit, str(lm.device), record, sidecar, say)
+    if output.audit is not None:
+        verdict = "; " + _audit(files, output.audit, str(lm.device), record, sidecar, say)
     say(f"{where}{stage_times} (real-time factor {work_s / audio_s:.2f}, {lm.precision}{first}){verdict}")
-    return files
 
 
 def _audit(files: list[Path], data: str | Path, device: str, record: dict, sidecar: Path, say: _Say) -> str:
