@@ -29,6 +29,7 @@ install: $(VENV)/.installed system-deps
 
 # Two workers; the tests that start Ray run in one xdist group, one at a time (tests/conftest.py).
 test: install
+	$(VENV)/bin/lint-imports  # the layers of .importlinter (docs/architecture.md): no layer break, no circle
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: install
