@@ -20,11 +20,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from musiclm.errors import UserError
-from musiclm.generation.loading import command_runs
 from musiclm.generation.model import MusicLM
 from musiclm.generation.request import SamplingRequest, check_prompt_audio, check_request, conditioning_prompts
 from musiclm.generation.run import Generation, Progress
 from musiclm.generation.stages import temperatures
+from musiclm.hub.model_folder import chosen_stages, own_tokenizer
 from musiclm.version import __version__
 
 FORMATS = ("wav", "flac")
@@ -138,7 +138,8 @@ def find_stages(
         model = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
     elif revision is not None:
         raise UserError("--revision pins a hub model: give it with --model OWNER/NAME")
-    return command_runs(model, semantic, coarse, fine, request.coarse_only)
+    runs = chosen_stages(model, {"semantic": semantic, "coarse": coarse, "fine": fine}, request.coarse_only)
+    return runs, (own_tokenizer(Path(model)) if model is not None else None)
 
 
 def generate_and_write(lm: MusicLM, request: SamplingRequest, output: Output) -> tuple[Generation, list[Path]]:

@@ -57,7 +57,8 @@ import torch
 
 from musiclm.errors import UserError
 from musiclm.generation.decode import ChunkDecoder
-from musiclm.generation.loading import check_stages, find_tokenizer, load_stages, model_folder_runs
+from musiclm.generation.loading import check_stages, load_stages
+from musiclm.hub.model_folder import find_tokenizer, own_tokenizer, stage_folders
 from musiclm.generation.request import SamplingRequest, check_clap_tokens, check_prompt_audio
 from musiclm.generation.run import Generation, GenerationRun, Progress
 from musiclm.generation.stages import Stage
@@ -155,8 +156,8 @@ class MusicLM:
         from musiclm.hub.pull import resolve_model
 
         folder = resolve_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        runs, tok = model_folder_runs(folder)
-        return cls.from_runs(runs["semantic"], runs["coarse"], runs.get("fine"), tokenizer=tok, device=device, precision=precision, cuda_graphs=cuda_graphs)
+        runs = stage_folders(folder)
+        return cls.from_runs(runs["semantic"], runs["coarse"], runs.get("fine"), tokenizer=own_tokenizer(folder), device=device, precision=precision, cuda_graphs=cuda_graphs)
 
     @property
     def sample_rate(self) -> int:
