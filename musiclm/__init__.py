@@ -2,6 +2,8 @@
 
 ``from musiclm import MusicLM`` loads the generation code (torch, transformers) on first use only,
 so ``import musiclm`` stays cheap for the command line.
+
+Layer: top.
 """
 
 from __future__ import annotations

@@ -1,3 +1,8 @@
+"""``python -m musiclm``: the command line.
+
+Layer: top.
+"""
+
 from musiclm.cli import main
 
 main()

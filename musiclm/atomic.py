@@ -5,6 +5,8 @@ Everything is written under a temporary name beside its destination
 globs and out of Parquet dataset reads), flushed to disk, and renamed into
 place. A rename within one folder is atomic, so the destination is either the
 old file or the whole new one.
+
+Layer: base.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Bad input raises :class:`~musiclm.errors.UserError` somewhere below; :func:`main`
 prints it on one line and exits with code 2.
+
+Layer: top.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ a one-line :class:`~musiclm.errors.UserError`.
 
 The ``tokenize`` subtree decides what tokens *mean*; it is written into
 ``tokenizer/tokenizer.json`` and everything downstream reads it from there.
+
+Layer: base.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@
 
 Each step runs the same command a user would type; each is printed first.
 Rerunning resumes: tokenize skips what is done, finished stages are kept.
+
+Layer: top.
 """
 
 from __future__ import annotations

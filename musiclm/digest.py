@@ -1,4 +1,7 @@
-"""File checksums: the sha256 that tokenizer records, checkpoint references and corpus manifests keep."""
+"""File checksums: the sha256 that tokenizer records, checkpoint references and corpus manifests keep.
+
+Layer: base.
+"""
 
 from __future__ import annotations
 

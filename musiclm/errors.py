@@ -1,4 +1,7 @@
-"""The one exception type that reaches the user as a sentence instead of a traceback."""
+"""The one exception type that reaches the user as a sentence instead of a traceback.
+
+Layer: base.
+"""
 
 _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 

@@ -5,7 +5,7 @@ arrays and backbones, checkpoint weights and optimizer state) has a
 :class:`FileRecord`: its size in bytes and its sha256. Records live in small JSON
 *record files* (:func:`write_records` / :func:`read_records`) beside what they
 describe; which record file holds which files is the business of the folder's
-own module (shards/writer.py, pipeline/tokenizer.py, training/checkpoint.py).
+own module (shards/records.py, pipeline/tokenizer.py, training/checkpoint.py).
 
 Two depths of check:
 
@@ -22,6 +22,8 @@ it for every record file, :func:`read_record_file` when reading one).
 
 A damaged file reaches the user as :class:`DamagedFile`, a :class:`UserError`:
 one line naming the file, what is wrong and what to do, exit code 2.
+
+Layer: base.
 """
 
 from __future__ import annotations

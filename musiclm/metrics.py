@@ -16,6 +16,8 @@ a few threads decode and resample the next files while the backbone runs, and
 the windows go through it ``batch_windows`` at a time. Each window's embedding
 does not depend on its batch (no layer mixes the rows of a batch), so the FAD
 equals the file-by-file one (:func:`embed_file`) up to float rounding.
+
+Layer: metrics.
 """
 
 from __future__ import annotations

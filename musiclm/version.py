@@ -1,4 +1,7 @@
-"""The installed version of musiclm, read from the package metadata (recorded in sidecars and run folders)."""
+"""The installed version of musiclm, read from the package metadata (recorded in sidecars and run folders).
+
+Layer: base.
+"""
 
 from __future__ import annotations
 

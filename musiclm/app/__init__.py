@@ -15,7 +15,7 @@ gradio is an optional dependency (``pip install 'musiclm[app]'``), imported only
 - :mod:`musiclm.app.picture`: a sample's waveform and spectrogram as a PNG.
 - :mod:`musiclm.app.page`: the gradio page and its generate and cancel events.
 
-Layer: app (imports the generation layer; imported only by the command line).
+Layer: app (imports the generation layer and ``models.precision``; imported only by the command line).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""A picture of one generated sample: its waveform over its spectrogram, as a small PNG."""
+"""A picture of one generated sample: its waveform over its spectrogram, as a small PNG.
+
+Layer: app.
+"""
 
 from __future__ import annotations
 

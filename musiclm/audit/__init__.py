@@ -33,5 +33,5 @@ audio whose tokens are not stable under re-encoding (noise, e.g. rain, in the
 The command (:func:`~musiclm.commands.audit.audit`, :func:`~musiclm.commands.audit.run_audit`) is in
 :mod:`musiclm.commands.audit`.
 
-Layer: audit (imports only the layers below it: base, shards, pipeline, training; never commands).
+Layer: audit (imports the base layer, shards and the pipeline's audio reader; never commands or generation).
 """

@@ -33,6 +33,8 @@ stored tokens instead (phase 0; the CLAP window stored nearest the excerpt).
 Those copies are exact, so the copied side is optimistic; ``calibration.from``
 says which was used. Calibration runs when the index is built or extended and
 is stored in ``audit/index.json``.
+
+Layer: audit.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ The index keeps a *winnowed* subset (Schleimer et al., 2003): the smallest
 hash of every ``w`` consecutive n-grams, which keeps about ``2 / (w + 1)``
 of them and guarantees one per window. A query keeps all of its n-grams, so
 every indexed n-gram inside a copied stretch is found.
+
+Layer: audit.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ Scores per source file:
 The offset is ``source time - generated time`` in seconds, from the diagonal
 and the phase: where in the source file the generated file's first second
 would be. It is exact to a frame (20 ms at 50 Hz) when tokens agree.
+
+Layer: audit.
 """
 
 from __future__ import annotations

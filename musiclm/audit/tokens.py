@@ -7,6 +7,8 @@ phases: phase ``k`` drops the first ``k / phases`` of a frame. A copy that
 starts at an arbitrary time (1.37 s, not a multiple of 20 ms) then has one
 phase whose frames fall within ``1 / (2 phases)`` of a frame of the corpus's,
 and that phase's tokens agree with the stored ones as well as the audio allows.
+
+Layer: audit.
 """
 
 from __future__ import annotations

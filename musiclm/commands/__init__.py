@@ -1,1 +1,4 @@
-"""Command glue: what each `musiclm` command does between its arguments and the library. Layer: commands."""
+"""Command glue: what each `musiclm` command does between its arguments and the library.
+
+Layer: commands.
+"""

@@ -8,7 +8,8 @@ with ``--out -`` for a player to read from a pipe; all messages then go to stder
 :func:`run_generate` reads top to bottom: check, find the stages, load, generate
 and write the audio, then the sidecar and the summary (and an ``--audit``).
 
-Layer: commands (imports the generation layer, and the audit for ``--audit``).
+Layer: commands (imports the generation layer, ``hub.model_folder``, and lazily ``models.precision``, ``pipeline.audio`` and
+:mod:`musiclm.commands.audit` for ``--audit``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def run_generate(
 
     The command conditions on text prompts or a style audio. Stage run folders come from
     ``--semantic/--coarse/--fine``, else ``model``/<stage>; ``model`` may be a hub repo id (pulled at
-    ``revision``, see :func:`musiclm.hub.resolve_model`). Every argument is checked before a model is loaded.
+    ``revision``, see :func:`musiclm.hub.pull.resolve_model`). Every argument is checked before a model is loaded.
     """
     check_arguments(request, output, precision)
     runs, tokenizer = find_stages(request, model, semantic, coarse, fine, revision, trust_remote_code)

@@ -10,7 +10,7 @@ The folder is one of
 - a tokenizer folder (``tokenizer.json``): quantizer arrays and saved backbones
   (:func:`musiclm.shards.tokenizer_folder.expected_files`);
 - a run folder (``run.json``): checkpoints, run files and its tokenizer copy
-  (:func:`musiclm.training.checkpoint.expected_files`);
+  (:func:`musiclm.training.run_folder.expected_files`);
 - a model folder holding ``semantic/``, ``coarse/``, ``fine/`` runs (and maybe ``tokenizer/``).
 
 Each hook returns ``{path relative to its folder: (FileRecord or None, advice)}``;
@@ -23,7 +23,7 @@ parallel threads (hashlib lets go of the GIL), with a progress bar on a
 terminal; each record file is read once. The exit code is 0 only when nothing
 is damaged, missing, unrecorded or unexpected.
 
-Layer: commands (imports the base layer and, lazily, the expected-files hooks of shards, pipeline, training,
+Layer: commands (imports the base layer and, lazily, the expected-files hooks of shards, training,
 hub and audit).
 """
 

@@ -24,6 +24,8 @@ Cost: each chunk decodes ``context + chunk + overlap`` frames, ``(context + chun
 times the frames of one whole decode (1.6x at the defaults). Time grows less than that: on one CPU
 thread, 10 s of codes through Encodec 24 kHz's architecture (random weights) took 0.93 s whole and
 1.02 s chunked at the defaults (1.42 s with a 1 s context), as short decodes run faster per frame.
+
+Layer: generation.
 """
 
 from __future__ import annotations

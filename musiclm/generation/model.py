@@ -43,7 +43,7 @@ default) and, on a GPU, on single-token steps captured as CUDA graphs
 
 Where the stages and the tokenizer are found is :mod:`musiclm.generation.loading`.
 
-Layer: generation (imports the models, pipeline, training, metrics and hub layers).
+Layer: generation (imports the models, pipeline, metrics and hub layers, and training through :mod:`musiclm.generation.loading`).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class MusicLM:
         trust_remote_code: bool = False,
     ) -> MusicLM:
         """A local model folder, or a hub repo id ``owner/name`` pulled at ``revision`` (a branch, tag or commit
-        sha; None: main) through the Hugging Face cache (:func:`musiclm.hub.resolve_model`). The folder holds
+        sha; None: main) through the Hugging Face cache (:func:`musiclm.hub.pull.resolve_model`). The folder holds
         the run folders semantic/, coarse/ and fine/ (fine may be missing for coarse-only use) and optionally
         tokenizer/. A pulled tokenizer that would run remote code needs ``trust_remote_code=True``."""
         from musiclm.hub.pull import resolve_model

@@ -15,6 +15,8 @@ as running each stage over the whole timeline.
 fixed-shape steps of :mod:`musiclm.models.static_sampling`, captured as CUDA
 graphs when ``capture`` is set; otherwise on
 :func:`~musiclm.models.sampling.sample_target`. Both give the same tokens.
+
+Layer: generation.
 """
 
 from __future__ import annotations

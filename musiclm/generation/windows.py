@@ -22,6 +22,8 @@ whose start lies in [i*E, (i+1)*E) seconds of the output is conditioned on p_i
 (the last prompt holds to the end; a window that starts inside a continued
 prompt audio uses p_0). Windows overlap, so the music stays continuous where the
 prompt changes.
+
+Layer: generation.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Share trained models through the Hugging Face Hub: push the three stages, pull them back by repo id, and
 the model card that says what they are, what they learnt from and under which licences.
 
-Layer: hub (imports the base layer, shards, pipeline and training; never generation, audit, app or commands).
+Layer: hub (imports the base layer, shards and training; never generation, audit, app or commands).
 
 A pushed model is one commit of a model repo::
 

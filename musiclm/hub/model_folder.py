@@ -1,6 +1,6 @@
 """A model folder: the stage run folders of one model and the tokenizer they were trained with, found by fingerprint.
 
-Layer: hub (imports the base layer, ``shards.format``, ``pipeline.tokenizer``'s folder reads, and
+Layer: hub (imports the base layer, ``shards.format``, ``shards.tokenizer_folder``'s folder reads, and
 ``training``'s checkpoint names and run file).
 
 ::
@@ -72,7 +72,7 @@ def own_tokenizer(folder: Path) -> Path | None:
 
 
 def stage_source(run: str | Path) -> Path:
-    """What :func:`~musiclm.training.trainer.load_stage` should read for the stage folder ``run``: the folder
+    """What :func:`~musiclm.training.run_folder.load_stage` should read for the stage folder ``run``: the folder
     itself when it has a complete checkpoint (a training run), else the checkpoint its ``checkpoints/latest``
     names when that holds the weights (a pushed or pulled model, which has no ``state.pt``)."""
     from musiclm.training.checkpoint import CHECKPOINTS, LATEST, WEIGHTS, list_checkpoints

@@ -1,7 +1,7 @@
 """Push a model folder to the Hugging Face Hub: each stage's newest weights, its run files, the tokenizer and the
 model card, as one commit (the repo's layout is in :mod:`musiclm.hub`).
 
-Layer: hub (imports the base layer, ``pipeline.tokenizer``'s folder check and ``training.checkpoint``).
+Layer: hub (imports the base layer, ``shards.tokenizer_folder``'s folder check and ``training.checkpoint``).
 
 A push refuses damaged weights or a damaged tokenizer (every file hashed against its record).
 """

@@ -14,6 +14,8 @@ be 0); the pipeline's tokenizer fit learns them on encoder outputs, as Encodec
 itself initialises them from data (``fit_encodec_codebooks`` in the pipeline's
 quantizers module), and :func:`set_encodec_codebooks` installs them here. Models
 never import the pipeline.
+
+Layer: models.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ a window's embedding depends neither on chance nor on its batch.
 Each window is transformed on its own (a loop over the batch): its features are
 bit-identical whatever else is in the batch, and on a CPU one window's frames
 stay in cache, which is faster than one batched STFT.
+
+Layer: models.
 """
 
 from __future__ import annotations

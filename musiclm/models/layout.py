@@ -39,6 +39,8 @@ the output head predicts only the target stream, one codebook at a time.
 A window is a dict of arrays cut from a :class:`~musiclm.shards.format.TokenSample`:
 ``{"clap": [L], "semantic": [T_s], "acoustic": [Q, T_a]}`` with only the
 streams the layout uses.
+
+Layer: models.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ keep a row of large weights from coarsening the others.
 
 int8 runs on the CPU only (torch's quantized kernels have no CUDA backend):
 on other devices it is refused.
+
+Layer: models.
 """
 
 from __future__ import annotations

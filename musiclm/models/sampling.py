@@ -20,6 +20,8 @@ Random numbers: a call draws all its noise up front from its generator
 does not depend on how the steps run: the fixed-shape steps of
 :mod:`musiclm.models.static_sampling` (captured as CUDA graphs) read the same
 rows and sample the same tokens.
+
+Layer: models.
 """
 
 from __future__ import annotations

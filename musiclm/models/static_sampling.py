@@ -26,6 +26,8 @@ fixed size and fixed settings; batched samples share it.
 
 Without ``capture`` (any device) the same step runs eagerly: that is how the CPU
 tests check the fixed-shape step against :func:`~musiclm.models.sampling.sample_target`.
+
+Layer: models.
 """
 
 from __future__ import annotations

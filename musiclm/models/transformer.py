@@ -9,6 +9,8 @@ logits over the whole vocabulary or over all target levels at once.
 
 Shapes: B batch, N new positions, L positions in the cache after the call,
 H heads, D head width, d model width, K codebook size.
+
+Layer: models.
 """
 
 from __future__ import annotations

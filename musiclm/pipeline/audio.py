@@ -33,6 +33,8 @@ Facts about libsndfile 1.2 that shape this module (measured, see tests):
   boundary decodes without a word from libsndfile. FLAC has no end-of-stream
   mark and its header's count is exact, so fewer frames than it promises is
   always truncation.
+
+Layer: pipeline.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ centroid arrays, so training and generation never import faiss.
 - Encodec (random backbones only): the same residual fit on encoder outputs
   (:func:`fit_encodec_codebooks`; ``musiclm.models.backbones.set_encodec_codebooks``
   installs the result in the model).
+
+Layer: pipeline.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ noise, so they do not depend on the sample rate.
 encodings, rates and channel counts; :func:`corpus_plan` says what it writes
 (so tests can re-render a file's source). :func:`make_bad_files` writes files
 that must fail to decode.
+
+Layer: pipeline.
 """
 
 from __future__ import annotations

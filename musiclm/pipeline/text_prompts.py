@@ -4,6 +4,8 @@ Text prompts meet the CLAP codebooks only at generation time, and CLAP's text em
 do not fall exactly where its audio embeddings do. Fitting reports how well the codebooks
 (fitted on audio) reconstruct these descriptions' text embeddings, so that the gap is
 measured, not assumed.
+
+Layer: pipeline.
 """
 
 MUSIC_DESCRIPTIONS: tuple[str, ...] = (

@@ -20,7 +20,7 @@ run cleanly (finished shards kept, lock released, one line); so does a stall, na
 pending (:mod:`musiclm.pipeline.batch_runner`).
 
 Resume: finished shards and errors files name the files that are done
-(:func:`~musiclm.shards.writer.done_files`); shards close only between batches, so a batch is
+(:func:`~musiclm.shards.read.done_files`); shards close only between batches, so a batch is
 either all done or not started, and a rerun of the same command runs the same batches that are
 left, which give the same tokens. A lock file keeps a second run out of the same folder. Damaged
 files are repaired first (:mod:`musiclm.pipeline.repair`).

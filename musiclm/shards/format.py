@@ -22,6 +22,8 @@ member             dtype      shape       meaning
 
 Keys are a stable hash of the file's path relative to the corpus root plus the
 segment index, so a rerun produces the same keys and resume can skip them.
+
+Layer: shards.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ so quantizing and CUDA graphs see an ordinary model.
 
 peft is imported only where adapters are made or merged: it imports transformers,
 which plain training does not need.
+
+Layer: training.
 """
 
 from __future__ import annotations

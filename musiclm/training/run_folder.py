@@ -16,9 +16,8 @@ adapter (``lora``); :func:`load_stage` returns such a run's base with the
 adapter merged, so an adapter run stands wherever a stage run does.
 
 Layer: training (imports the base layer, musiclm.shards, musiclm.models, and
-training.checkpoint, training.logs, training.lora). One import still breaks the
-layer: :func:`run_files` reads the tokenizer copy's file list from
-``pipeline.tokenizer.expected_files``, until that name moves to musiclm.shards.
+training.checkpoint, training.logs, training.lora; the tokenizer copy's file list
+from ``shards.tokenizer_folder``).
 """
 
 from __future__ import annotations
