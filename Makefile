@@ -27,10 +27,10 @@ system-deps:
 
 install: $(VENV)/.installed system-deps
 
-# Two workers; the tests that start Ray run in one xdist group, one at a time (tests/conftest.py).
+# Two workers, whole test modules each; the modules that start Ray run together on one (tests/conftest.py).
 test: install
 	$(VENV)/bin/lint-imports  # the layers of .importlinter (docs/architecture.md): no layer break, no circle
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

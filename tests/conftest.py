@@ -1,14 +1,15 @@
 """Shared fixtures: a synthesised corpus, tokenized once per test run with the tiny preset; and the rules that let
-the suite run on several pytest-xdist workers (``make test``: ``pytest -n 2 --dist loadgroup``).
+the suite run on several pytest-xdist workers (``make test``: ``pytest -n 2``).
 
 Nothing here reaches a model hub: the tiny preset builds every backbone offline,
 and HF_HUB_OFFLINE makes any accidental hub lookup fail fast instead of hanging.
 
-Under xdist:
+Under xdist (:class:`ModuleScheduling`, this suite's own scheduler):
 
-- a test that starts Ray itself (a tokenize run, ``ray.init``) carries the ``ray`` marker; all of them run in
-  one xdist group, on one worker, and each holds a lock shared by the workers, so one Ray cluster runs at a time;
-- every other test runs in the group of its module, so a module's own fixtures are built on one worker only;
+- a test that starts Ray itself (a tokenize run, ``ray.init``) carries the ``ray`` marker and lives in one of
+  :data:`RAY_MODULES`; those modules are one unit of work, sent first, to one worker, so one Ray cluster runs at
+  a time (each ``ray`` test also holds a lock shared by the workers, in case another scheduler is chosen);
+- every other module is a unit of its own, so a module's own fixtures are built on one worker only;
 - the session corpus, its tokenized folder and the trained runs are made once per run, by the first worker to ask
   (the tokenize run under the Ray lock), and read by both (:func:`made_once`).
 """
@@ -59,11 +60,38 @@ def ray_lock(config: pytest.Config):
     return _RAY_LOCK
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+# the test modules holding a test that starts Ray: under xdist they run together, on one worker
+RAY_MODULES = frozenset({"test_finetune", "test_integrity_data", "test_manifest", "test_recipe_small", "test_tokenize", "test_tokenize_runs", "test_wheel"})
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: ``ray`` for the modules of :data:`RAY_MODULES`, else its module."""
+    module = nodeid.split("::", 1)[0]
+    return "ray" if Path(module).stem in RAY_MODULES else module
+
+
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "ray" if item.get_closest_marker("ray") else Path(item.location[0]).stem
-        item.add_marker(pytest.mark.xdist_group(group))
+    stray = [item.nodeid for item in items if item.get_closest_marker("ray") and work_unit(item.nodeid) != "ray"]
+    if stray:
+        raise pytest.UsageError(f"tests marked ray outside tests/conftest.py's RAY_MODULES: {stray}")
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: only called when pytest-xdist runs the suite
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules per worker, the Ray modules as one unit (xdist's ``loadgroup`` is not used: its group marks
+    do not reach the scheduler under pytest 9.2, which no longer lets a plugin rename a test's node id)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if "ray" in self.workqueue:  # the longest unit starts first
+                self.workqueue.move_to_end("ray", last=False)
+            super()._assign_work_unit(node)
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)  # outside pytest-timeout's wrapper: waiting is not running
