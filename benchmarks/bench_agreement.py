@@ -227,7 +227,7 @@ def tiny_tokenizer(work: Path, given: Path | None) -> tuple[Path, Corpus | None]
     except ImportError:
         raise SystemExit("fitting the tiny tokenizer needs Ray (musiclm tokenize): pass --tokenizer DIR fitted elsewhere") from None
     from musiclm.config import load_config
-    from musiclm.pipeline.synth import make_corpus
+    from musiclm.pipeline.synth_corpus import make_corpus
     from musiclm.pipeline.tokenize_job import run_tokenize
 
     corpus = work / "tiny_corpus"

@@ -46,7 +46,7 @@ def finished(run: Path, steps: int) -> bool:
 
 
 def run(out: Path, steps: int, seconds: float) -> None:
-    from musiclm.pipeline.synth import make_bad_files, make_corpus
+    from musiclm.pipeline.synth_corpus import make_bad_files, make_corpus
 
     corpus = out / "corpus"
     if not corpus.exists():

@@ -131,7 +131,7 @@ def make_test_corpus(root: Path, n_files: int = 14, seed: int = 0, bad: bool = T
 
     Returns {"good": relpaths, "bad": relpaths} (POSIX, relative to ``root``).
     """
-    from musiclm.pipeline.synth import make_bad_files, make_corpus
+    from musiclm.pipeline.synth_corpus import make_bad_files, make_corpus
 
     good = [p.relative_to(root).as_posix() for p in make_corpus(root, n_files, seconds=(3.0, 11.0), seed=seed)]
     bad_rel: list[str] = []

@@ -21,7 +21,7 @@ from musiclm.pipeline.audio import (
     resample,
     write_audio,
 )
-from musiclm.pipeline.synth import available_formats, corpus_plan, make_bad_files, make_corpus
+from musiclm.pipeline.synth_corpus import available_formats, corpus_plan, make_bad_files, make_corpus
 
 # Every format this libsndfile build writes, 12 files each: each WAV encoding meets each rate,
 # and every format gets mono and stereo files (see test_synth for the coverage itself).

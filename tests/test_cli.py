@@ -24,7 +24,7 @@ def one_line(err: str) -> str:
 
 
 def audio_folder(tmp_path: Path) -> Path:
-    from musiclm.pipeline.synth import make_corpus
+    from musiclm.pipeline.synth_corpus import make_corpus
 
     root = tmp_path / "music"
     make_corpus(root, 1, seconds=(2.0, 2.0), formats=("wav",), subfolders=False)

@@ -61,7 +61,7 @@ num_workers = 0
 @pytest.fixture(scope="module")
 def recipe(pretrained_standins, tmp_path_factory) -> dict[str, Path]:
     """The corpus tokenized with the full-size small backbones: {"config", "data", "work"}."""
-    from musiclm.pipeline.synth import make_corpus
+    from musiclm.pipeline.synth_corpus import make_corpus
 
     work = tmp_path_factory.mktemp("recipe")
     make_corpus(work / "music", 4, seconds=(20.0, 20.0), seed=3)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musiclm.pipeline import synth
-from musiclm.pipeline.synth import FORMATS, KINDS, available_formats, corpus_plan, make_bad_files, make_corpus, synth_clip
+from musiclm.pipeline import synth_corpus
+from musiclm.pipeline.synth import KINDS, synth_clip
+from musiclm.pipeline.synth_corpus import FORMATS, available_formats, corpus_plan, make_bad_files, make_corpus
 
 SR = 16000
 
@@ -86,7 +87,7 @@ def test_corpus_plan_covers_every_format_rate_encoding_and_channel_count():
 
 def test_corpus_plan_skips_formats_this_build_cannot_write(monkeypatch):
     without_mp3 = {k: v for k, v in sf.available_formats().items() if k != "MP3"}
-    monkeypatch.setattr(synth.sf, "available_formats", lambda: without_mp3)
+    monkeypatch.setattr(synth_corpus.sf, "available_formats", lambda: without_mp3)
     plan = corpus_plan(8, formats=("wav", "mp3", "flac"))
     assert [s.relpath.rsplit(".", 1)[1] for s in plan] == ["wav", "flac"] * 4
     with pytest.raises(ValueError, match="writes none"):

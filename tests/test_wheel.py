@@ -109,7 +109,7 @@ print("\\n".join(sys.path))
 @pytest.mark.slow
 @pytest.mark.ray
 def test_the_installed_wheel_runs_the_tiny_chain_outside_the_checkout(installed, tmp_path):
-    from musiclm.pipeline.synth import make_corpus
+    from musiclm.pipeline.synth_corpus import make_corpus
 
     env_root = installed.parent.parent.resolve()
     (tmp_path / "mine.toml").write_text('base = "small"\n[model]\nn_layers = 3\n')
