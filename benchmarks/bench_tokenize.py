@@ -63,7 +63,7 @@ def small_random_config(clap_codes: int):
 
 
 def write_corpus(root: Path, n: int, seconds: float, seed: int = 0) -> None:
-    from musiclm.pipeline.audio import write_audio
+    from musiclm.pipeline.audio_out import write_audio
     from musiclm.pipeline.synth import KINDS, synth_clip
 
     root.mkdir(parents=True, exist_ok=True)

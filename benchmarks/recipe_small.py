@@ -77,7 +77,7 @@ def cli(*args, log: Path) -> float:
 
 def write_corpus(root: Path, minutes: float, seed: int = 0) -> int:
     """``minutes`` of synthesised music in 60 s wav files at 44.1 kHz; returns the file count."""
-    from musiclm.pipeline.audio import write_audio
+    from musiclm.pipeline.audio_out import write_audio
     from musiclm.pipeline.synth import KINDS, synth_clip
 
     root.mkdir(parents=True, exist_ok=True)

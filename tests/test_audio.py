@@ -19,8 +19,8 @@ from musiclm.pipeline.audio import (
     probe,
     read_mono,
     resample,
-    write_audio,
 )
+from musiclm.pipeline.audio_out import write_audio
 from musiclm.pipeline.synth_corpus import available_formats, corpus_plan, make_bad_files, make_corpus
 
 # Every format this libsndfile build writes, 12 files each: each WAV encoding meets each rate,

@@ -154,7 +154,7 @@ def test_no_prefix_has_pad_ids_unless_the_output_is_shorter_than_the_window(lm, 
     streams fill the prefix; only a stage whose timeline is shorter than its window pads, at the end."""
     prompt_audio = None
     if continued:
-        from musiclm.pipeline.audio import write_audio
+        from musiclm.pipeline.audio_out import write_audio
         from musiclm.pipeline.synth import synth_clip
 
         prompt_audio = tmp_path / "prompt.wav"
@@ -255,7 +255,8 @@ def test_story_mode_conditions_each_window_on_the_prompt_of_its_start(lm, calls)
 
 # ---- continuation ------------------------------------------------------------------------------------------------------
 def test_continuation_streams_start_with_the_prompt_audio_tokens(lm, calls, tmp_path):
-    from musiclm.pipeline.audio import load_for_rates, write_audio
+    from musiclm.pipeline.audio import load_for_rates
+    from musiclm.pipeline.audio_out import write_audio
     from musiclm.pipeline.synth import synth_clip
 
     path = tmp_path / "prompt.wav"
@@ -451,7 +452,7 @@ def test_window_order_does_not_change_the_tokens(lm):
 
 
 def test_stream_continues_prompt_audio_and_story_mode_streams(lm, tmp_path):
-    from musiclm.pipeline.audio import write_audio
+    from musiclm.pipeline.audio_out import write_audio
     from musiclm.pipeline.synth import synth_clip
 
     prompt_audio = tmp_path / "prompt.wav"

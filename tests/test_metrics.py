@@ -84,7 +84,7 @@ def tokenizer(tokenized):
 
 
 def write_folder(root: Path, kinds_seconds: list[tuple[str, float]], seed: int) -> Path:
-    from musiclm.pipeline.audio import write_audio
+    from musiclm.pipeline.audio_out import write_audio
     from musiclm.pipeline.synth import synth_clip
 
     root.mkdir(parents=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musiclm.pipeline.audio import WavStream
+from musiclm.pipeline.audio_out import WavStream
 from tests.conftest import ROOT
 
 HEADER = 44  # bytes of a canonical PCM WAV header
@@ -106,7 +106,7 @@ def test_with_block_checks_the_count_unless_it_raised():
 WRITER = """
 import sys, time
 import numpy as np
-from musiclm.pipeline.audio import WavStream
+from musiclm.pipeline.audio_out import WavStream
 x = (1.2 * np.sin(np.arange(36000) / 7.0)).astype(np.float32)
 stream = WavStream(sys.stdout.buffer, 24000, len(x))
 for at in range(0, len(x), 9000):

@@ -152,7 +152,7 @@ class Page:
     def write(self, req: Request, g: Generation, prompt_audio: str | None) -> dict[str, list[Path]]:
         """The kept samples as WAV files with their pictures, and the request's settings and scores
         as JSON, in a new folder under ``workdir``."""
-        from musiclm.pipeline.audio import write_audio
+        from musiclm.pipeline.audio_out import write_audio
 
         out = self.workdir / f"request-{next(self.requests):04d}"
         out.mkdir(parents=True)

@@ -162,7 +162,7 @@ def generate_and_write(lm: MusicLM, request: SamplingRequest, output: Output) ->
         with _AudioSink(output.out, output.fmt, lm.sample_rate, samples) as sink:
             sink(g.audio[0])
         return g, []
-    from musiclm.pipeline.audio import write_audio
+    from musiclm.pipeline.audio_out import write_audio
 
     files, _, kind = output_paths(output.out, output.fmt, len(g.kept))
     for path, audio in zip(files, g.audio):
@@ -269,7 +269,7 @@ class _AudioSink:
         self.out, self.fmt, self.sample_rate, self.samples = out, fmt, sample_rate, samples
 
     def __enter__(self):
-        from musiclm.pipeline.audio import WavStream
+        from musiclm.pipeline.audio_out import WavStream
 
         if str(self.out) == STDOUT:
             self.writer = WavStream(sys.stdout.buffer, self.sample_rate, self.samples)
