@@ -42,7 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from musiclm.audit.index import INDEX_DIR, INDEX_FILE, INDEX_FORMAT, IndexParams, clap_projection, load_index, open_index, shard_arrays, write_shard
+from musiclm.audit.index import INDEX_DIR, INDEX_FILE, INDEX_FORMAT, load_index, open_index
+from musiclm.audit.shard_files import IndexParams, clap_projection, shard_arrays, write_shard
 from musiclm.audit.search import Query, search
 from musiclm.shards.format import TokenInfo, TokenSample, sample_key, shard_name
 

@@ -18,7 +18,8 @@ import pytest
 import soundfile as sf
 
 from musiclm.audit.calibration import COPIED_QUANTILE, threshold
-from musiclm.audit.index import INDEX_DIR, INDEX_FORMAT, IndexParams, clap_projection, expected_files, load_index, shard_arrays, write_shard
+from musiclm.audit.index import INDEX_DIR, INDEX_FORMAT, expected_files, load_index
+from musiclm.audit.shard_files import IndexParams, clap_projection, shard_arrays, write_shard
 from musiclm.audit.ngrams import ngram_hashes, winnow
 from musiclm.audit.search import Query, search
 from musiclm.cli import main

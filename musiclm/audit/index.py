@@ -21,8 +21,9 @@ whose tar changed, or an index of other parameters or another tokenizer, is
 rebuilt. Every file is written under a temporary name and renamed; index.json
 is renamed last, so a run killed while indexing leaves a usable index.
 
-Reading needs numpy, pyarrow and faiss only: no backbone, no Ray. Shard tars are read with
-:mod:`musiclm.shards.tar`, the one shard-tar reader.
+One shard's files are made and read by :mod:`musiclm.audit.shard_files`. Reading needs numpy, pyarrow
+and faiss only: no backbone, no Ray. Shard tars are read with :mod:`musiclm.shards.tar`, the one
+shard-tar reader.
 
 Layer: audit (imports the base layer and shards).
 """
@@ -32,172 +33,33 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from musiclm import atomic
-from musiclm.audit.ngrams import ngram_hashes, winnow
+from musiclm.audit.shard_files import (
+    SHARD_FILES,
+    IndexParams,
+    ShardIndex,
+    clap_projection,
+    clap_signs,
+    read_shard_samples,
+    save_npy,
+    shard_arrays,
+    tar_stamp,
+    write_shard,
+)
 from musiclm.errors import UserError
 from musiclm.integrity import quick_check
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards
-from musiclm.shards.tar import decode_sample, iter_tar_samples
 
 INDEX_DIR = "audit"
 INDEX_FILE = "index.json"
 INDEX_FORMAT = 2  # 2: one n-gram file per shard
 PROJECTION_FILE = "clap_projection.npy"
-SHARD_FILES = ("ngrams.npy", "clap.npy", "clips.parquet")
-
-CLIP_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("source", pa.string()),  # path relative to the corpus root
-        ("segment", pa.int32()),
-        ("start", pa.float64()),  # seconds into the source file
-        ("duration", pa.float64()),
-        ("frames", pa.int32()),  # semantic frames
-        ("clap_row", pa.int64()),  # first row of the clip's windows in clap.npy
-        ("clap_windows", pa.int32()),
-    ]
-)
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    """What the index files hold; an index built with other values is rebuilt."""
-
-    n: int = 3  # run codes per n-gram
-    winnow: int = 4  # keep the smallest hash of every `winnow` consecutive n-grams
-    clap_bits: int = 256  # SimHash bits per CLAP window
-    seed: int = 0  # of the CLAP projection
-
-
-@dataclass
-class ShardArrays:
-    """The index of one shard, in memory (see the module docstring for shapes)."""
-
-    ngrams: np.ndarray  # [2, M] uint64: sorted hashes; clip << 32 | frame
-    clap_bits: np.ndarray
-    clips: pa.Table
-    count: int  # n-grams before winnowing
-    frames: int  # semantic frames of all clips
-
-
-def clap_projection(dim: int, params: IndexParams) -> np.ndarray:
-    """A random Gaussian projection [B, D] float32 (made once per index and stored with it)."""
-    return np.random.default_rng(params.seed).standard_normal((params.clap_bits, dim)).astype(np.float32)
-
-
-def clap_signs(emb: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    """SimHash codes of embeddings [W, D] → [W, B/8] uint8: which side of each random hyperplane."""
-    return np.packbits(np.asarray(emb, np.float32) @ projection.T > 0, axis=1)
-
-
-def shard_arrays(samples: Iterable[TokenSample], params: IndexParams, projection: np.ndarray) -> ShardArrays:
-    """Index one shard's clips (in tar order): winnowed n-grams sorted by hash, CLAP sign bits, the clip table."""
-    hashes, postings, bits, rows = [], [], [], []
-    count = frames = clap_row = 0
-    for i, s in enumerate(samples):
-        h, f = ngram_hashes(s.semantic, params.n)
-        count += len(h)
-        frames += len(s.semantic)
-        h, f = winnow(h, f, params.winnow)
-        hashes.append(h)
-        postings.append((np.uint64(i) << np.uint64(32)) | f.astype(np.uint64))
-        bits.append(np.asarray(s.clap_emb, np.float32))
-        meta = s.meta
-        rows.append(
-            {
-                "key": s.key,
-                "source": meta.get("source"),
-                "segment": meta.get("segment"),
-                "start": float(meta.get("start") or 0.0),
-                "duration": float(meta.get("duration") or 0.0),
-                "frames": len(s.semantic),
-                "clap_row": clap_row,
-                "clap_windows": len(s.clap_emb),
-            }
-        )
-        clap_row += len(s.clap_emb)
-    h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    p = np.concatenate(postings) if postings else np.zeros(0, np.uint64)
-    order = np.argsort(h, kind="stable")
-    b = clap_signs(np.concatenate(bits), projection) if bits else np.zeros((0, params.clap_bits // 8), np.uint8)  # one product for the shard
-    return ShardArrays(np.stack([h[order], p[order]]), b, pa.Table.from_pylist(rows, schema=CLIP_SCHEMA), count, frames)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = atomic.temp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-    atomic.fsync_replace(tmp, path)
-
-
-def write_shard(folder: Path, name: str, arrays: ShardArrays) -> dict[str, Any]:
-    """Write one shard's index files into ``folder``; returns its entry for index.json."""
-    _save_npy(folder / f"{name}.ngrams.npy", arrays.ngrams)
-    _save_npy(folder / f"{name}.clap.npy", arrays.clap_bits)
-    atomic.write_parquet(arrays.clips, folder / f"{name}.clips.parquet")
-    return {"clips": arrays.clips.num_rows, "entries": arrays.ngrams.shape[1], "ngrams": arrays.count, "frames": arrays.frames, "clap_windows": len(arrays.clap_bits)}
-
-
-def read_shard_samples(path: Path, want: set[int] | None = None) -> Iterator[tuple[int, TokenSample]]:
-    """Clips of one shard tar in order, ``(position, sample)``; only the positions in ``want`` when given
-    (the reading stops after the last of them)."""
-    last = max(want) if want else None
-    with open(path, "rb") as f:
-        try:
-            for pos, key, members in iter_tar_samples(f, want=None if want is None else want.__contains__, where=str(path)):
-                if members is not None:
-                    yield pos, decode_sample(key, members)
-                if last is not None and pos >= last:
-                    return
-        except (ValueError, KeyError) as e:
-            raise UserError(f"cannot read shard {path}: {e}; re-run musiclm tokenize to rewrite it") from None
-
-
-def _tar_stamp(path: Path) -> dict[str, int]:
-    st = path.stat()
-    return {"tar_bytes": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
-
-
-class ShardIndex:
-    """One shard's index files, memory-mapped on first use."""
-
-    def __init__(self, folder: Path, name: str, entry: dict[str, Any], tar: Path | None):
-        self.folder, self.name, self.entry, self.tar = folder, name, entry, tar
-        self.clips = int(entry["clips"])
-        self._maps: dict[str, np.ndarray] = {}
-        self._table: dict[str, np.ndarray] | None = None
-
-    def _map(self, kind: str) -> np.ndarray:
-        if kind not in self._maps:
-            self._maps[kind] = np.load(self.folder / f"{self.name}.{kind}.npy", mmap_mode="r", allow_pickle=False)
-        return self._maps[kind]
-
-    @property
-    def ngrams(self) -> np.ndarray:
-        """[2, M] uint64: sorted hashes; clip << 32 | frame."""
-        return self._map("ngrams")
-
-    @property
-    def clap_bits(self) -> np.ndarray:
-        return self._map("clap")
-
-    @property
-    def table(self) -> dict[str, np.ndarray]:
-        """The clip table as numpy columns (read on first use)."""
-        if self._table is None:
-            t = pq.read_table(self.folder / f"{self.name}.clips.parquet")
-            self._table = {c: t.column(c).to_numpy(zero_copy_only=False) for c in t.column_names}
-        return self._table
-
-
 class AuditIndex:
     """The index of a tokenized corpus: its shards in order, each clip known by a global id
     (its shard's first id + its position in the tar) and each CLAP window by a global row."""
@@ -413,7 +275,7 @@ def open_index(data_dir: str | Path, params: IndexParams | None = None, progress
     if proj_path.is_file() and not record["shards"]:
         proj_path.unlink()
     if quick_check(proj_path, None) is not None:  # missing, or cut short: it is made again from its seed
-        _save_npy(proj_path, clap_projection(info.clap_embed_dim, params))
+        save_npy(proj_path, clap_projection(info.clap_embed_dim, params))
     projection = np.load(proj_path, allow_pickle=False)
 
     by_name = {t.stem: t for t in tars}
@@ -425,13 +287,13 @@ def open_index(data_dir: str | Path, params: IndexParams | None = None, progress
     todo = []
     for name, tar in by_name.items():
         entry = record["shards"].get(name)
-        if entry is not None and {k: entry.get(k) for k in ("tar_bytes", "tar_mtime_ns")} == _tar_stamp(tar) and all(quick_check(folder / f"{name}.{s}", None) is None for s in SHARD_FILES):
+        if entry is not None and {k: entry.get(k) for k in ("tar_bytes", "tar_mtime_ns")} == tar_stamp(tar) and all(quick_check(folder / f"{name}.{s}", None) is None for s in SHARD_FILES):
             reused.append(name)
         else:
             todo.append(name)
     for i, name in enumerate(todo):
         tar = by_name[name]
-        stamp = _tar_stamp(tar)
+        stamp = tar_stamp(tar)
         arrays = shard_arrays((s for _, s in read_shard_samples(tar)), params, projection)
         record["shards"][name] = {**write_shard(folder, name, arrays), **stamp}
         record.pop("calibration", None)
