@@ -49,7 +49,7 @@ from musiclm.commands.stats import summarize
 from musiclm.shards.read import done_files, done_keys, partial_keys
 from musiclm.shards.stats import unigram_entropy
 from musiclm.shards.tar import scan_keys
-from musiclm.training.data import ShardEntry, index_shards
+from musiclm.training.corpus_split import ShardEntry, index_shards
 shards = list_shards(folder)
 done = done_files(folder) if what == "partial_keys" else None  # the driver has it already (it skips those files)
 calls = {

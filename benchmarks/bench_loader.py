@@ -33,7 +33,8 @@ from musiclm.config import STAGES, load_config
 from musiclm.models.layout import layout_for
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_key, shard_name
-from musiclm.training.data import TrainStream, index_shards
+from musiclm.training.corpus_split import index_shards
+from musiclm.training.data import TrainStream
 
 SMALL_INFO = {
     "format": 1,

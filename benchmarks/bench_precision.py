@@ -105,7 +105,8 @@ def speed(args) -> None:
 
 def losses(runs: Path, data: Path) -> None:
     from musiclm.shards.format import TokenInfo
-    from musiclm.training.data import count_labels, split_data, val_batches
+    from musiclm.training.corpus_split import split_data
+    from musiclm.training.data import count_labels, val_batches
     from musiclm.training.run_folder import load_stage
 
     print(f"\nheld-out loss (nats per label) of the trained stages in {runs}, on the trainer's validation windows of {data}")

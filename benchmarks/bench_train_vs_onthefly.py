@@ -54,7 +54,8 @@ def main() -> None:
     from musiclm.pipeline.tokenizer import Tokenizer
     from musiclm.shards.format import TokenInfo, TokenSample, sample_key
     from musiclm.shards.writer import ShardWriter
-    from musiclm.training.data import TrainStream, collate, index_shards
+    from musiclm.training.corpus_split import index_shards
+    from musiclm.training.data import TrainStream, collate
     from musiclm.training.optim import param_groups
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,7 +9,7 @@ shards of 256 written by the project's ShardWriter, so every shard has its recor
 - the tokenize start-up check (:func:`musiclm.shards.repair.check_shards`) on the untouched folder (records
   read once, a quick check of every file, no hashing), and on a folder whose files' times all moved (as
   after a copy that does not keep them: every file is hashed once and its record updated);
-- training start-up (:func:`musiclm.training.data.index_shards`) with the records, and with them moved away.
+- training start-up (:func:`musiclm.training.corpus_split.index_shards`) with the records, and with them moved away.
 
 The files were just written (or read), so they come from the page cache: MB/s is the hashing, not the disk.
 
@@ -35,7 +35,7 @@ from bench_driver_scale import build  # noqa: E402
 from musiclm.shards.format import list_shards  # noqa: E402
 from musiclm.shards.records import RECORDS_DIR  # noqa: E402
 from musiclm.shards.repair import check_shards  # noqa: E402
-from musiclm.training.data import index_shards  # noqa: E402
+from musiclm.training.corpus_split import index_shards  # noqa: E402
 from musiclm.commands.verify import verify_folder  # noqa: E402
 
 

@@ -16,17 +16,8 @@ from musiclm.models.layout import IGNORE, StageLayout, layout_for
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_key
 from musiclm.shards import tar as tar_mod
 from musiclm.shards.tar import decode_sample, iter_tar_samples
-from musiclm.training.data import (
-    ShardEntry,
-    TrainStream,
-    buffer_shuffle,
-    index_shards,
-    local_batches,
-    make_loader,
-    partition_items,
-    split_data,
-    val_batches,
-)
+from musiclm.training.corpus_split import ShardEntry, index_shards, split_data
+from musiclm.training.data import TrainStream, buffer_shuffle, local_batches, make_loader, partition_items, val_batches
 from tests.factories import fake_info_json, fake_sample, fake_shards
 
 CFG = load_config("tiny")

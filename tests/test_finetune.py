@@ -33,7 +33,8 @@ from musiclm.pipeline.synth import synth_clip
 from musiclm.shards.format import TokenInfo
 from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
-from musiclm.training.data import collate, count_labels, split_data, val_batches
+from musiclm.training.corpus_split import split_data
+from musiclm.training.data import collate, count_labels, val_batches
 from musiclm.training.optim import param_groups
 from musiclm.training.run_folder import load_stage
 from musiclm.training.trainer import run_train

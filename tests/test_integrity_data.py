@@ -31,7 +31,7 @@ from musiclm.shards.records import ShardRecord, record_path, shard_files
 from musiclm.shards.repair import check_shards
 from musiclm.shards.stats import shard_keys
 from musiclm.shards.writer import ShardWriter
-from musiclm.training.data import split_data
+from musiclm.training.corpus_split import split_data
 from tests.conftest import ROOT, run_cli
 from tests.factories import Failed, fake_info_json, fake_sample, fake_shards
 

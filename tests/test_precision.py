@@ -19,7 +19,8 @@ from musiclm.models.sampling import sample_target
 from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TokenInfo
 from musiclm.shards.stats import unigram_entropy
-from musiclm.training.data import split_data, val_batches
+from musiclm.training.corpus_split import split_data
+from musiclm.training.data import val_batches
 from musiclm.training.run_folder import load_stage
 from musiclm.training.trainer import run_train
 from tests.factories import fake_info, fake_sample

@@ -41,7 +41,7 @@ from musiclm.shards.read import done_files, done_keys, partial_keys
 from musiclm.shards.stats import CLIP_SCHEMA, shard_keys
 from musiclm.shards.tar import scan_keys
 from musiclm.shards.writer import clean_unfinished
-from musiclm.training.data import ShardEntry, index_shards, split_data
+from musiclm.training.corpus_split import ShardEntry, index_shards, split_data
 from tests.factories import Failed, fake_info_json, fake_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ import pyarrow as pa
 folder, what = Path(sys.argv[1]), sys.argv[2]
 if what == "index":
     from musiclm.shards.format import list_shards
-    from musiclm.training.data import index_shards
+    from musiclm.training.corpus_split import index_shards
     shards = list_shards(folder)
     call = lambda: index_shards(shards)
 elif what == "codes":

@@ -24,7 +24,8 @@ from musiclm.models.transformer import MusicTransformer
 from musiclm.shards.format import TokenInfo
 from musiclm.shards.stats import unigram_entropy
 from musiclm.training import checkpoint as ckpt
-from musiclm.training.data import collate, split_data
+from musiclm.training.corpus_split import split_data
+from musiclm.training.data import collate
 from musiclm.training.optim import LossModule, accumulate_gradients, lr_factor, param_groups
 from musiclm.training.run_folder import load_stage
 from musiclm.training.trainer import run_train

@@ -34,7 +34,8 @@ from musiclm.shards.format import TokenInfo
 from musiclm.shards.manifest import carry_manifest
 from musiclm.training import checkpoint as ckpt
 from musiclm.training import lora
-from musiclm.training.data import DataSplit, TrainStream, count_labels, make_loader, split_data, val_batches
+from musiclm.training.corpus_split import DataSplit, split_data
+from musiclm.training.data import TrainStream, count_labels, make_loader, val_batches
 from musiclm.training.distributed import Dist, all_gather, all_mean, all_sum, end_worker_process, env_rank, setup_distributed, teardown_distributed
 from musiclm.training.logs import DEBUG_KEYS_ENV, Metrics, Progress, log_batch_keys, start_logs
 from musiclm.training.optim import LossModule, accumulate_gradients, autocast, make_optimizer
