@@ -46,6 +46,14 @@ from musiclm.shards.tokenizer_folder import (
 SEEDS = {"clap": 0, "mert": 1, "encodec": 2}
 
 
+def same_length(clips: list[dict[int, np.ndarray]], rate: int) -> list[list[int]]:
+    """The clips' positions grouped by their length at ``rate``, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, clip in enumerate(clips):
+        groups.setdefault(len(clip[rate]), []).append(i)
+    return list(groups.values())
+
+
 class Tokenizer:
     """Backbones + quantizers. ``quantizers`` is None while they are being fitted."""
 
@@ -339,42 +347,6 @@ class Tokenizer:
         """
         out: list[dict[str, np.ndarray] | Exception] = [{} for _ in clips]
 
-        def by_length(rate: int) -> list[list[int]]:
-            groups: dict[int, list[int]] = {}
-            for i, clip in enumerate(clips):
-                groups.setdefault(len(clip[rate]), []).append(i)
-            return list(groups.values())
-
-        def run(name: str, rows: list[int], call) -> list:
-            """``call(rows)`` → one result per row, or the exception of the row that raised it.
-            After CUDA out-of-memory the calls take fewer rows, for the rest of the run."""
-            results: list = []
-            step = min(len(rows), self._max_rows.get(name, len(rows)))
-            while len(results) < len(rows):
-                part = rows[len(results) : len(results) + step]
-                try:
-                    results.extend(call(part))
-                except torch.cuda.OutOfMemoryError as e:
-                    if step == 1:
-                        results.append(e)
-                        continue
-                    if name not in self._max_rows:  # said once per backbone; smaller steps follow silently
-                        self.backoffs.append(f"{name}: CUDA out of memory at {step} rows per call, fewer from now on")
-                    step = max(1, step // 2)
-                    self._max_rows[name] = step
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                except Exception as e:  # noqa: BLE001 - find the row that fails; the others go on
-                    if len(part) == 1:
-                        results.append(e)
-                        continue
-                    for i in part:
-                        try:
-                            results.extend(call([i]))
-                        except Exception as e:  # noqa: BLE001
-                            results.append(e)
-            return results
-
         def merge(rows: list[int], results: list) -> None:
             for i, r in zip(rows, results):
                 if isinstance(r, Exception):
@@ -390,10 +362,10 @@ class Tokenizer:
             codes = self.encode_acoustic(np.stack([clips[i][self.encodec.sample_rate] for i in rows]))
             return [{"acoustic": c.cpu().numpy().astype(np.uint16)} for c in codes]
 
-        for rows in by_length(self.mert.sample_rate):
-            merge(rows, run("MERT", rows, semantic))
-        for rows in by_length(self.encodec.sample_rate):
-            merge(rows, run("Encodec", rows, acoustic))
+        for rows in same_length(clips, self.mert.sample_rate):
+            merge(rows, self._call_in_parts("MERT", rows, semantic))
+        for rows in same_length(clips, self.encodec.sample_rate):
+            merge(rows, self._call_in_parts("Encodec", rows, acoustic))
         windows = [self.clap_windows(clip[self.clap.sample_rate]) for clip in clips]
         owner = np.concatenate([np.full(len(w), i) for i, w in enumerate(windows)])
         flat = [w for ws in windows for w in ws]  # a clip shorter than a window gives one shorter window
@@ -406,7 +378,7 @@ class Tokenizer:
 
         for a in range(0, len(flat), clap_rows):
             rows = list(range(a, min(a + clap_rows, len(flat))))
-            for w, r in zip(rows, run("CLAP", rows, embed)):
+            for w, r in zip(rows, self._call_in_parts("CLAP", rows, embed)):
                 if isinstance(r, Exception):
                     out[int(owner[w])] = r
         codes = self.clap_codes(emb.float().to(self.device)).cpu().numpy().astype(np.uint16)
@@ -415,6 +387,36 @@ class Tokenizer:
                 mine = owner == i
                 out[i].update(clap=codes[mine], clap_emb=emb[mine].numpy())
         return out
+
+    def _call_in_parts(self, name: str, rows: list[int], call) -> list:
+        """``call(rows)`` → one result per row, or the exception of the row that raised it.
+        After CUDA out-of-memory the calls take fewer rows, for the rest of the run."""
+        results: list = []
+        step = min(len(rows), self._max_rows.get(name, len(rows)))
+        while len(results) < len(rows):
+            part = rows[len(results) : len(results) + step]
+            try:
+                results.extend(call(part))
+            except torch.cuda.OutOfMemoryError as e:
+                if step == 1:
+                    results.append(e)
+                    continue
+                if name not in self._max_rows:  # said once per backbone; smaller steps follow silently
+                    self.backoffs.append(f"{name}: CUDA out of memory at {step} rows per call, fewer from now on")
+                step = max(1, step // 2)
+                self._max_rows[name] = step
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001 - find the row that fails; the others go on
+                if len(part) == 1:
+                    results.append(e)
+                    continue
+                for i in part:
+                    try:
+                        results.extend(call([i]))
+                    except Exception as e:  # noqa: BLE001
+                        results.append(e)
+        return results
 
     def fit_features(self, audio: dict[int, np.ndarray], max_frames: int, rng: np.random.Generator, frames: bool = True, chunk: int = 16) -> dict[str, np.ndarray]:
         """Features that quantizers are fitted on, for one clip: CLAP window embeddings at the fit's
