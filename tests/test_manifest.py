@@ -306,3 +306,22 @@ def test_an_ogg_whose_header_promises_more_than_decodes_is_tokenized_with_what_d
     assert rows["overstated.ogg"]["error"] == "" and rows["overstated.ogg"]["seconds"] == pytest.approx(decodable)
     assert rows["overstated.ogg"]["header_seconds"] == pytest.approx(sf.info(root / "overstated.ogg").duration), "the manifest keeps the header's promise"
     assert rows["whole.ogg"]["header_seconds"] is None and read_manifest(out)["header_overstated"] == 1
+
+
+def test_a_rerun_over_the_same_corpus_keeps_the_manifest_and_a_changed_corpus_replaces_it(corpus, tmp_path):
+    """A model trained between two runs carries the manifest of the folder: a rerun that read the same
+    corpus leaves it as it was (its first run's time and command); a changed corpus writes a new one."""
+    facts = facts_of(corpus)
+    first = write_manifest(tmp_path, corpus, facts, command=["first"], console=quiet())
+    summary = json.loads((tmp_path / "manifest.json").read_text())
+    summary["created"] = "2000-01-01T00:00:00Z"  # as if written long ago
+    (tmp_path / "manifest.json").write_text(json.dumps(summary))
+    again = write_manifest(tmp_path, corpus, dict(reversed(list(facts.items()))), command=["again"], console=quiet())
+    assert again == summary and json.loads((tmp_path / "manifest.json").read_text()) == summary
+    assert again["command"] == ["first"] and again["manifest_sha256"] == first["manifest_sha256"]
+
+    (corpus / "album" / "c.mp3").write_bytes(b"ID3 changed")
+    changed = write_manifest(tmp_path, corpus, facts_of(corpus), command=["changed"], console=quiet())
+    assert changed["command"] == ["changed"] and changed["created"] != "2000-01-01T00:00:00Z"
+    assert changed["manifest_sha256"] != first["manifest_sha256"]
+    assert json.loads((tmp_path / "manifest.json").read_text()) == changed

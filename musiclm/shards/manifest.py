@@ -221,6 +221,8 @@ def write_manifest(
 
     ``command`` (default: this process's command line) is recorded with its paths hidden when ``paths`` is
     "hashed". Both files are replaced atomically, the table first: the summary always describes a whole table.
+    When ``out`` already holds a manifest that says the same of the corpus (a rerun), it is kept as it is, with
+    the time and command of the run that wrote it, and returned: a model trained in between still carries it.
     """
     import pyarrow as pa
 
@@ -272,9 +274,32 @@ def write_manifest(
         "table": TABLE_FILE,
         "manifest_sha256": digest,
     }
+    kept = _unchanged(out, summary, rows)
+    if kept is not None:  # a rerun over the same corpus: its manifest stays as the first run wrote it
+        return kept
     atomic.write_parquet(pa.Table.from_pydict(rows, schema=_schema()), out / TABLE_FILE)
     atomic.write_text(out / MANIFEST_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
+
+
+RUN_FACTS = ("created", "command")  # what a manifest says of the run that wrote it, not of the corpus
+
+
+def _unchanged(out: Path, summary: dict[str, Any], rows: dict[str, list]) -> dict[str, Any] | None:
+    """The manifest already in ``out`` when it says what ``summary`` and ``rows`` say, :data:`RUN_FACTS`
+    aside; else None (none there, unreadable, or another corpus)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        old = json.loads((out / MANIFEST_FILE).read_text())
+        table = pq.read_table(out / TABLE_FILE)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    corpus = {k: v for k, v in summary.items() if k not in RUN_FACTS}
+    if not isinstance(old, dict) or {k: v for k, v in old.items() if k not in RUN_FACTS} != corpus:
+        return None
+    return old if table.to_pydict() == rows else None
 
 
 def _version() -> str:
