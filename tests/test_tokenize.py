@@ -22,6 +22,7 @@ from musiclm.pipeline.audio import load_for_rates, plan_segments, probe
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_key
 from tests.conftest import ROOT, make_test_corpus, run_cli
 from tests.factories import torch_threads
+from tests.ray_head import ray_head
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]  # tests/conftest.py: each starts Ray (tokenize runs), one at a time
 
@@ -313,33 +314,13 @@ def test_killed_run_resumes_without_loss_or_duplication(tokenized, tmp_path):
 
 def test_joins_an_existing_ray_cluster_with_address(tokenized, tmp_path):
     """--address joins a cluster started with `ray start --head` (the output folder is shared: one machine)."""
-    import socket
-
     out0, _ = tokenized
     root = tmp_path / "corpus"
     files = make_test_corpus(root, n_files=3, seed=11, bad=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray_cli = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen(
-        [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        t0 = time.time()
-        while True:  # wait for the head's GCS port
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert head.poll() is None and time.time() - t0 < 60, "ray start --head did not come up"
-            time.sleep(0.5)
-        out = tmp_path / "tokens"
-        proc = run_cli("tokenize", root, "--out", out, "--tokenizer", out0 / "tokenizer", "--address", f"127.0.0.1:{port}")
+    out = tmp_path / "tokens"
+    with ray_head(num_cpus=2) as address:
+        proc = run_cli("tokenize", root, "--out", out, "--tokenizer", out0 / "tokenizer", "--address", address)
         assert proc.returncode == 0, proc.stderr
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
     seg = json.loads((out / "tokenizer" / "tokenizer.json").read_text())["config"]["audio"]["segment_seconds"]
     assert {s.key for s in read_samples(out)} == expected_keys(root, files["good"], seg)
 

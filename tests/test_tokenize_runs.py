@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from musiclm.pipeline.decode_stage import TEST_FAULT_ENV
 from musiclm.pipeline.tokenize_job import LOCK_FILE
 from musiclm.shards.format import list_shards
 from tests.conftest import ROOT, make_test_corpus
+from tests.ray_head import ray_head
 
 pytestmark = pytest.mark.ray  # tests/conftest.py: each starts Ray (tokenize runs), one at a time
 
@@ -216,35 +218,11 @@ def test_a_decode_task_that_never_returns_is_named_and_a_rerun_completes(tokeniz
 
 
 @pytest.fixture()
-def stand_in(tmp_path):
+def stand_in():
     """A Ray cluster of 8 CPUs on this machine (``ray start --head``) whose workers decode with a fault; yields
     a function that starts it with the given fault and returns its address."""
-    import socket
-
-    heads = []
-
-    def start(fault: str) -> str:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ray_cli = Path(sys.executable).with_name("ray")
-        env = {**os.environ, TEST_FAULT_ENV: fault}
-        head = subprocess.Popen(
-            [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=8", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
-        )  # fmt: skip
-        heads.append(head)
-        while True:  # wait for the head's GCS port
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return f"127.0.0.1:{port}"
-            assert head.poll() is None, "ray start --head did not come up"
-            time.sleep(0.5)
-
-    yield start
-    for head in heads:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+    with ExitStack() as stack:
+        yield lambda fault: stack.enter_context(ray_head(num_cpus=8, env={TEST_FAULT_ENV: fault}))
 
 
 def keys(out: Path) -> list[tuple[str, list[str]]]:
