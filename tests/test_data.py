@@ -15,7 +15,7 @@ from musiclm.errors import UserError
 from musiclm.models.layout import IGNORE, StageLayout, layout_for
 from musiclm.shards.format import TokenInfo, TokenSample, list_shards, sample_key
 from musiclm.shards import tar as tar_mod
-from musiclm.shards.tar import decode_sample, iter_tar_samples
+from musiclm.shards.tar import decode_sample, iter_tar_samples, read_tar_samples
 from musiclm.training.corpus_split import ShardEntry, index_shards, split_data
 from musiclm.training.data import TrainStream, buffer_shuffle, local_batches, make_loader, partition_items, val_batches
 from tests.factories import fake_info_json, fake_sample, fake_shards
@@ -94,6 +94,25 @@ def test_reader_skips_clips_it_does_not_want(corpus):
     assert [p for p, _, _ in got] == list(range(SHARD_SIZE))
     assert all((m is None) == (p % 3 != 0) for p, _, m in got)
     assert all(m is None or set(m) == {"semantic.npy", "acoustic.npy", "clap.npy", "clap_emb.npy", "json"} for _, _, m in got)
+
+
+def test_a_whole_read_checks_every_tar_header_against_its_checksum(corpus, tmp_path):
+    """The repairs read a shard whole with its headers checked (as tarfile did for them): one byte of a member
+    name changed, size and layout intact, is caught there; the loader's fast reads do not check headers."""
+    folder, _, _ = corpus
+    path = list_shards(folder)[0]
+    data = bytearray(path.read_bytes())
+    assert len(read_tar_samples(path)) == SHARD_SIZE
+    damaged = tmp_path / path.name
+    at = 1024 * 3  # some header past the first member: its name's first byte
+    while data[at + 257 : at + 262] != b"ustar" or data[at + 156 : at + 157] not in (b"0", b"\0"):
+        at += 512
+    data[at] = ord("z") if data[at] != ord("z") else ord("y")
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        read_tar_samples(damaged)
+    with open(damaged, "rb") as f:
+        assert len(list(iter_tar_samples(f))) >= SHARD_SIZE  # the renamed member starts a clip of its own
 
 
 def test_a_truncated_shard_is_a_user_error(corpus, tmp_path):

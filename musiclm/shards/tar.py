@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -43,6 +44,17 @@ def _octal(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
+def header_checksum_ok(hdr: bytes) -> bool:
+    """Whether a 512-byte tar header matches its checksum field: the sum of its bytes with that field read as
+    spaces, unsigned (as written) or signed (as some old tars have it), as ``tarfile`` checks it."""
+    try:
+        stored = _octal(hdr[148:156])
+    except ValueError:
+        return False
+    rest = hdr[:148] + b" " * 8 + hdr[156:512]
+    return stored in (sum(rest), sum(struct.unpack("148b8x356b", hdr[:512])) + 256)
+
+
 def _pax(data: bytes) -> dict[str, str]:
     """Records ``"LEN key=value\\n"`` of a pax extended header."""
     out, i = {}, 0
@@ -56,7 +68,7 @@ def _pax(data: bytes) -> dict[str, str]:
 
 
 def iter_tar_samples(
-    f: BinaryIO, want: Callable[[int], bool] | None = None, where: str = "shard"
+    f: BinaryIO, want: Callable[[int], bool] | None = None, where: str = "shard", check_headers: bool = False
 ) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
     """Clips of a WebDataset tar stream, in file order: ``(position, key, members)``.
 
@@ -64,6 +76,8 @@ def iter_tar_samples(
     bytes; it is ``None`` for clips that ``want(position)`` rejects, whose data is
     skipped with ``seek`` instead of read. Members are grouped into clips the way
     webdataset does it (key = the name up to the first dot of its last component).
+    ``check_headers``: every header is checked against its checksum (the repairs' whole reads; the training
+    loader leaves it to the records' sizes and ``musiclm verify``).
     """
     pos, key, members = -1, None, None
     pax: dict[str, str] = {}
@@ -76,6 +90,8 @@ def iter_tar_samples(
             break
         if hdr[257:262] != b"ustar":
             raise ValueError(f"{where}: not a tar file (no ustar header)")
+        if check_headers and not header_checksum_ok(hdr):
+            raise ValueError(f"{where}: a tar header does not match its checksum (at byte {f.tell() - _BLOCK})")
         kind = hdr[156:157]
         size = int(pax["size"]) if "size" in pax else _octal(hdr[124:136])
         padded = (size + _BLOCK - 1) // _BLOCK * _BLOCK
@@ -193,11 +209,12 @@ def decode_sample(key: str, members: dict[str, bytes]) -> TokenSample:
 
 
 def read_tar_samples(path: str | Path) -> list[TokenSample]:
-    """Every clip of a shard tar, in tar order, every member parsed (``.npy`` headers against their data);
+    """Every clip of a shard tar, in tar order, every header against its checksum and every member parsed
+    (``.npy`` headers against their data);
     ValueError, KeyError or TypeError when the tar does not read whole (OSError when it cannot be opened)."""
     samples = []
     with open(path, "rb") as f:
-        for _, key, members in iter_tar_samples(f, where=str(path)):
+        for _, key, members in iter_tar_samples(f, where=str(path), check_headers=True):
             if "json" not in members:
                 raise ValueError(f"{path}: clip {key} has no json member")
             samples.append(decode_members(key, members))
