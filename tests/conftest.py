@@ -186,6 +186,17 @@ def tokenized(audio_corpus, pytestconfig, tmp_path_factory) -> tuple[Path, subpr
     return folder / "dir", subprocess.CompletedProcess(proc["args"], 0, proc["stdout"], proc["stderr"])
 
 
+@pytest.fixture(scope="module")
+def small_recipe(pretrained_standins, pytestconfig, tmp_path_factory) -> dict:
+    """The `small` recipe's corpus tokenized at full size (tests/small_recipe.py), once per run:
+    {"config", "data", "work", "log"}."""
+    from tests.small_recipe import make_recipe, recipe_paths
+
+    with ray_lock(pytestconfig):  # taken before made_once's own lock, as a ray test (holding it) may ask for this
+        work = made_once(pytestconfig, tmp_path_factory, "recipe_small", lambda folder: make_recipe(folder, pretrained_standins))
+    return recipe_paths(work)
+
+
 @pytest.fixture(scope="session")
 def trained_runs(tokenized, pytestconfig, tmp_path_factory) -> Path:
     """semantic/, coarse/ and fine/ runs trained for 4 steps each on the session corpus, on one thread (their
