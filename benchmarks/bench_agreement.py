@@ -239,17 +239,17 @@ def tiny_tokenizer(work: Path, given: Path | None) -> tuple[Path, Corpus | None]
 
 def fit_in_process(tok, clips: list[dict[int, np.ndarray]]) -> None:
     """Fit ``tok``'s quantizers (and random Encodec codebooks) on ``clips``, as the job's fit does, without Ray."""
-    from musiclm.models.backbones import set_encodec_codebooks
+    from musiclm.models.codec import set_encodec_codebooks
     from musiclm.pipeline.quantizers import fit_encodec_codebooks, fit_residual, fit_semantic
 
     fit = tok.cfg.fit
     max_frames = max(1, math.ceil(fit.max_points / len(clips)))
     feats = [tok.fit_features(c, max_frames, np.random.default_rng([fit.seed, i])) for i, c in enumerate(clips)]
-    centroids, norm = fit_semantic(np.concatenate([f["mert"] for f in feats]), tok.cfg.mert.codebook_size, niter=fit.niter, seed=fit.seed)
+    centroids, norm = fit_semantic(np.concatenate([f["mert"] for f in feats]), tok.cfg.semantic.codebook_size, niter=fit.niter, seed=fit.seed)
     books = fit_residual(np.concatenate([f["clap"] for f in feats]), tok.cfg.clap.levels, tok.cfg.clap.codebook_size, niter=fit.niter, seed=fit.seed)
     if "encodec" in feats[0]:
         latents = np.concatenate([f["encodec"] for f in feats])
-        set_encodec_codebooks(tok.encodec, fit_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed))
+        set_encodec_codebooks(tok.codec, fit_encodec_codebooks(tok.codec, latents, niter=fit.niter, seed=fit.seed))
     tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
 
 
@@ -257,7 +257,7 @@ def on_device(tok, device: str, precision: str = "fp32"):
     """The same backbones and quantizers on ``device`` at ``precision`` (the backbones move with it)."""
     from musiclm.pipeline.tokenizer import Tokenizer
 
-    return Tokenizer(replace(tok.cfg, precision=precision), tok.clap, tok.mert, tok.encodec, tok.quantizers, device=device, record=tok.record)
+    return Tokenizer(replace(tok.cfg, precision=precision), tok.clap, tok.semantic, tok.codec, tok.quantizers, device=device, record=tok.record)
 
 
 # ---- measuring --------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def duplicate_codewords(tok) -> str:
         return f"{len(book) - len(np.unique(book, axis=0))}/{len(book)}"
 
     q = tok.quantizers
-    encodec = tok.encodec.model.quantizer.layers[0].codebook.embed.cpu().numpy()
+    encodec = tok.codec.model.quantizer.layers[0].codebook.embed.cpu().numpy()
     return f"codewords equal to another: semantic {dup(q['semantic_centroids'])}, Encodec level 0 {dup(encodec)}, CLAP level 0 {dup(q['clap_codebooks'][0])}"
 
 

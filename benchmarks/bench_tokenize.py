@@ -53,10 +53,10 @@ def small_random_config(clap_codes: int):
     t = replace(
         t,
         clap=replace(t.clap, model="random", arch={}, features={}, codebook_size=clap_codes),
-        mert=replace(t.mert, model="random", arch={}),
-        encodec=replace(t.encodec, model="random", arch={}),
+        semantic=replace(t.semantic, model="random", arch={}),
+        codec=replace(t.codec, model="random", arch={}),
         # 2 minutes of fit audio: 4 points per code is all they can give 1024 MERT and Encodec codes
-        fit=replace(t.fit, max_seconds=120.0, mert_seconds=120.0, max_points=20000, niter=5, min_points_per_code=4),
+        fit=replace(t.fit, max_seconds=120.0, semantic_seconds=120.0, max_points=20000, niter=5, min_points_per_code=4),
         audio=replace(t.audio, segment_seconds=30.0),
     )
     return replace(cfg, tokenize=t)

@@ -37,9 +37,9 @@ def random_quantizers(tok, seed: int = 0) -> dict[str, np.ndarray]:
     """Quantizer arrays of the right shapes; their values do not change the cost."""
     rng = np.random.default_rng(seed)
     c = tok.cfg
-    d_mert = tok.mert.model.config.hidden_size
+    d_mert = tok.semantic.model.config.hidden_size
     return {
-        "semantic_centroids": rng.standard_normal((c.mert.codebook_size, d_mert)).astype(np.float32),
+        "semantic_centroids": rng.standard_normal((c.semantic.codebook_size, d_mert)).astype(np.float32),
         "semantic_norm": np.stack([np.zeros(d_mert), np.ones(d_mert)]).astype(np.float32),
         "clap_codebooks": rng.standard_normal((c.clap.levels, c.clap.codebook_size, tok.clap.embed_dim)).astype(np.float32) * 0.05,
     }

@@ -82,7 +82,7 @@ def tokenize_tiny(data: Path, audio: Path) -> dict:
         b = gpu.tokenize(clip)
         sync()
         t_gpu += time.perf_counter() - t0
-        seconds += len(clip[cpu.encodec.sample_rate]) / cpu.encodec.sample_rate
+        seconds += len(clip[cpu.codec.sample_rate]) / cpu.codec.sample_rate
         for k in agree:
             agree[k].append(float((a[k] == b[k]).mean()))
     return {"audio_s": round(seconds, 1), "gpu_audio_s_per_s": round(seconds / t_gpu, 1), "code_agreement_cpu_vs_cuda": {k: round(float(np.mean(v)), 4) for k, v in agree.items()}}
@@ -103,10 +103,10 @@ def tokenize_small(audio: Path) -> dict:
     times = {"mert": 0.0, "encodec": 0.0, "clap": 0.0, "tokenize": 0.0}
     seconds = 0.0
     for c in clips:
-        seconds += len(c[tok.encodec.sample_rate]) / tok.encodec.sample_rate
+        seconds += len(c[tok.codec.sample_rate]) / tok.codec.sample_rate
         for name, fn in (
-            ("mert", lambda: tok.mert_features(c[tok.mert.sample_rate])),
-            ("encodec", lambda: tok.encode_acoustic(c[tok.encodec.sample_rate])),
+            ("mert", lambda: tok.semantic_features(c[tok.semantic.sample_rate])),
+            ("encodec", lambda: tok.encode_acoustic(c[tok.codec.sample_rate])),
             ("clap", lambda: tok.clap_audio_embed(tok.clap_windows(c[tok.clap.sample_rate]))),
             ("tokenize", lambda: tok.tokenize(c)),
         ):
@@ -143,14 +143,12 @@ def synthetic_clips(tok, n: int, seconds: float) -> list[dict[int, np.ndarray]]:
 def encodec_codebooks_from_frames(tok, clips) -> None:
     """Give a random Encodec codebooks drawn from its own encoder frames (a random one has all-zero
     codebooks: every code 0, and agreement would be 1 trivially). No k-means: faiss is not there."""
-    from musiclm.models.backbones import encodec_latents
-
-    x = torch.from_numpy(np.stack([c[tok.encodec.sample_rate] for c in clips])).to(DEVICE)
-    frames = encodec_latents(tok.encodec, x).reshape(-1, tok.encodec.model.config.codebook_dim)
+    x = torch.from_numpy(np.stack([c[tok.codec.sample_rate] for c in clips])).to(DEVICE)
+    frames = tok.codec.latents(x).reshape(-1, tok.codec.model.config.codebook_dim)
     g = torch.Generator(device="cpu").manual_seed(0)
-    for level in range(tok.encodec.num_quantizers):
-        cb = tok.encodec.model.quantizer.layers[level].codebook
-        pick = torch.randint(0, len(frames), (tok.encodec.codebook_size,), generator=g).to(frames.device)
+    for level in range(tok.codec.num_quantizers):
+        cb = tok.codec.model.quantizer.layers[level].codebook
+        pick = torch.randint(0, len(frames), (tok.codec.codebook_size,), generator=g).to(frames.device)
         cb.embed.copy_(frames[pick] * 0.5**level)
         cb.inited.fill_(1.0)
 
@@ -191,8 +189,8 @@ def tokenize_small_batched() -> dict:
         try:
             tok.tokenize_batch(clips[:1])  # warm-up
             row = {
-                "mert": audio / timed(lambda: tok.mert_features(stack[tok.mert.sample_rate])),
-                "encodec": audio / timed(lambda: tok.encode_acoustic(stack[tok.encodec.sample_rate])),
+                "mert": audio / timed(lambda: tok.semantic_features(stack[tok.semantic.sample_rate])),
+                "encodec": audio / timed(lambda: tok.encode_acoustic(stack[tok.codec.sample_rate])),
                 "clap": audio / timed(lambda: tok.clap_audio_embed(windows)),
             }
             result: list = []

@@ -284,9 +284,9 @@ def web_app(
 def evaluate(
     generated: Path = typer.Option(..., "--generated", help="Folder of generated audio."),
     reference: Path = typer.Option(..., "--reference", help="Folder of reference audio."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder whose CLAP (and MERT) embed the audio."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer folder whose CLAP (or semantic model) embeds the audio."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per generated file (sorted by name), for the CLAP score."),
-    embedding: str = typer.Option("clap", "--embedding", help="clap or mert."),
+    embedding: str = typer.Option("clap", "--embedding", help="clap or semantic (the semantic model's layer features; mert is read as semantic)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the result as JSON here."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N (auto: cuda if available)."),
     batch_windows: Optional[int] = typer.Option(None, "--batch-windows", min=1, help="Audio windows per backbone call (default 64; lower it if the GPU runs out of memory)."),

@@ -18,6 +18,7 @@ import math
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -49,21 +50,32 @@ class ClapConfig:
 
 
 @dataclass(frozen=True)
-class MertConfig:
-    model: str = "m-a-p/MERT-v0"  # hub id, local folder, or "random" (a HubertModel built from `arch`)
+class SemanticConfig:
+    """The semantic model: a MERT/HuBERT-family or a w2v-BERT 2.0 checkpoint (models.semantic).
+
+    Its input rate, feature extractor, layer count and frame rate are read from the checkpoint; for
+    ``"random"`` from ``arch`` (a config.json as a table: ``model_type`` "hubert", the default, or
+    "wav2vec2-bert") and ``features`` (feature extractor settings)."""
+
+    model: str = "m-a-p/MERT-v0"  # hub id, local folder, or "random" (built from `arch`)
     revision: str | None = None
-    arch: dict = field(default_factory=dict)  # HubertConfig kwargs for "random"
+    arch: dict = field(default_factory=dict)  # the model's config for "random"
+    features: dict = field(default_factory=dict)  # feature extractor settings for "random" (w2v-BERT)
     trust_remote_code: bool = False  # MERT-v1 needs it (and the network)
-    sample_rate: int = 16000  # used for "random"; a pretrained model's feature extractor overrides it
+    sample_rate: int = 16000  # used for "random" waveform models; a pretrained model's feature extractor overrides it
     layer: int = 7  # hidden_states index fed to k-means
     codebook_size: int = 1024
 
 
 @dataclass(frozen=True)
-class EncodecConfig:
+class CodecConfig:
+    """The codec: Encodec or DAC (models.codec). Sample rate, frame rate, codebooks and codebook size
+    are read from the checkpoint; for ``"random"`` from ``arch`` (``model_type`` "encodec", the
+    default, or "dac")."""
+
     model: str = "facebook/encodec_24khz"  # hub id, local folder, or "random" (built from `arch`)
     revision: str | None = None
-    arch: dict = field(default_factory=dict)  # EncodecConfig kwargs for "random"
+    arch: dict = field(default_factory=dict)  # the model's config for "random"
     num_quantizers: int = 8  # Q: the codebooks kept per frame
     coarse_quantizers: int = 3  # the first levels form the coarse stream, the rest the fine stream
 
@@ -73,27 +85,29 @@ class FitConfig:
     """How quantizers are fitted when `musiclm tokenize` is given no tokenizer.
 
     Files are drawn in a seeded random order until ``max_seconds`` of audio. CLAP windows are
-    taken densely (``clap_hop_seconds``) over all of it; MERT frames (and the encoder outputs of
-    an offline-built Encodec) over its first ``mert_seconds``. A corpus that cannot give every
+    taken densely (``clap_hop_seconds``) over all of it; semantic frames (and the encoder outputs of
+    an offline-built Encodec) over its first ``semantic_seconds`` (``mert_seconds`` in older configs). A corpus that cannot give every
     code ``min_points_per_code`` points at every level is refused before any backbone runs.
     """
 
     max_seconds: float = 72_000.0  # audio read for fitting (CLAP windows come from all of it)
-    mert_seconds: float = 3600.0  # the part of it whose MERT frames (and Encodec latents) are extracted
-    max_points: int = 200_000  # MERT frames (and Encodec latents) kept for k-means
+    semantic_seconds: float = 3600.0  # the part of it whose semantic frames (and Encodec latents) are extracted
+    max_points: int = 200_000  # semantic frames (and Encodec latents) kept for k-means
     clap_hop_seconds: float = 1.0  # CLAP window hop while fitting: dense, many points per hour
     min_points_per_code: int = 50  # refuse to fit a codebook on fewer points than this per code
     heldout_fraction: float = 0.05  # fit files whose CLAP windows only measure the fit (reconstruction error)
     niter: int = 20
     seed: int = 0
 
+    RENAMED: typing.ClassVar[dict[str, str]] = {"mert_seconds": "semantic_seconds"}
+
 
 @dataclass(frozen=True)
 class TokenizeConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     clap: ClapConfig = field(default_factory=ClapConfig)
-    mert: MertConfig = field(default_factory=MertConfig)
-    encodec: EncodecConfig = field(default_factory=EncodecConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     shard_size: int = 256  # clips per shard, at least: a shard closes at the end of the batch that fills it
     batch_seconds: float = 240.0  # audio per planned batch: whole files, their segments through the backbones together
@@ -101,6 +115,9 @@ class TokenizeConfig:
     # the watchdog: a run where no batch has finished for this long (and for 5x the slowest batch so far) while
     # work is pending says what Ray reports as pending and stops, keeping its finished shards
     stall_seconds: float = 300.0
+
+    # keys of configs and records written before the backbones were pluggable
+    RENAMED: typing.ClassVar[dict[str, str]] = {"mert": "semantic", "encodec": "codec"}
 
 
 @dataclass(frozen=True)
@@ -193,6 +210,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from nested dicts, refusing unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise UserError(f"config: '{where or 'top level'}' should be a table, got {type(data).__name__}")
+    data = renamed(cls, data)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
@@ -202,6 +220,17 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, _join(where, name))
     return cls(**kwargs)
+
+
+def renamed(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys ``cls.RENAMED`` lists under their present names. An old key given beside
+    its new one (a user's file over a preset) is merged over it, as the user's keys always are."""
+    out = dict(data)
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in out:
+            value = out.pop(old)
+            out[new] = _merge(out[new], value) if isinstance(value, dict) and isinstance(out.get(new), dict) else value
+    return out
 
 
 def _join(where: str, name: str) -> str:
@@ -302,11 +331,17 @@ def tokenize_config_from_dict(data: dict[str, Any]) -> TokenizeConfig:
 
 
 # ---- consistency checks ------------------------------------------------------------------------
-GRID = Fraction(1, 25)  # 40 ms: a whole number of frames at 50 Hz (MERT) and at 75 Hz (Encodec)
+def frame_grid(frame_rates: Sequence[float]) -> Fraction:
+    """The shortest duration that is a whole number of frames at every rate of ``frame_rates``
+    (1 / their greatest common divisor): 40 ms at 50 and 75 Hz."""
+    rates = [Fraction(r).limit_denominator(10_000) for r in frame_rates]
+    num = math.gcd(*(r.numerator for r in rates))
+    den = math.lcm(*(r.denominator for r in rates))
+    return 1 / Fraction(num, den)
 
 
-def _on_grid(seconds: float) -> bool:
-    ticks = Fraction(seconds).limit_denominator(1_000_000) / GRID
+def _on_grid(seconds: float, grid: Fraction) -> bool:
+    ticks = Fraction(seconds).limit_denominator(1_000_000) / grid
     return ticks.denominator == 1 and ticks > 0
 
 
@@ -324,25 +359,34 @@ def fitted_clap_windows_per_second(t: TokenizeConfig) -> float:
     return per_segment / seg * (1 - t.fit.heldout_fraction)
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: Config, frame_rates: Sequence[float] = ()) -> None:
     """Refuse, in one line each, a config whose parts cannot work together.
 
-    - every stage window sits on the 40 ms grid and fits whole, with room to crop, in every
+    - every stage window is positive and, given the backbones' ``frame_rates`` (known once they are:
+      tokenizer.json's streams, or their configs), a whole number of frames at each of them
+      (:func:`frame_grid`, 40 ms at 50 and 75 Hz); and it fits whole, with room to crop, in every
       segment: a file longer than ``segment_seconds`` is split into segments no shorter than half
       of it (audio.plan_segments), so a window must be at most half of it;
     - the fit budget can feed every vocabulary ``min_points_per_code`` points per code.
 
-    Checks that need a backbone's own settings (the CLAP window of its feature extractor, MERT's
+    Checks that need a backbone's own settings (the CLAP window of its feature extractor, the semantic model's
     layer count and frame rate) are in :mod:`musiclm.pipeline.fit_plan`.
     """
     t = cfg.tokenize
     seg = t.audio.segment_seconds
     if seg <= 0 or t.audio.min_seconds < 0:
         raise UserError(f"config '{cfg.name}': tokenize.audio.segment_seconds must be positive and min_seconds not negative")
+    grid = frame_grid(frame_rates) if frame_rates else None
     for stage in STAGES:
         w = cfg.stages.get(stage).window_seconds
-        if not _on_grid(w):
-            raise UserError(f"config '{cfg.name}': stages.{stage}.window_seconds = {w:g} is not a multiple of 0.04 s (the frame grid shared by 50 Hz and 75 Hz)")
+        if w <= 0:
+            raise UserError(f"config '{cfg.name}': stages.{stage}.window_seconds must be positive")
+        if grid is not None and not _on_grid(w, grid):
+            rates = " and ".join(f"{float(r):g} Hz" for r in frame_rates)
+            raise UserError(
+                f"config '{cfg.name}': stages.{stage}.window_seconds = {w:g} is not a multiple of {float(grid):g} s "
+                f"(the frame grid shared by the backbones' {rates})"
+            )
         if w > seg / 2 + 1e-9:
             raise UserError(
                 f"config '{cfg.name}': stages.{stage}.window_seconds = {w:g} does not fit whole in every segment: files are split into "
@@ -357,10 +401,10 @@ def check_config(cfg: Config) -> None:
     if t.stall_seconds <= 0:
         raise UserError(f"config '{cfg.name}': tokenize.stall_seconds must be positive")
     f = t.fit
-    if f.min_points_per_code < 1 or f.clap_hop_seconds <= 0 or not 0 <= f.heldout_fraction < 0.5 or f.mert_seconds > f.max_seconds:
+    if f.min_points_per_code < 1 or f.clap_hop_seconds <= 0 or not 0 <= f.heldout_fraction < 0.5 or f.semantic_seconds > f.max_seconds:
         raise UserError(
             f"config '{cfg.name}': tokenize.fit needs min_points_per_code >= 1, clap_hop_seconds > 0, "
-            "0 <= heldout_fraction < 0.5 and mert_seconds <= max_seconds"
+            "0 <= heldout_fraction < 0.5 and semantic_seconds <= max_seconds"
         )
     clap_need = t.clap.codebook_size * f.min_points_per_code
     rate = fitted_clap_windows_per_second(t)
@@ -371,9 +415,9 @@ def check_config(cfg: Config) -> None:
             f"{t.clap.codebook_size} codes x {f.min_points_per_code} points need {clap_need}: raise max_seconds to at least "
             f"{math.ceil(clap_need / rate)}, or use a smaller tokenize.clap.codebook_size"
         )
-    k = t.mert.codebook_size
+    k = t.semantic.codebook_size
     if f.max_points < k * f.min_points_per_code:
         raise UserError(
-            f"config '{cfg.name}': tokenize.fit.max_points = {f.max_points} cannot feed tokenize.mert.codebook_size = {k} "
+            f"config '{cfg.name}': tokenize.fit.max_points = {f.max_points} cannot feed tokenize.semantic.codebook_size = {k} "
             f"({f.min_points_per_code} points per code need {k * f.min_points_per_code})"
         )

@@ -6,7 +6,7 @@ every file) and reports the Fréchet distance between the two Gaussians::
     d^2 = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))
 
 Embeddings come from the tokenizer's own backbones: CLAP audio embeddings (one
-per CLAP window, as tokenize cuts them) or MERT layer features (the mean over
+per CLAP window, as tokenize cuts them) or semantic-model layer features (the mean over
 frames of each window-long chunk). The CLAP score is the cosine similarity of a
 file's CLAP audio embedding (normalised mean over its windows) with its
 prompt's CLAP text embedding; generation ranks samples with the same function.
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
     from musiclm.pipeline.tokenizer import Tokenizer
 
-EMBEDDINGS = ("clap", "mert")
+EMBEDDINGS = ("clap", "semantic")
+OLD_EMBEDDINGS = {"mert": "semantic"}  # --embedding mert: its name while the semantic model was always MERT
 BATCH_WINDOWS = 64  # windows per backbone call (64 CLAP windows of 10 s at 48 kHz: 123 MB of audio)
 
 
@@ -119,11 +120,11 @@ def _read(path: Path, rate: int) -> np.ndarray:
 def _file_windows(path: Path, tokenizer: Tokenizer, kind: str) -> np.ndarray:
     """The windows of one file that :func:`embed_file` embeds: [W, samples] at the backbone's rate.
 
-    clap: the tokenizer's CLAP windows. mert: chunks of one CLAP window's length (no overlap; a
+    clap: the tokenizer's CLAP windows. semantic: chunks of one CLAP window's length (no overlap; a
     tail shorter than a chunk is dropped unless the file is shorter, then it is the one chunk)."""
     if kind == "clap":
         return tokenizer.clap_windows(_read(path, tokenizer.clap.sample_rate))
-    sr = tokenizer.mert.sample_rate
+    sr = tokenizer.semantic.sample_rate
     x = _read(path, sr)
     chunk = round(tokenizer.cfg.clap.window_seconds * sr)
     n = len(x) // chunk
@@ -131,34 +132,37 @@ def _file_windows(path: Path, tokenizer: Tokenizer, kind: str) -> np.ndarray:
 
 
 def _embed_windows(tokenizer: Tokenizer, kind: str, windows: Sequence[np.ndarray]) -> np.ndarray:
-    """Embeddings [N, D] float32 of N windows [samples] in one backbone call (MERT: one per run of equal lengths).
+    """Embeddings [N, D] float32 of N windows [samples] in one backbone call (semantic: one per run of equal lengths).
 
-    clap: normalised CLAP audio embeddings. mert: the MERT layer features averaged over frames."""
+    clap: normalised CLAP audio embeddings. semantic: the semantic model's layer features averaged over frames."""
     if kind == "clap":
         return tokenizer.clap_audio_embed(list(windows)).cpu().numpy()
     out, a = [], 0
-    while a < len(windows):  # MERT takes a rectangular batch: a short file's one chunk goes alone
+    while a < len(windows):  # the semantic model takes a rectangular batch: a short file's one chunk goes alone
         b = a + 1
         while b < len(windows) and len(windows[b]) == len(windows[a]):
             b += 1
-        out.append(tokenizer.mert_features(np.stack(windows[a:b])).mean(1).cpu().numpy())  # [n, T, D] -> [n, D]
+        out.append(tokenizer.semantic_features(np.stack(windows[a:b])).mean(1).cpu().numpy())  # [n, T, D] -> [n, D]
         a = b
     return np.concatenate(out)
 
 
-def _check_kind(kind: str) -> None:
+def _check_kind(kind: str) -> str:
+    """``kind`` under its present name, or a one-line error."""
+    kind = OLD_EMBEDDINGS.get(kind, kind)
     if kind not in EMBEDDINGS:
         raise UserError(f"--embedding must be one of {', '.join(EMBEDDINGS)}, got '{kind}'")
+    return kind
 
 
 def embed_file(path: str | Path, tokenizer: Tokenizer, kind: str = "clap") -> np.ndarray:
     """Window embeddings of one audio file: [W, D] float32.
 
     clap: one normalised CLAP audio embedding per CLAP window (window and hop of the tokenizer).
-    mert: the MERT layer features averaged over each chunk of one CLAP window's length
+    semantic: the semantic model's layer features averaged over each chunk of one CLAP window's length
     (chunks do not overlap; a tail shorter than a chunk is dropped unless the file is shorter).
     """
-    _check_kind(kind)
+    kind = _check_kind(kind)
     return _embed_windows(tokenizer, kind, _file_windows(Path(path), tokenizer, kind))
 
 
@@ -194,7 +198,7 @@ def embed_files(
     meanwhile. Memory holds the windows of at most ``2 * workers`` decoded files plus one batch.
     ``on_file()`` is called as each file's embeddings are complete, in file order.
     """
-    _check_kind(kind)
+    kind = _check_kind(kind)
     if batch_windows < 1:
         raise UserError(f"--batch-windows must be at least 1, got {batch_windows}")
     workers = workers or max(1, min(4, os.cpu_count() or 1))
@@ -300,7 +304,7 @@ def run_eval(
     from musiclm.pipeline.audio import audio_files_in
     from musiclm.pipeline.tokenizer import Tokenizer
 
-    _check_kind(embedding)
+    embedding = _check_kind(embedding)
     batch_windows = BATCH_WINDOWS if batch_windows is None else batch_windows
     dev = eval_device(device)  # refused before any file is read
     gen_files = audio_files_in(generated, "generated")

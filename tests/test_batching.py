@@ -37,7 +37,7 @@ def tok() -> Tokenizer:
     """The tiny backbones with random quantizers: enough to compare call paths."""
     t = Tokenizer.from_config(load_config("tiny").tokenize)
     rng = np.random.default_rng(0)
-    d = t.mert.model.config.hidden_size
+    d = t.semantic.model.config.hidden_size
     t.quantizers = {
         "semantic_centroids": rng.standard_normal((32, d)).astype(np.float32),
         "semantic_norm": np.stack([np.zeros(d), np.ones(d)]).astype(np.float32),
@@ -62,12 +62,12 @@ def test_a_batch_gives_every_clip_its_own_tokens(tok):
         for name in ("semantic", "acoustic", "clap"):
             assert b[name].shape == alone[name].shape and b[name].dtype == np.uint16
             assert np.mean(b[name] == alone[name]) >= 0.99, name
-        assert len(b["semantic"]) == pytest.approx(len(c[16000]) / 16000 * tok.mert.frame_rate, abs=2)
+        assert len(b["semantic"]) == pytest.approx(len(c[16000]) / 16000 * tok.semantic.frame_rate, abs=2)
 
 
 def test_a_clip_that_fails_is_reported_and_its_neighbours_go_on(tok, monkeypatch):
     clips = [clip(tok, 4.0, 0), clip(tok, 4.0, 1), clip(tok, 4.0, 2)]
-    poisoned = clips[1][tok.encodec.sample_rate]
+    poisoned = clips[1][tok.codec.sample_rate]
     real = tok.encode_acoustic
 
     def encode(audio):
@@ -85,7 +85,7 @@ def test_a_clip_that_fails_is_reported_and_its_neighbours_go_on(tok, monkeypatch
 def test_cuda_out_of_memory_halves_the_rows_per_call_and_says_so_once(tok, monkeypatch):
     clips = [clip(tok, 4.0, i) for i in range(6)]
     expected = tok.tokenize_batch(clips)
-    real = tok.mert_features
+    real = tok.semantic_features
     calls: list[int] = []
 
     def mert(audio):
@@ -94,12 +94,12 @@ def test_cuda_out_of_memory_halves_the_rows_per_call_and_says_so_once(tok, monke
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real(audio)
 
-    monkeypatch.setattr(tok, "mert_features", mert)
+    monkeypatch.setattr(tok, "semantic_features", mert)
     monkeypatch.setattr(tok, "backoffs", [])
     monkeypatch.setattr(tok, "_max_rows", {})
     got = tok.tokenize_batch(clips)
     assert calls == [6, 3] + [1] * 6
-    assert tok.backoffs == ["MERT: CUDA out of memory at 6 rows per call, fewer from now on"]
+    assert tok.backoffs == ["semantic: CUDA out of memory at 6 rows per call, fewer from now on"]
     for g, e in zip(got, expected):
         assert not isinstance(g, Exception)
         assert np.mean(g["semantic"] == e["semantic"]) >= 0.99
@@ -111,7 +111,7 @@ def test_cuda_out_of_memory_halves_the_rows_per_call_and_says_so_once(tok, monke
 def test_precision_runs_under_autocast_inside_the_backbone_calls_only(tok):
     seen = {}
     bf16 = dataclasses.replace(tok.cfg, precision="bf16")
-    low = Tokenizer(bf16, tok.clap, tok.mert, tok.encodec, tok.quantizers)
+    low = Tokenizer(bf16, tok.clap, tok.semantic, tok.codec, tok.quantizers)
     with low.precision():
         seen["inside"] = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
     assert seen["inside"] == (True, torch.bfloat16)

@@ -41,13 +41,13 @@ def tokenizer(tokenized) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hop(tokenizer) -> int:
-    return round(tokenizer.encodec.sample_rate / tokenizer.encodec.frame_rate)
+    return round(tokenizer.codec.sample_rate / tokenizer.codec.frame_rate)
 
 
 @pytest.fixture(scope="module")
 def codes(tokenizer) -> np.ndarray:
     """Encodec codes int64 [2, Q, 600] of 8 s of two kinds of synthesised music."""
-    sr = tokenizer.encodec.sample_rate
+    sr = tokenizer.codec.sample_rate
     audio = np.stack([synth_clip("mix", 8.0, sr, seed=3), synth_clip("drums", 8.0, sr, seed=1)])
     return tokenizer.encode_acoustic(audio).numpy()
 
@@ -59,7 +59,7 @@ def whole(tokenizer, codes) -> np.ndarray:
 
 
 def defaults(tokenizer, hop, start: int = 0) -> ChunkDecoder:
-    return ChunkDecoder.from_seconds(tokenizer.decode_acoustic, hop, tokenizer.encodec.frame_rate, start=start)
+    return ChunkDecoder.from_seconds(tokenizer.decode_acoustic, hop, tokenizer.codec.frame_rate, start=start)
 
 
 # ---- bookkeeping: chunks depend on frame indices only ----------------------------------------------------------------

@@ -3,7 +3,7 @@ rate table holds for those checkpoints.
 
 The checkpoints are rebuilt offline from their real configs (tests/fixtures/pretrained, sources in
 SOURCES.md there) at random weights, saved, and loaded through the project's own path
-(``load_clap``/``load_mert``/``load_encodec`` on a local folder, then ``Tokenizer``). Random weights
+(``load_clap``/``load_semantic``/``load_codec`` on a local folder, then ``Tokenizer``). Random weights
 change what the features mean, not their shapes, rates or preprocessing, which is what is tested.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from musiclm.config import load_config
 from musiclm.errors import UserError
-from musiclm.models.backbones import load_mert
+from musiclm.models.semantic import load_semantic
 from musiclm.pipeline.synth import synth_clip
 from musiclm.pipeline.tokenizer import Tokenizer
 from tests.pretrained import fixture_json, standin_config
@@ -68,7 +68,7 @@ def tok(pretrained_standins) -> Tokenizer:
 
 # ---- what the checkpoints' own files say ---------------------------------------------------------
 def test_small_preset_names_the_checkpoints_the_fixtures_hold():
-    assert (SMALL.clap.model, SMALL.mert.model, SMALL.encodec.model) == (
+    assert (SMALL.clap.model, SMALL.semantic.model, SMALL.codec.model) == (
         "laion/larger_clap_music",
         "m-a-p/MERT-v0",
         "facebook/encodec_24khz",
@@ -96,23 +96,23 @@ def test_larger_clap_music_is_unfused_and_truncates_at_random_padding_by_repetit
 def test_mert_v0_normalises_its_input_and_has_12_layers_so_layer_7_exists():
     assert MERT_FEATURES["do_normalize"] is True
     assert MERT_CONFIG["num_hidden_layers"] == 12
-    assert 0 <= SMALL.mert.layer <= MERT_CONFIG["num_hidden_layers"]
+    assert 0 <= SMALL.semantic.layer <= MERT_CONFIG["num_hidden_layers"]
 
 
 def test_encodec_24khz_keeps_8_codebooks_at_6_kbps():
     c = ENCODEC_CONFIG
     frame_rate = c["sampling_rate"] / np.prod(c["upsampling_ratios"])  # 24000 / 320 = 75 Hz
     kbps_per_codebook = frame_rate * np.log2(c["codebook_size"]) / 1000
-    assert SMALL.encodec.num_quantizers * kbps_per_codebook in c["target_bandwidths"]
-    assert not c["normalize"] and c["chunk_length_s"] is None  # what load_encodec accepts
+    assert SMALL.codec.num_quantizers * kbps_per_codebook in c["target_bandwidths"]
+    assert not c["normalize"] and c["chunk_length_s"] is None  # what load_codec accepts
 
 
 # ---- the project's own loading path on the rebuilt checkpoints ---------------------------------------
 @pytest.mark.slow
 def test_project_takes_audio_at_each_checkpoints_sample_rate(tok):
     assert tok.clap.sample_rate == CLAP_FEATURES["sampling_rate"]
-    assert tok.mert.sample_rate == MERT_FEATURES["sampling_rate"]
-    assert tok.encodec.sample_rate == ENCODEC_CONFIG["sampling_rate"]
+    assert tok.semantic.sample_rate == MERT_FEATURES["sampling_rate"]
+    assert tok.codec.sample_rate == ENCODEC_CONFIG["sampling_rate"]
     assert tok.sample_rates == (16000, 24000, 48000)
 
 
@@ -159,40 +159,46 @@ def test_clap_text_stand_in_keeps_robertas_special_ids_and_length(tok):
 @pytest.mark.slow
 def test_mert_features_follow_the_checkpoints_normalisation_flag(tok):
     x = clip(1.0, 16000)
-    fe = tok.mert.features
+    fe = tok.semantic.features
     for do_normalize in (True, False):
         fe.do_normalize = do_normalize
         try:
-            ours = tok.mert_features(x)
+            ours = tok.semantic_features(x)
             inputs = fe(x, sampling_rate=16000, return_tensors="pt")
             with torch.inference_mode():
-                theirs = tok.mert.model(inputs["input_values"], output_hidden_states=True).hidden_states[SMALL.mert.layer]
+                theirs = tok.semantic.model(inputs["input_values"], output_hidden_states=True).hidden_states[SMALL.semantic.layer]
             torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-            quieter = tok.mert_features(0.1 * x)
+            quieter = tok.semantic_features(0.1 * x)
             assert torch.allclose(ours, quieter, atol=1e-3) == do_normalize  # gain drops out only when normalised
         finally:
             fe.do_normalize = MERT_FEATURES["do_normalize"]
 
 
 @pytest.mark.slow
-def test_mert_v0_gives_the_readme_rate_of_frames_per_second_from_layer_7_of_13_hidden_states(tok):
+def test_mert_v0_gives_the_readme_rate_of_frames_per_second_from_layer_7_of_13_hidden_states(tok, pretrained_standins):
+    from transformers import HubertModel
+
     rate = readme_number("semantic", r"(\d+) Hz")
-    x = torch.from_numpy(clip(3.0, 16000))[None]
+    x = clip(3.0, 16000)
+    full = HubertModel.from_pretrained(pretrained_standins["mert"]).eval()
     with torch.inference_mode():
-        hidden = tok.mert.model(x, output_hidden_states=True).hidden_states
+        hidden = full(**tok.semantic.inputs(x), output_hidden_states=True).hidden_states
     assert len(hidden) == MERT_CONFIG["num_hidden_layers"] + 1  # the encoder input, then one per transformer layer
-    feats = hidden[SMALL.mert.layer]
+    feats = hidden[SMALL.semantic.layer]
+    # the tokenizer runs layers 1..8 of 12 only (models/semantic.py), and reads the same layer 7
+    assert len(tok.semantic.model.encoder.layers) == SMALL.semantic.layer + 1
+    torch.testing.assert_close(tok.semantic_features(x), feats, rtol=0, atol=0)
     assert feats.shape[-1] == MERT_CONFIG["hidden_size"]
     assert abs(feats.shape[1] - 3 * rate) <= 1  # 149 frames: a 400-sample receptive field at a 320-sample hop
-    assert tok.mert.frame_rate == rate == tok.streams()["semantic"]["frame_rate"]
+    assert tok.semantic.frame_rate == rate == tok.streams()["semantic"]["frame_rate"]
 
 
 @pytest.mark.slow
 def test_a_mert_layer_beyond_the_checkpoints_12_is_refused(pretrained_standins):
     folder = str(pretrained_standins["mert"])
-    assert load_mert(replace(SMALL.mert, model=folder, layer=12)).layer == 12
+    assert load_semantic(replace(SMALL.semantic, model=folder, layer=12)).layer == 12
     with pytest.raises(UserError, match="has 12 layers"):
-        load_mert(replace(SMALL.mert, model=folder, layer=13))
+        load_semantic(replace(SMALL.semantic, model=folder, layer=13))
 
 
 @pytest.mark.slow
@@ -211,11 +217,11 @@ def test_mert_v0_as_its_hub_config_now_reads_still_loads_as_a_hubert_model(pretr
     )
     (tmp_path / "config.json").unlink()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    mert = load_mert(replace(SMALL.mert, model=str(tmp_path)))
+    mert = load_semantic(replace(SMALL.semantic, model=str(tmp_path)))
     assert type(mert.model).__name__ == "HubertModel" and mert.sample_rate == 16000
     x = torch.from_numpy(clip(1.0, 16000))[None]
     with torch.inference_mode():
-        torch.testing.assert_close(mert.model(x).last_hidden_state, tok.mert.model(x).last_hidden_state)
+        torch.testing.assert_close(mert.model(x).last_hidden_state, tok.semantic.model(x).last_hidden_state)
 
 
 @pytest.mark.slow
@@ -223,20 +229,20 @@ def test_encodec_keeps_the_readme_codebooks_at_the_readme_bandwidth_and_frame_ra
     kbps = readme_number("acoustic", r"(\d+(?:\.\d+)?) kbps")
     q = readme_number("acoustic", r"\[(\d+), T_a\]")
     rate = readme_number("acoustic", r"(\d+) Hz")
-    assert tok.encodec.bandwidth == kbps and SMALL.encodec.num_quantizers == q
+    assert tok.codec.bandwidth == kbps and SMALL.codec.num_quantizers == q
     x = torch.from_numpy(clip(1.0, 24000))[None]
     with torch.inference_mode():
-        codes = tok.encodec.model.encode(tok.encodec.model_input(x), bandwidth=tok.encodec.bandwidth).audio_codes[0]
+        codes = tok.codec.model.encode(tok.codec.model_input(x), bandwidth=tok.codec.bandwidth).audio_codes[0]
     assert codes.shape == (1, q, rate)  # the model itself keeps exactly Q codebooks at that bandwidth
     two = tok.encode_acoustic(clip(2.0, 24000))
     assert two.shape == (1, q, 2 * rate)
-    assert tok.encodec.frame_rate == rate == tok.streams()["acoustic"]["frame_rate"]
+    assert tok.codec.frame_rate == rate == tok.streams()["acoustic"]["frame_rate"]
 
 
 @pytest.mark.slow
 def test_encodec_gets_mono_input_as_its_feature_extractor_gives_it(tok):
     x = torch.from_numpy(clip(0.5, 24000))[None]  # [B, samples]
-    assert tok.encodec.model_input(x).shape == (1, ENCODEC_FEATURES["feature_size"], 12000)
+    assert tok.codec.model_input(x).shape == (1, ENCODEC_FEATURES["feature_size"], 12000)
     assert ENCODEC_FEATURES["feature_size"] == ENCODEC_CONFIG["audio_channels"] == 1
 
 
@@ -244,6 +250,6 @@ def test_encodec_gets_mono_input_as_its_feature_extractor_gives_it(tok):
 def test_encodec_codes_vary_at_every_level_and_decode_to_the_input_length(tok):
     codes = tok.encode_acoustic(clip(2.0, 24000, seed=5))[0]  # [Q, T_a]
     vocab = readme_number("acoustic", r"(\d+) per level")
-    assert int(codes.max()) < vocab == tok.encodec.codebook_size
+    assert int(codes.max()) < vocab == tok.codec.codebook_size
     assert all(len(torch.unique(level)) > 1 for level in codes), "stand-in codebooks were not fitted"
     assert tok.decode_acoustic(codes).shape == (1, 2 * 24000)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from musiclm.cli import main
-from musiclm.config import check_config, clap_windows_per_segment, load_config, preset_names
+from musiclm.config import check_config, clap_windows_per_segment, frame_grid, load_config, preset_names
 from musiclm.errors import UserError
 from musiclm.pipeline.audio import load_for_rates, plan_segments
 from musiclm.pipeline.fit_plan import backbone_facts, check_backbones, check_enough, fit_windows, hours_needed, largest_codebook, plan_fit
@@ -70,9 +71,8 @@ def test_small_and_large_share_one_segmentation():
     ("toml", "expect"),
     [
         ('base = "large"\n[tokenize.audio]\nsegment_seconds = 30.0\n', "stages.semantic.window_seconds = 30 does not fit whole"),
-        ('base = "tiny"\n[stages.coarse]\nwindow_seconds = 1.01\n', "stages.coarse.window_seconds = 1.01 is not a multiple of 0.04 s"),
         ('base = "small"\n[tokenize.fit]\nmax_seconds = 3600.0\n', "tokenize.fit.max_seconds = 3600 gives at most"),
-        ('base = "small"\n[tokenize.fit]\nmax_points = 1000\n', "tokenize.fit.max_points = 1000 cannot feed tokenize.mert.codebook_size = 1024"),
+        ('base = "small"\n[tokenize.fit]\nmax_points = 1000\n', "tokenize.fit.max_points = 1000 cannot feed tokenize.semantic.codebook_size = 1024"),
         ('base = "tiny"\n[tokenize.fit]\nheldout_fraction = 0.7\n', "0 <= heldout_fraction < 0.5"),
     ],
 )
@@ -83,6 +83,29 @@ def test_an_inconsistent_config_is_refused_in_one_line(capsys, tmp_path, toml, e
     code, err = run(capsys, "tokenize", tmp_path / "music", "--out", tmp_path / "out", "--config", bad)
     assert code == 2 and expect in one_line(err)
     assert not (tmp_path / "out").exists(), "refused before anything was written"
+
+
+def test_stage_windows_must_be_whole_frames_at_the_backbones_rates():
+    """The grid is the backbones': 40 ms at 50 and 75 Hz (MERT or w2v-BERT 2.0, Encodec or DAC 24 kHz); DAC 44.1 kHz's
+    86.13 Hz (44100 / 512) puts frames of both streams together only every 5.12 s."""
+    assert frame_grid([50, 75]) == Fraction(1, 25) and frame_grid([50, 44100 / 512]) == Fraction(128, 25)
+    for preset in ("tiny", "small", "open", "large"):
+        check_config(load_config(preset), frame_rates=(50, 75))
+    tiny = load_config("tiny")
+    off = replace(tiny, stages=replace(tiny.stages, coarse=replace(tiny.stages.coarse, window_seconds=1.01)))
+    check_config(off)  # rates unknown: the grid waits for the tokens (training checks it against tokenizer.json)
+    with pytest.raises(UserError, match=r"stages.coarse.window_seconds = 1.01 is not a multiple of 0.04 s \(the frame grid shared by the backbones' 50 Hz and 75 Hz\)"):
+        check_config(off, frame_rates=(50, 75))
+    with pytest.raises(UserError, match=r"stages.semantic.window_seconds = 4 is not a multiple of 5.12 s"):
+        check_config(tiny, frame_rates=(50, 44100 / 512))
+
+
+def test_training_refuses_windows_off_the_grid_of_its_tokens(tokenized, tmp_path, capsys):
+    data, _ = tokenized
+    bad = write_config(tmp_path / "off.toml", 'base = "tiny"\n[stages.semantic]\nwindow_seconds = 1.01\n')
+    code, err = run(capsys, "train", "semantic", "--data", data, "--out", tmp_path / "run", "--config", bad, "--steps", "1")
+    assert code == 2 and "stages.semantic.window_seconds = 1.01 is not a multiple of 0.04 s" in one_line(err)
+    assert not (tmp_path / "run" / "run.json").exists()
 
 
 def test_the_fit_budget_check_uses_dense_windows():
@@ -100,7 +123,7 @@ def test_the_fit_budget_check_uses_dense_windows():
     ("section", "toml", "expect"),
     [
         ("clap", "window_seconds = 3.0\nhop_seconds = 1.0\n", "tokenize.clap.window_seconds = 3 but the CLAP feature extractor of 'random' takes 4 s windows"),
-        ("mert", "layer = 5\n", "tokenize.mert.layer = 5 but the MERT model has 2 layers"),
+        ("mert", "layer = 5\n", "tokenize.semantic.layer = 5 but the semantic model has 2 layers"),
         ("encodec.arch", "codebook_size = 8192\n", "cannot feed the Encodec codebooks"),
     ],
 )
@@ -128,18 +151,18 @@ def test_backbone_settings_are_read_from_a_local_folder_without_loading_weights(
     cfg = load_config("tiny").tokenize
     tok = Tokenizer.from_config(cfg)
     tok.save_backbones(tmp_path)
-    local = replace(cfg, clap=replace(cfg.clap, model=str(tmp_path / "clap")), mert=replace(cfg.mert, model=str(tmp_path / "mert")))
+    local = replace(cfg, clap=replace(cfg.clap, model=str(tmp_path / "clap")), semantic=replace(cfg.semantic, model=str(tmp_path / "semantic")))
     facts = backbone_facts(local)
     assert facts.clap_window_seconds == pytest.approx(cfg.clap.window_seconds)
-    assert facts.mert_layers == tok.mert.model.config.num_hidden_layers
-    assert facts.mert_frame_rate == pytest.approx(tok.mert.frame_rate)
+    assert facts.semantic_layers == tok.semantic.model.config.num_hidden_layers
+    assert facts.semantic_frame_rate == pytest.approx(tok.semantic.frame_rate)
     with pytest.raises(UserError, match="takes 4 s windows"):
         check_backbones(replace(local, clap=replace(local.clap, window_seconds=6.0)), facts)
 
 
 def test_a_hub_id_that_is_not_cached_is_checked_when_it_loads():
     facts = backbone_facts(load_config("small").tokenize)  # offline, nothing cached: nothing known yet, no error
-    assert facts.clap_window_seconds is None and facts.mert_layers is None
+    assert facts.clap_window_seconds is None and facts.semantic_layers is None
 
 
 # ---- the fit sample -------------------------------------------------------------------------------
@@ -159,7 +182,7 @@ def test_fit_windows_count_what_the_tokenizer_cuts(tmp_path):
 
 
 def test_fit_features_take_clap_windows_at_the_fit_hop(tmp_path):
-    """The fit embeds a window every clap_hop_seconds (not the tokens' hop); MERT frames only when asked."""
+    """The fit embeds a window every clap_hop_seconds (not the tokens' hop); semantic frames only when asked."""
     from musiclm.pipeline.tokenizer import Tokenizer
 
     cfg = load_config("tiny").tokenize
@@ -169,19 +192,19 @@ def test_fit_features_take_clap_windows_at_the_fit_hop(tmp_path):
     rng = np.random.default_rng(0)
     feats = tok.fit_features(audio, max_frames=50, rng=rng, chunk=3)
     assert feats["clap"].shape == (fit_windows(7.0, cfg), tok.clap.embed_dim) == (4, tok.clap.embed_dim)
-    assert feats["mert"].shape[0] == 50
+    assert feats["semantic"].shape[0] == 50
     assert set(tok.fit_features(audio, max_frames=50, rng=rng, frames=False)) == {"clap"}
 
 
 def test_plan_holds_out_every_twentieth_file_and_stops_at_the_budget():
     cfg = load_config("tiny").tokenize
-    cfg = replace(cfg, fit=replace(cfg.fit, max_seconds=300.0, mert_seconds=60.0))
+    cfg = replace(cfg, fit=replace(cfg.fit, max_seconds=300.0, semantic_seconds=60.0))
     files = [f"f{i:03d}.wav" for i in range(100)]
     plan = plan_fit(files, lambda rel: 7.5, cfg)
     assert len(plan.files) == 40  # 300 s of 7.5 s files
     assert len(set(f.rel for f in plan.files)) == 40
     assert [i for i, f in enumerate(plan.files) if f.heldout] == [19, 39]
-    assert plan.mert_seconds == 60.0 and all(f.mert for f in plan.files[:8]) and not any(f.mert for f in plan.files[8:])
+    assert plan.semantic_seconds == 60.0 and all(f.semantic for f in plan.files[:8]) and not any(f.semantic for f in plan.files[8:])
     assert plan.clap_windows == 38 * fit_windows(7.5, cfg)
     assert plan_fit(files, lambda rel: 7.5, cfg).files == plan.files  # seeded: the same sample every time
     reseeded = replace(cfg, fit=replace(cfg.fit, seed=1))
@@ -199,7 +222,7 @@ def test_a_corpus_too_small_is_refused_with_the_numbers_and_the_ways_out():
     cfg = load_config("small").tokenize
     plan = plan_fit([f"{i}.ogg" for i in range(6)], lambda rel: 600.0, cfg)  # one hour
     with pytest.raises(UserError) as e:
-        check_enough(cfg, plan, mert_rate=None)
+        check_enough(cfg, plan, semantic_rate=None)
     msg = str(e.value)
     assert "12 x 1024 codes need 51,200 windows (50 per code, about 17.6 h of audio)" in msg
     assert "gives 3,060 (1.0 h in 6 readable files)" in msg
@@ -209,20 +232,20 @@ def test_a_corpus_too_small_is_refused_with_the_numbers_and_the_ways_out():
 
 def test_the_semantic_floor_is_checked_once_the_mert_rate_is_known():
     cfg = load_config("tiny").tokenize
-    cfg = replace(cfg, mert=replace(cfg.mert, codebook_size=4096), fit=replace(cfg.fit, max_points=1 << 20))
+    cfg = replace(cfg, semantic=replace(cfg.semantic, codebook_size=4096), fit=replace(cfg.fit, max_points=1 << 20))
     plan = plan_fit(["a.wav", "b.wav"], lambda rel: 60.0, cfg)
-    check_enough(cfg, plan, mert_rate=None)
-    with pytest.raises(UserError, match=r"semantic 4096 codes need 12,288 MERT frames .* gives 6,000; use tokenize.mert.codebook_size = 1024"):
-        check_enough(cfg, plan, mert_rate=50.0)
+    check_enough(cfg, plan, semantic_rate=None)
+    with pytest.raises(UserError, match=r"semantic 4096 codes need 12,288 semantic frames .* gives 6,000; use tokenize.semantic.codebook_size = 1024"):
+        check_enough(cfg, plan, semantic_rate=50.0)
 
 
 def test_a_corpus_too_small_for_the_semantic_codebook_is_refused_before_ray(capsys, tmp_path):
     """A random MERT's frame rate is known from its config: its floor is checked with CLAP's, up front."""
-    bad = write_config(tmp_path / "bad.toml", 'base = "tiny"\n[tokenize.clap]\ncodebook_size = 2\n[tokenize.mert]\ncodebook_size = 4096\n[tokenize.fit]\nmax_points = 20000\n')
+    bad = write_config(tmp_path / "bad.toml", 'base = "tiny"\n[tokenize.clap]\ncodebook_size = 2\n[tokenize.semantic]\ncodebook_size = 4096\n[tokenize.fit]\nmax_points = 20000\n')
     for i in range(3):
         tone_file(tmp_path / "music" / f"{i}.wav", 20.0)
     code, err = run(capsys, "tokenize", tmp_path / "music", "--out", tmp_path / "out", "--config", bad)
-    assert code == 2 and "semantic 4096 codes need 12,288 MERT frames (3 per code) but the corpus gives 3,000; use tokenize.mert.codebook_size = 512 or less" in err.splitlines()[-1]
+    assert code == 2 and "semantic 4096 codes need 12,288 semantic frames (3 per code) but the corpus gives 3,000; use tokenize.semantic.codebook_size = 512 or less" in err.splitlines()[-1]
     assert [p.name for p in (tmp_path / "out").iterdir()] == [".musiclm.lock"], "refused before a tokenizer was started"
 
 
@@ -266,7 +289,7 @@ def test_the_fit_report_is_recorded_outside_the_fingerprint(tokenized):
     clap = fit["points"]["clap"]
     assert clap["codes"] == cfg.clap.codebook_size and clap["points"] >= cfg.clap.codebook_size * cfg.fit.min_points_per_code
     assert clap["points_per_code"] == pytest.approx(clap["points"] / clap["codes"], abs=0.01)
-    assert fit["points"]["semantic"]["points"] >= cfg.mert.codebook_size * cfg.fit.min_points_per_code
+    assert fit["points"]["semantic"]["points"] >= cfg.semantic.codebook_size * cfg.fit.min_points_per_code
     assert fit["heldout_files"] >= 1 and fit["heldout_windows"] >= 1
     errors = fit["clap_relative_error"]
     assert set(errors) == {"fit_audio", "heldout_audio", "text"}

@@ -37,7 +37,7 @@ KINDS = {  # a file of each kind, relative to a stage run folder
     "checkpoint record": f"checkpoints/{STEP}/records.json",
     "run.json": "run.json",
     "quantizer": "tokenizer/semantic_kmeans.npy",
-    "backbone": "tokenizer/mert/model.safetensors",
+    "backbone": "tokenizer/semantic/model.safetensors",
     "tokenizer.json": "tokenizer/tokenizer.json",
     "tokenizer record": "tokenizer/records.json",
 }
@@ -86,7 +86,7 @@ def test_each_checkpoint_and_the_tokenizer_record_their_files(trained_runs):
     tokenizer = run / "tokenizer"
     files = {p.relative_to(tokenizer).as_posix() for p in tokenizer.rglob("*") if p.is_file()} - {tok.RECORDS_FILE}
     assert read_records(tokenizer / tok.RECORDS_FILE) == {rel: FileRecord.of(tokenizer / rel) for rel in sorted(files)}
-    assert {"tokenizer.json", "semantic_kmeans.npy", "mert/model.safetensors"} <= files
+    assert {"tokenizer.json", "semantic_kmeans.npy", "semantic/model.safetensors"} <= files
     assert verify_folder(trained_runs)[2] == []
 
 
@@ -132,7 +132,7 @@ def test_verify_command_exits_0_on_a_clean_copy_and_1_naming_a_damaged_file(mode
     proc = run_cli("verify", model, "--json")
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
-    assert [(f["path"], f["status"], f["detail"]) for f in report["findings"]] == [("coarse/tokenizer/mert/model.safetensors", "damaged", "sha256 differs from the record")]
+    assert [(f["path"], f["status"], f["detail"]) for f in report["findings"]] == [("coarse/tokenizer/semantic/model.safetensors", "damaged", "sha256 differs from the record")]
 
 
 # ---- generation ---------------------------------------------------------------------------------------------------------
@@ -161,14 +161,14 @@ def test_generation_does_not_read_optimizer_state_and_leaves_a_flipped_backbone_
 
 def test_a_saved_backbone_file_that_still_parses_is_caught_by_its_recorded_size(model):
     """A file cut at a point where its format still looks whole (here a JSON config without its final newline)."""
-    path = model / "semantic" / "tokenizer" / "mert" / "config.json"
+    path = model / "semantic" / "tokenizer" / "semantic" / "config.json"
     data = path.read_bytes()
     assert data.endswith(b"}\n")
     path.write_bytes(data[:-1])
     with pytest.raises(UserError) as e:
         load_model(model)
     line = one_line(e)
-    assert "mert/config.json" in line and f"{len(data) - 1} bytes, recorded {len(data)}" in line
+    assert "semantic/config.json" in line and f"{len(data) - 1} bytes, recorded {len(data)}" in line
 
 
 def test_an_edited_tokenizer_json_that_still_parses_is_refused_before_it_is_read(model):

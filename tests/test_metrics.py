@@ -108,7 +108,7 @@ def test_clap_embeds_every_window_and_mert_every_window_long_chunk(tokenizer, fo
     assert clap.shape == (7, tokenizer.clap.embed_dim)
     assert np.allclose(np.linalg.norm(clap, axis=1), 1.0, atol=1e-5)
     mert = embed_folder(gen, tokenizer, "mert")
-    assert mert.shape == (2 + 1 + 1, tokenizer.mert.model.config.hidden_size)  # whole 4 s chunks
+    assert mert.shape == (2 + 1 + 1, tokenizer.semantic.model.config.hidden_size)  # whole 4 s chunks
 
 
 def test_run_eval_writes_fad_and_per_file_clap_scores(tokenizer, folders, tmp_path, capsys):

@@ -143,8 +143,8 @@ def test_tokenizer_folder_holds_backbones_and_checksummed_quantizers(tokenized):
     for fname in QUANTIZER_FILES.values():
         assert record["quantizers"][fname] == sha256_file(out / "tokenizer" / fname)
         assert records[fname] == FileRecord.of(out / "tokenizer" / fname)
-    for name in ("clap", "mert", "encodec"):
-        assert record["backbones"][name]["path"] == name
+    for name, cls in (("clap", "ClapModel"), ("semantic", "HubertModel"), ("codec", "EncodecModel")):
+        assert record["backbones"][name]["path"] == name and record["backbones"][name]["class"] == cls
         assert (out / "tokenizer" / name / "config.json").is_file()
     assert record["streams"]["acoustic"]["levels"] == 8
     assert record["config"]["clap"]["model"] == "random"

@@ -8,7 +8,7 @@ By role:
   a stage's timeline, what each one sees, story-mode prompts);
 - :mod:`~musiclm.generation.stages`: the per-stage sampling loop (one window of
   one stage, guidance, per-window random numbers);
-- :mod:`~musiclm.generation.decode`: Encodec decoding in crossfaded chunks;
+- :mod:`~musiclm.generation.decode`: codec decoding in crossfaded chunks;
 - :mod:`~musiclm.generation.run`: one run of the chain, the stages interleaved
   window by window, decoded and scored (:class:`GenerationRun`, :class:`Generation`);
 - :mod:`~musiclm.generation.loading`: where the stages and their tokenizer are found;

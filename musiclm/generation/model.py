@@ -1,6 +1,6 @@
 """The public API: :class:`MusicLM` turns text into music with three trained stages and their tokenizer.
 
-    text ─► CLAP text tokens ─► semantic ─► coarse ─► fine ─► Encodec decode ─► waveform
+    text ─► CLAP text tokens ─► semantic ─► coarse ─► fine ─► codec decode ─► waveform
 
 Each stage samples its timeline in windows (:mod:`musiclm.generation.windows`),
 one window at a time (:mod:`musiclm.generation.stages`). The stages interleave
@@ -269,7 +269,7 @@ class MusicLM:
         return self.tokenizer.text_tokens(prompts)
 
     def decoder(self, start: int = 0) -> ChunkDecoder:
-        """The chunked Encodec decoder every generation uses, streamed or not (the same chunks give the
+        """The chunked codec decoder every generation uses, streamed or not (the same chunks give the
         same audio); acoustic frames before ``start`` are context only."""
         return ChunkDecoder.from_seconds(self.tokenizer.decode_acoustic, self.hop, float(self.info.acoustic.frame_rate), start=start)
 

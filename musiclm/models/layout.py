@@ -105,7 +105,7 @@ class StageLayout:
         else:
             raise UserError(f"unknown stage '{stage}': choose one of semantic, coarse, fine")
         if not self.target.levels:
-            raise UserError(f"stage '{stage}' has no target levels: check tokenize.encodec.coarse_quantizers")
+            raise UserError(f"stage '{stage}' has no target levels: check tokenize.codec.coarse_quantizers")
 
         # one slice of the embedding table per (stream, level) this layout uses
         self.offsets: dict[tuple[str, int], int] = {}

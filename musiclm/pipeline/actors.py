@@ -78,17 +78,17 @@ class TokenizeActor(_BatchActor):
 
 
 class FitActor(_BatchActor):
-    """Extracts the features that quantizers are fitted on: CLAP windows of every clip, MERT frames
-    (and Encodec latents) of the clips of ``mert_files``."""
+    """Extracts the features that quantizers are fitted on: CLAP windows of every clip, semantic frames
+    (and Encodec latents) of the clips of ``semantic_files``."""
 
-    def __init__(self, cfg_dict: dict, backbone_dir: str, threads: int, max_frames: int, seed: int, mert_files: list[str]):
+    def __init__(self, cfg_dict: dict, backbone_dir: str, threads: int, max_frames: int, seed: int, semantic_files: list[str]):
         self.tok = _load_tokenizer(None, cfg_dict, backbone_dir, threads)
         self.max_frames = max_frames
         self.seed = seed
-        self.mert_files = frozenset(mert_files)
+        self.semantic_files = frozenset(semantic_files)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"rel": [], "mert": [], "clap": [], "encodec": [], "cpu": []}
+        out: dict[str, list] = {"rel": [], "semantic": [], "clap": [], "codec": [], "cpu": []}
         for payload in batch["payload"]:
             cpu = time.process_time()
             for s in pickle.loads(payload):
@@ -96,9 +96,9 @@ class FitActor(_BatchActor):
                     continue
                 # seeded per clip so the fitted quantizers do not depend on how clips were batched
                 rng = np.random.default_rng([self.seed, int(s["key"][:8], 16)])
-                feats = self.tok.fit_features(s["audio"], self.max_frames, rng, frames=s["rel"] in self.mert_files)
+                feats = self.tok.fit_features(s["audio"], self.max_frames, rng, frames=s["rel"] in self.semantic_files)
                 out["rel"].append(s["rel"])
-                for name in ("mert", "clap", "encodec"):
+                for name in ("semantic", "clap", "codec"):
                     f = feats.get(name)
                     out[name].append(b"" if f is None else np.ascontiguousarray(f, dtype=np.float32).tobytes())
                 out["cpu"].append(time.process_time() - cpu)  # CPU seconds of this actor process, all its threads

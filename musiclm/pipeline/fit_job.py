@@ -6,7 +6,7 @@ Layer: pipeline (imports the base layer, models and the lower pipeline modules).
 
     probe the corpus, choose the sample (:mod:`musiclm.pipeline.fit_plan`; a corpus too small is refused here)
       → its files in planned batches, decoded (:mod:`musiclm.pipeline.decode_stage`)
-      → FitActor pool (:mod:`musiclm.pipeline.actors`): CLAP windows, MERT frames, Encodec latents
+      → FitActor pool (:mod:`musiclm.pipeline.actors`): CLAP windows, semantic frames, Encodec latents
       → k-means on the driver (faiss) → tokenizer/ with its fit report
 
 Features reach the driver in plan order and every clip draws its frames with its own seed, so the
@@ -33,13 +33,13 @@ from musiclm.pipeline.decode_stage import in_plan_order
 from musiclm.pipeline.progress import FitProgress, stalled_error
 from musiclm.pipeline.ray_runtime import Resources
 
-FEATURES = ("mert", "clap", "encodec")
+FEATURES = ("semantic", "clap", "codec")
 
 
 def plan_fit_sample(console, files: list[str], corpus: Path, tcfg: TokenizeConfig):
     """The fit sample of ``files`` (a :class:`~musiclm.pipeline.fit_plan.FitPlan`), from their probed durations.
     Refused in one line, before any backbone runs: backbone settings that do not fit the config, and a corpus
-    too small for the vocabularies (the MERT floor too when its frame rate is known from the backbone's config;
+    too small for the vocabularies (the semantic floor too when its frame rate is known from the backbone's config;
     else once it has loaded, in :func:`fit_tokenizer`)."""
     from musiclm.pipeline.fit_plan import backbone_facts, check_backbones, check_enough, needs_line, plan_fit
 
@@ -57,7 +57,7 @@ def plan_fit_sample(console, files: list[str], corpus: Path, tcfg: TokenizeConfi
     if not plan.files:
         raise UserError(f"no decodable audio of at least {tcfg.audio.min_seconds:g} s under {corpus} to fit the tokenizer on")
     console.print(needs_line(tcfg, plan))
-    check_enough(tcfg, plan, facts.mert_frame_rate)
+    check_enough(tcfg, plan, facts.semantic_frame_rate)
     return plan
 
 
@@ -69,7 +69,7 @@ def fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCon
 
     staging = atomic.fresh_staging(out / "tokenizer")
     tok = Tokenizer.from_config(tcfg)
-    check_enough(tcfg, plan, mert_rate=tok.mert.frame_rate)
+    check_enough(tcfg, plan, semantic_rate=tok.semantic.frame_rate)
     tok.save_backbones(staging)  # random backbones: every actor loads these exact weights
     t0 = time.time()
     feats, cpu_seconds = _extract_features(ray, console, plan, corpus, out, tcfg, tok, staging, res, stall_seconds)
@@ -84,11 +84,11 @@ def fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCon
     tok.save(staging, fit_report=report)
     atomic.replace_folder(staging, out / "tokenizer")
     e = errors.get("heldout_audio", errors["fit_audio"])
-    n_clap, n_mert = counts["clap"][0], counts["semantic"][0]
+    n_clap, n_semantic = counts["clap"][0], counts["semantic"][0]
     console.print(
         f"fitted in {extract:.0f} s of features ({report['cores_busy']['features']:.1f} cores busy) + {kmeans:.0f} s of k-means "
         f"({report['cores_busy']['kmeans']:.1f} cores busy): {n_clap:,} CLAP windows ({n_clap / tcfg.clap.codebook_size:.1f} per code), "
-        f"{n_mert:,} MERT frames; CLAP relative error after {len(tok.quantizers['clap_codebooks'])} levels {e[-1]:.3f} (held-out audio), "
+        f"{n_semantic:,} semantic frames; CLAP relative error after {len(tok.quantizers['clap_codebooks'])} levels {e[-1]:.3f} (held-out audio), "
         f"{errors['text'][-1]:.3f} (text)"
     )
 
@@ -96,17 +96,17 @@ def fit_tokenizer(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeCon
 def _extract_features(ray, console, plan, corpus: Path, out: Path, tcfg: TokenizeConfig, tok, staging: Path, res: Resources,
                       stall_seconds: float) -> tuple[dict[str, list[np.ndarray]], float]:
     """The features of the sample, by a FitActor pool loading the backbones saved in ``staging``:
-    ({"mert", "clap", "encodec", "heldout": list of [N, dim] float32 arrays}, CPU seconds the actors spent).
+    ({"semantic", "clap", "codec", "heldout": list of [N, dim] float32 arrays}, CPU seconds the actors spent).
     The CLAP windows of held-out files go to "heldout" (measured, not fitted on)."""
     fit = tcfg.fit
-    mert_segments = sum(len(plan_segments(f.seconds, tcfg.audio.segment_seconds)) for f in plan.files if f.mert)
-    max_frames = max(1, math.ceil(fit.max_points / max(mert_segments, 1)))
-    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, mert_files=plan.mert_files)
+    semantic_segments = sum(len(plan_segments(f.seconds, tcfg.audio.segment_seconds)) for f in plan.files if f.semantic)
+    max_frames = max(1, math.ceil(fit.max_points / max(semantic_segments, 1)))
+    kwargs = dict(cfg_dict=to_dict(tcfg), backbone_dir=str(staging), threads=res.threads, max_frames=max_frames, seed=fit.seed, semantic_files=plan.semantic_files)
     batches = dict(plan_batches([(f.rel, f.seconds) for f in plan.files], tcfg.batch_seconds))
     runner = in_plan_order(ray, FitActor, kwargs, res, batches, corpus, tcfg, tok.sample_rates, frozenset(), stall_seconds)
     heldout = frozenset(plan.heldout)
-    feats: dict[str, list[np.ndarray]] = {"mert": [], "clap": [], "encodec": [], "heldout": []}
-    dims = {"mert": tok.mert.model.config.hidden_size, "clap": tok.clap.embed_dim, "encodec": tok.encodec.model.config.codebook_dim}
+    feats: dict[str, list[np.ndarray]] = {"semantic": [], "clap": [], "codec": [], "heldout": []}
+    dims = {"semantic": tok.semantic.dim, "clap": tok.clap.embed_dim, "codec": tok.codec.model.config.codebook_dim}
     cpu_seconds = 0.0
     with FitProgress(console, len(plan.files)) as bar:
         try:
@@ -122,27 +122,27 @@ def _extract_features(ray, console, plan, corpus: Path, out: Path, tcfg: Tokeniz
             raise stalled_error(console, out, e, stall_seconds) from None
         except ActorLost as e:
             raise UserError(f"fitting the tokenizer stopped: {e}; re-run the same command to start it again") from None
-    if not feats["mert"] or not feats["clap"]:
+    if not feats["semantic"] or not feats["clap"]:
         raise UserError(f"none of the {len(plan.files)} sampled files could be decoded to fit the tokenizer; see musiclm tokenize's errors")
     return feats, cpu_seconds
 
 
 def _fit_quantizers(tok, feats: dict[str, list[np.ndarray]], tcfg: TokenizeConfig) -> dict[str, tuple[int, int]]:
-    """k-means on ``feats``: MERT centroids and the CLAP residual quantizer into ``tok.quantizers``, and Encodec's
+    """k-means on ``feats``: semantic centroids and the CLAP residual quantizer into ``tok.quantizers``, and Encodec's
     codebooks when it was built offline. Returns {quantizer: (points, codes)}."""
-    from musiclm.models.backbones import set_encodec_codebooks
+    from musiclm.models.codec import set_encodec_codebooks
     from musiclm.pipeline.quantizers import fit_encodec_codebooks, fit_residual, fit_semantic
 
     fit = tcfg.fit
-    mert = np.concatenate(feats["mert"])
+    semantic = np.concatenate(feats["semantic"])
     clap = np.concatenate(feats["clap"])
-    centroids, norm = fit_semantic(mert, tcfg.mert.codebook_size, niter=fit.niter, seed=fit.seed)
+    centroids, norm = fit_semantic(semantic, tcfg.semantic.codebook_size, niter=fit.niter, seed=fit.seed)
     books = fit_residual(clap, tcfg.clap.levels, tcfg.clap.codebook_size, niter=fit.niter, seed=fit.seed, what="CLAP residual quantizer")
-    counts = {"clap": (len(clap), tcfg.clap.codebook_size), "semantic": (len(mert), tcfg.mert.codebook_size)}
-    if feats["encodec"]:
-        latents = np.concatenate(feats["encodec"])
-        set_encodec_codebooks(tok.encodec, fit_encodec_codebooks(tok.encodec, latents, niter=fit.niter, seed=fit.seed))
-        counts["encodec"] = (len(latents), tok.encodec.codebook_size)
+    counts = {"clap": (len(clap), tcfg.clap.codebook_size), "semantic": (len(semantic), tcfg.semantic.codebook_size)}
+    if feats["codec"]:
+        latents = np.concatenate(feats["codec"])
+        set_encodec_codebooks(tok.codec, fit_encodec_codebooks(tok.codec, latents, niter=fit.niter, seed=fit.seed))
+        counts["codec"] = (len(latents), tok.codec.codebook_size)
     tok.quantizers = {"semantic_centroids": centroids, "semantic_norm": norm, "clap_codebooks": books}
     return counts
 

@@ -5,11 +5,11 @@ Layer: pipeline (imports the base layer; models.backbones and pipeline.audio whe
 A codebook is only as good as its sample: every code needs ``tokenize.fit.min_points_per_code``
 points at every level. A residual quantizer fits each level on the same points (the residuals
 of the level before), so CLAP's need is ``codebook_size x min_points`` window embeddings,
-whatever the depth; MERT's is ``codebook_size x min_points`` frames. CLAP windows are the scarce
-kind (one per ``clap_hop_seconds``, against MERT's 50 frames per second), so a corpus is
+whatever the depth; the semantic model's is ``codebook_size x min_points`` frames. CLAP windows are the scarce
+kind (one per ``clap_hop_seconds``, against the semantic model's 50 frames per second), so a corpus is
 judged from its probed durations alone, before any backbone runs over it.
 
-Checks that need a backbone's own settings (the CLAP window of its feature extractor, MERT's
+Checks that need a backbone's own settings (the CLAP window of its feature extractor, the semantic
 layer count and frame rate, an offline Encodec's codebooks) read them from the backbone's
 config files without loading weights: at once for ``random`` and local folders, and for a hub
 id when it is in the local cache (else when the backbone loads).
@@ -32,9 +32,9 @@ class BackboneFacts:
     """What the fit plan needs to know of the backbones; None where it is not known without loading."""
 
     clap_window_seconds: float | None = None
-    mert_frame_rate: float | None = None
-    mert_layers: int | None = None
-    encodec_frame_rate: float | None = None
+    semantic_frame_rate: float | None = None
+    semantic_layers: int | None = None
+    codec_frame_rate: float | None = None
     encodec_codebook_size: int | None = None  # only for an Encodec built offline, whose codebooks are fitted
 
 
@@ -42,14 +42,15 @@ def _cached(load: Callable, source: str, revision: str | None):
     """``load(source)`` from a local folder or the local hub cache only; None when that needs the network."""
     try:
         return load(source, revision=revision, local_files_only=True)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):
         return None
 
 
 def backbone_facts(t: TokenizeConfig) -> BackboneFacts:
     """Read the backbones' own settings from their configs (no weights are loaded)."""
-    from transformers import ClapFeatureExtractor, EncodecConfig, HubertConfig, Wav2Vec2FeatureExtractor
+    from transformers import AutoConfig, AutoFeatureExtractor, ClapFeatureExtractor, SeamlessM4TFeatureExtractor, Wav2Vec2FeatureExtractor
 
+    from musiclm.models import codec, semantic
     from musiclm.models.backbones import RANDOM
 
     if t.clap.model == RANDOM:
@@ -58,27 +59,32 @@ def backbone_facts(t: TokenizeConfig) -> BackboneFacts:
         clap_fe = _cached(ClapFeatureExtractor.from_pretrained, t.clap.model, t.clap.revision)
     clap_window = None if clap_fe is None else clap_fe.nb_max_samples / clap_fe.sampling_rate
 
-    mert_rate = mert_layers = None
-    if t.mert.model == RANDOM:
-        hub = HubertConfig(**t.mert.arch)
-        sample_rate = t.mert.sample_rate
-    elif not t.mert.trust_remote_code:  # remote-code configs are read when the model loads
-        hub = _cached(HubertConfig.from_pretrained, t.mert.model, t.mert.revision)
-        fe = _cached(Wav2Vec2FeatureExtractor.from_pretrained, t.mert.model, t.mert.revision)
-        sample_rate = t.mert.sample_rate if fe is None else fe.sampling_rate
+    s = t.semantic
+    if s.model == RANDOM:
+        arch = dict(s.arch)
+        config = AutoConfig.for_model(arch.pop("model_type", "hubert"), **arch)
+        fe = SeamlessM4TFeatureExtractor(**s.features) if semantic.family(config) == "wav2vec2-bert" else None
+    elif not s.trust_remote_code:  # remote-code configs are read when the model loads
+        config = _cached(lambda source, **kw: semantic.read_config(s, source, **kw), s.model, s.revision)
+        fe = _cached(AutoFeatureExtractor.from_pretrained, s.model, s.revision)
     else:
-        hub = None
-    if hub is not None:
-        mert_rate = sample_rate / math.prod(hub.conv_stride)
-        mert_layers = hub.num_hidden_layers
+        config = fe = None
+    if config is not None and fe is None and semantic.family(config) == "hubert":
+        fe = Wav2Vec2FeatureExtractor(sampling_rate=s.sample_rate)  # a folder without preprocessor_config.json
+    known = config is not None and fe is not None
 
-    enc = EncodecConfig(**t.encodec.arch) if t.encodec.model == RANDOM else _cached(EncodecConfig.from_pretrained, t.encodec.model, t.encodec.revision)
+    c = t.codec
+    if c.model == RANDOM:
+        arch = dict(c.arch)
+        enc = AutoConfig.for_model(arch.pop("model_type", "encodec"), **arch)
+    else:
+        enc = _cached(AutoConfig.from_pretrained, c.model, c.revision)
     return BackboneFacts(
         clap_window_seconds=clap_window,
-        mert_frame_rate=mert_rate,
-        mert_layers=mert_layers,
-        encodec_frame_rate=None if enc is None else enc.sampling_rate / enc.hop_length,
-        encodec_codebook_size=enc.codebook_size if t.encodec.model == RANDOM else None,
+        semantic_frame_rate=semantic.frame_rate(config, fe) if known else None,
+        semantic_layers=config.num_hidden_layers if config is not None else None,
+        codec_frame_rate=None if enc is None else codec.codec_frame_rate(enc),
+        encodec_codebook_size=enc.codebook_size if c.model == RANDOM and enc.model_type == "encodec" else None,
     )
 
 
@@ -95,20 +101,20 @@ def check_backbones(t: TokenizeConfig, facts: BackboneFacts) -> None:
     """One-line errors for a tokenize config that disagrees with its backbones or cannot feed their codebooks."""
     if facts.clap_window_seconds is not None:
         check_clap_window(t, facts.clap_window_seconds)
-    if facts.mert_layers is not None and not 0 <= t.mert.layer <= facts.mert_layers:
-        raise UserError(f"tokenize.mert.layer = {t.mert.layer} but the MERT model has {facts.mert_layers} layers (use 0..{facts.mert_layers})")
+    if facts.semantic_layers is not None and not 0 <= t.semantic.layer <= facts.semantic_layers:
+        raise UserError(f"tokenize.semantic.layer = {t.semantic.layer} but the semantic model has {facts.semantic_layers} layers (use 0..{facts.semantic_layers})")
     f = t.fit
     for what, k, rate in (
-        ("tokenize.mert.codebook_size", t.mert.codebook_size, facts.mert_frame_rate),
-        ("the Encodec codebooks (tokenize.encodec.arch.codebook_size)", facts.encodec_codebook_size, facts.encodec_frame_rate),
+        ("tokenize.semantic.codebook_size", t.semantic.codebook_size, facts.semantic_frame_rate),
+        ("the Encodec codebooks (tokenize.codec.arch.codebook_size)", facts.encodec_codebook_size, facts.codec_frame_rate),
     ):
         if not k or rate is None:
             continue
         need = k * f.min_points_per_code
-        if f.max_points < need or f.mert_seconds * rate < need:
+        if f.max_points < need or f.semantic_seconds * rate < need:
             raise UserError(
                 f"tokenize.fit cannot feed {what} = {k}: {f.min_points_per_code} points per code need {need} frames, "
-                f"but max_points = {f.max_points} and mert_seconds = {f.mert_seconds:g} give {min(f.max_points, int(f.mert_seconds * rate))}"
+                f"but max_points = {f.max_points} and semantic_seconds = {f.semantic_seconds:g} give {min(f.max_points, int(f.semantic_seconds * rate))}"
             )
 
 
@@ -119,7 +125,7 @@ class FitFile:
     seconds: float
     clap_windows: int  # at the fit-time hop, over all its segments
     heldout: bool  # its CLAP windows measure the fit instead of feeding it
-    mert: bool  # MERT frames (and Encodec latents) are extracted from it
+    semantic: bool  # semantic frames (and Encodec latents) are extracted from it
 
 
 @dataclass
@@ -128,7 +134,7 @@ class FitPlan:
 
     files: list[FitFile]
     clap_need: int  # CLAP windows the codebooks need (non-held-out)
-    mert_need: int  # MERT frames the k-means needs
+    semantic_need: int  # semantic frames the k-means needs
     hours_need: float  # audio that gives clap_need windows at full segments, held-out files included
 
     @property
@@ -144,12 +150,12 @@ class FitPlan:
         return [f.rel for f in self.files if f.heldout]
 
     @property
-    def mert_files(self) -> list[str]:
-        return [f.rel for f in self.files if f.mert]
+    def semantic_files(self) -> list[str]:
+        return [f.rel for f in self.files if f.semantic]
 
     @property
-    def mert_seconds(self) -> float:
-        return sum(f.seconds for f in self.files if f.mert)
+    def semantic_seconds(self) -> float:
+        return sum(f.seconds for f in self.files if f.semantic)
 
 
 def fit_windows(seconds: float, t: TokenizeConfig) -> int:
@@ -169,13 +175,13 @@ def plan_fit(files: list[str], durations: Callable[[str], float | None], t: Toke
 
     ``durations(rel)`` probes one file: its seconds, or None when it cannot be read (it is skipped
     here and reported by the tokenize pass). Every ``1 / heldout_fraction``-th file drawn is held
-    out; the first ``fit.mert_seconds`` of audio also give MERT frames.
+    out; the first ``fit.semantic_seconds`` of audio also give semantic frames.
     """
     f = t.fit
     order = np.random.default_rng(f.seed).permutation(len(files))
     every = round(1 / f.heldout_fraction) if f.heldout_fraction > 0 else 0
-    plan = FitPlan([], t.clap.codebook_size * f.min_points_per_code, t.mert.codebook_size * f.min_points_per_code, hours_needed(t))
-    total = mert = 0.0
+    plan = FitPlan([], t.clap.codebook_size * f.min_points_per_code, t.semantic.codebook_size * f.min_points_per_code, hours_needed(t))
+    total = semantic = 0.0
     for i in order:
         if total >= f.max_seconds:
             break
@@ -184,10 +190,10 @@ def plan_fit(files: list[str], durations: Callable[[str], float | None], t: Toke
             continue
         n = len(plan.files)
         heldout = every > 0 and n % every == every - 1
-        plan.files.append(FitFile(files[i], seconds, fit_windows(seconds, t), heldout, mert < f.mert_seconds))
+        plan.files.append(FitFile(files[i], seconds, fit_windows(seconds, t), heldout, semantic < f.semantic_seconds))
         total += seconds
-        if mert < f.mert_seconds:
-            mert += seconds
+        if semantic < f.semantic_seconds:
+            semantic += seconds
     return plan
 
 
@@ -204,7 +210,7 @@ def needs_line(t: TokenizeConfig, plan: FitPlan) -> str:
     return (
         f"the vocabularies need about {duration_text(plan.hours_need * 3600)} of audio to fit: CLAP {c.levels} x {c.codebook_size} codes "
         f"x {f.min_points_per_code} points = {plan.clap_need:,} windows of {c.window_seconds:g} s at a {f.clap_hop_seconds:g} s hop; "
-        f"semantic {t.mert.codebook_size} codes = {plan.mert_need:,} MERT frames. "
+        f"semantic {t.semantic.codebook_size} codes = {plan.semantic_need:,} semantic frames. "
         f"The fit sample: {len(plan.files)} files, {duration_text(plan.seconds)}: {plan.clap_windows:,} windows "
         f"({plan.clap_windows / c.codebook_size:.0f} per code), {len(plan.heldout)} files held out"
     )
@@ -216,8 +222,8 @@ def largest_codebook(points: int, min_points: int) -> int:
     return 1 << (k.bit_length() - 1) if k >= 1 else 0
 
 
-def check_enough(t: TokenizeConfig, plan: FitPlan, mert_rate: float | None) -> None:
-    """Refuse, in one line, a corpus too small for the configured CLAP (and MERT) vocabularies."""
+def check_enough(t: TokenizeConfig, plan: FitPlan, semantic_rate: float | None) -> None:
+    """Refuse, in one line, a corpus too small for the configured CLAP (and semantic) vocabularies."""
     c, f = t.clap, t.fit
     have = plan.clap_windows
     if have < plan.clap_need:
@@ -229,12 +235,12 @@ def check_enough(t: TokenizeConfig, plan: FitPlan, mert_rate: float | None) -> N
             f"({duration_text(plan.seconds)} in {len(plan.files)} readable files); use a smaller codebook ({smaller}) "
             f"or pass --tokenizer from a tokenizer fitted on a larger corpus"
         )
-    if mert_rate is not None:
-        frames = min(int(plan.mert_seconds * mert_rate), f.max_points)
-        if frames < plan.mert_need:
+    if semantic_rate is not None:
+        frames = min(int(plan.semantic_seconds * semantic_rate), f.max_points)
+        if frames < plan.semantic_need:
             k = largest_codebook(frames, f.min_points_per_code)
             raise UserError(
-                f"not enough audio to fit the tokenizer: semantic {t.mert.codebook_size} codes need {plan.mert_need:,} MERT frames "
-                f"({f.min_points_per_code} per code) but the corpus gives {frames:,}; use tokenize.mert.codebook_size = {k} or less, "
+                f"not enough audio to fit the tokenizer: semantic {t.semantic.codebook_size} codes need {plan.semantic_need:,} semantic frames "
+                f"({f.min_points_per_code} per code) but the corpus gives {frames:,}; use tokenize.semantic.codebook_size = {k} or less, "
                 "or pass --tokenizer from a tokenizer fitted on a larger corpus"
             )

@@ -3,10 +3,10 @@
 Fitting uses faiss (k-means); applying a fitted quantizer needs only the stored
 centroid arrays, so training and generation never import faiss.
 
-- semantic: one k-means codebook on standardised MERT layer features;
+- semantic: one k-means codebook on standardised semantic-model layer features;
 - clap: a residual quantizer (a loop of k-means over residuals) on CLAP embeddings;
 - Encodec (random backbones only): the same residual fit on encoder outputs
-  (:func:`fit_encodec_codebooks`; ``musiclm.models.backbones.set_encodec_codebooks``
+  (:func:`fit_encodec_codebooks`; ``musiclm.models.codec.set_encodec_codebooks``
   installs the result in the model).
 
 Layer: pipeline.
@@ -22,7 +22,7 @@ import torch
 from musiclm.errors import UserError
 
 if TYPE_CHECKING:
-    from musiclm.models.backbones import Encodec
+    from musiclm.models.codec import Codec
 
 
 def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, what: str = "k-means") -> np.ndarray:
@@ -65,10 +65,10 @@ def fit_residual(x: np.ndarray, levels: int, k: int, niter: int = 20, seed: int 
     return np.stack(books)
 
 
-def fit_encodec_codebooks(enc: Encodec, latents: np.ndarray, niter: int = 20, seed: int = 0) -> list[np.ndarray]:
+def fit_encodec_codebooks(enc: Codec, latents: np.ndarray, niter: int = 20, seed: int = 0) -> list[np.ndarray]:
     """The first ``num_quantizers`` codebooks of ``enc`` ([codebook_size, dim] each), fitted by
     residual k-means on encoder outputs ``latents`` [N, dim]; install them with
-    ``musiclm.models.backbones.set_encodec_codebooks``."""
+    ``musiclm.models.codec.set_encodec_codebooks``."""
     return list(fit_residual(latents, enc.num_quantizers, enc.codebook_size, niter=niter, seed=seed, what="Encodec codebooks"))
 
 
@@ -104,7 +104,7 @@ def residual_decode(codes: np.ndarray | torch.Tensor, codebooks: np.ndarray | to
 
 
 def fit_semantic(features: np.ndarray, k: int, niter: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """k-means on standardised MERT features [N, D] → (centroids [k, D], norm [2, D] = mean, std)."""
+    """k-means on standardised semantic features [N, D] → (centroids [k, D], norm [2, D] = mean, std)."""
     mean = features.mean(0)
     std = features.std(0) + 1e-5
     centroids = fit_kmeans((features - mean) / std, k, niter=niter, seed=seed, what="semantic k-means")

@@ -55,7 +55,7 @@ from musiclm.shards.records import MANIFEST_RECORD, record_folder_files
 
 LOCK_FILE = ".musiclm.lock"
 # tokenizer config keys that change what tokens mean or which clips exist
-MEANING_KEYS = ("audio", "clap", "mert", "encodec", "precision")
+MEANING_KEYS = ("audio", "clap", "semantic", "codec", "precision")
 
 
 def run_tokenize(

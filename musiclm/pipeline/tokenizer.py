@@ -27,7 +27,9 @@ from musiclm import atomic
 from musiclm.config import TokenizeConfig, to_dict, tokenize_config_from_dict
 from musiclm.integrity import DamagedFile, FileRecord, write_records
 from musiclm.models.clap_mel import ClapMel
-from musiclm.models.backbones import RANDOM, Clap, Encodec, Mert, encodec_latents, load_clap, load_encodec, load_mert
+from musiclm.models.backbones import RANDOM, Clap, load_clap
+from musiclm.models.codec import Codec, load_codec
+from musiclm.models.semantic import SemanticModel, load_semantic
 from musiclm.pipeline.fit_plan import check_clap_window
 from musiclm.pipeline.quantizers import assign, residual_decode, residual_encode
 from musiclm.shards.format import TOKENIZER_FILE, TokenInfo
@@ -43,7 +45,9 @@ from musiclm.shards.tokenizer_folder import (
     tokenizer_folder,
 )
 
-SEEDS = {"clap": 0, "mert": 1, "encodec": 2}
+SEEDS = {"clap": 0, "semantic": 1, "codec": 2}
+BACKBONES = ("clap", "semantic", "codec")  # their names in the record, the config and the folder
+OLD_NAMES = {"semantic": "mert", "codec": "encodec"}  # their names in records written before the backbones were pluggable
 
 
 def same_length(clips: list[dict[int, np.ndarray]], rate: int) -> list[list[int]]:
@@ -61,20 +65,20 @@ class Tokenizer:
         self,
         cfg: TokenizeConfig,
         clap: Clap,
-        mert: Mert,
-        encodec: Encodec,
+        semantic: SemanticModel,
+        codec: Codec,
         quantizers: dict[str, np.ndarray] | None = None,
         device: str | torch.device = "cpu",
         record: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
-        self.clap, self.mert, self.encodec = clap, mert, encodec
+        self.clap, self.semantic, self.codec = clap, semantic, codec
         self.quantizers = quantizers
         self.device = torch.device(device)
         self.record = record  # the parsed tokenizer.json when loaded from a folder
         self.backoffs: list[str] = []  # batch-size back-offs after CUDA out-of-memory, one line each
         self._max_rows: dict[str, int] = {}  # backbone -> rows per call after a back-off
-        for m in (clap.model, mert.model, encodec.model):
+        for m in (clap.model, semantic.model, codec.model):
             m.to(self.device)
         # again here: a hub backbone's extractor is known only once it has loaded
         check_clap_window(cfg, clap.features.nb_max_samples / clap.sample_rate)
@@ -91,8 +95,8 @@ class Tokenizer:
         return cls(
             cfg,
             load_clap(cfg.clap, saved("clap", cfg.clap), seed=SEEDS["clap"]),
-            load_mert(cfg.mert, saved("mert", cfg.mert), seed=SEEDS["mert"]),
-            load_encodec(cfg.encodec, saved("encodec", cfg.encodec), seed=SEEDS["encodec"]),
+            load_semantic(cfg.semantic, saved("semantic", cfg.semantic), seed=SEEDS["semantic"]),
+            load_codec(cfg.codec, saved("codec", cfg.codec), seed=SEEDS["codec"]),
             device=device,
         )
 
@@ -105,19 +109,28 @@ class Tokenizer:
         quantizers = load_quantizers(folder)
 
         def backbone(name: str, load, spec):
-            sub = record["backbones"][name].get("path")
+            entry = recorded_backbone(record, name)
+            sub = entry.get("path")
             if not sub:
-                return load(spec, None)  # a hub id: loading errors are the backbone loader's to tell
-            try:
-                return load(spec, folder / sub)
-            except Exception as e:  # noqa: BLE001 - a saved backbone that passed its checks and still fails to load is damaged
-                raise DamagedFile(folder / sub, f"cannot be loaded: {error_line(e)}", ADVICE) from None
+                built = load(spec, None)  # a hub id: loading errors are the backbone loader's to tell
+            else:
+                try:
+                    built = load(spec, folder / sub)
+                except Exception as e:  # noqa: BLE001 - a saved backbone that passed its checks and still fails to load is damaged
+                    raise DamagedFile(folder / sub, f"cannot be loaded: {error_line(e)}", ADVICE) from None
+            if entry.get("class") and entry["class"] != type(built.model).__name__:
+                raise DamagedFile(
+                    folder / TOKENIZER_FILE,
+                    f"its {name} backbone was a {entry['class']} but '{spec.model}' now loads a {type(built.model).__name__}",
+                    "pin the backbone's revision to the one that tokenized the corpus, or tokenize again",
+                )
+            return built
 
         return cls(
             cfg,
             backbone("clap", load_clap, cfg.clap),
-            backbone("mert", load_mert, cfg.mert),
-            backbone("encodec", load_encodec, cfg.encodec),
+            backbone("semantic", load_semantic, cfg.semantic),
+            backbone("codec", load_codec, cfg.codec),
             quantizers=quantizers,
             device=device,
             record=record,
@@ -125,7 +138,8 @@ class Tokenizer:
 
     def save_backbones(self, folder: Path) -> None:
         """Save the backbones built offline (random) into ``folder`` so that they load from there."""
-        for name, spec, bb in (("clap", self.cfg.clap, self.clap), ("mert", self.cfg.mert, self.mert), ("encodec", self.cfg.encodec, self.encodec)):
+        for name in BACKBONES:
+            spec, bb = getattr(self.cfg, name), getattr(self, name)
             if spec.model == RANDOM:
                 target = folder / name
                 if target.exists():
@@ -147,8 +161,9 @@ class Tokenizer:
             np.save(folder / fname, self.quantizers[name], allow_pickle=False)
             files[fname] = FileRecord.of(folder / fname)
         backbones = {}
-        for name, spec in (("clap", self.cfg.clap), ("mert", self.cfg.mert), ("encodec", self.cfg.encodec)):
-            entry: dict[str, Any] = {"model": spec.model, "revision": spec.revision, "path": None}
+        for name in BACKBONES:
+            spec = getattr(self.cfg, name)
+            entry: dict[str, Any] = {"model": spec.model, "revision": spec.revision, "path": None, "class": type(getattr(self, name).model).__name__}
             if spec.model == RANDOM:
                 entry["path"] = name
                 saved = {p.name: FileRecord.of(p) for p in sorted((folder / name).iterdir()) if p.is_file()}
@@ -176,25 +191,25 @@ class Tokenizer:
     # ---- facts -----------------------------------------------------------------
     @property
     def sample_rates(self) -> tuple[int, ...]:
-        return tuple(sorted({self.clap.sample_rate, self.mert.sample_rate, self.encodec.sample_rate}))
+        return tuple(sorted({self.clap.sample_rate, self.semantic.sample_rate, self.codec.sample_rate}))
 
     def streams(self) -> dict[str, dict[str, Any]]:
         c = self.cfg
         return {
             "semantic": {
                 "levels": 1,
-                "codebook_size": c.mert.codebook_size,
-                "frame_rate": self.mert.frame_rate,
-                "sample_rate": self.mert.sample_rate,
-                "layer": c.mert.layer,
+                "codebook_size": c.semantic.codebook_size,
+                "frame_rate": self.semantic.frame_rate,
+                "sample_rate": self.semantic.sample_rate,
+                "layer": c.semantic.layer,
             },
             "acoustic": {
-                "levels": c.encodec.num_quantizers,
-                "codebook_size": self.encodec.codebook_size,
-                "frame_rate": self.encodec.frame_rate,
-                "sample_rate": self.encodec.sample_rate,
-                "coarse_levels": c.encodec.coarse_quantizers,
-                "bandwidth": self.encodec.bandwidth,
+                "levels": c.codec.num_quantizers,
+                "codebook_size": self.codec.codebook_size,
+                "frame_rate": self.codec.frame_rate,
+                "sample_rate": self.codec.sample_rate,
+                "coarse_levels": c.codec.coarse_quantizers,
+                "bandwidth": self.codec.bandwidth,
             },
             "clap": {
                 "levels": c.clap.levels,
@@ -206,6 +221,11 @@ class Tokenizer:
                 "embed_dim": self.clap.embed_dim,
             },
         }
+
+    @property
+    def learns_codebooks(self) -> bool:
+        """Whether the fit learns the codec's codebooks: an Encodec built offline has all-zero ones."""
+        return self.cfg.codec.model == RANDOM and self.codec.family == "encodec"
 
     @property
     def info(self) -> TokenInfo:
@@ -220,10 +240,10 @@ class Tokenizer:
 
         fp32 is plain fp32 on every device: TF32 flips ~5% of Encodec codes against the CPU, so
         it is off inside (and restored after, so training or generation in the same process keep
-        their own setting). bf16 and fp16 run under autocast on the tokenizer's device, for MERT
-        and CLAP only (``lowered``): under autocast Encodec's residual codes come out different
+        their own setting). bf16 and fp16 run under autocast on the tokenizer's device, for the
+        semantic model and CLAP only (``lowered``): under autocast Encodec's residual codes come out different
         from fp32's for most frames (8% of level-0 codes agreed in bf16, 16-40% in fp16;
-        benchmarks/bench_agreement.py), so Encodec always runs in fp32."""
+        benchmarks/bench_agreement.py), so the codec always runs in fp32."""
         dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.precision] if lowered else None
         cuda = self.device.type == "cuda"
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if cuda else None
@@ -270,33 +290,27 @@ class Tokenizer:
         return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
 
     @torch.inference_mode()
-    def mert_features(self, audio: np.ndarray) -> torch.Tensor:
-        """MERT hidden states of the configured layer: [B, samples] or [samples] at the MERT rate → [B, T_s, D]."""
-        audio = np.atleast_2d(audio)
-        fe = self.mert.features
-        x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)).to(self.device)
-        if getattr(fe, "do_normalize", False):
-            x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
+    def semantic_features(self, audio: np.ndarray) -> torch.Tensor:
+        """Semantic hidden states of the configured layer: [B, samples] or [samples] at the semantic
+        model's rate → [B, T_s, D]."""
+        inputs = self.semantic.inputs(audio, self.device)
         with self.precision():
-            out = self.mert.model(x, output_hidden_states=True)
-        return out.hidden_states[self.mert.layer].float()
+            return self.semantic.hidden(inputs).float()
 
     @torch.inference_mode()
     def encode_acoustic(self, audio: np.ndarray) -> torch.Tensor:
-        """Encodec codes: [B, samples] or [samples] at the codec rate → [B, Q, T_a] int64."""
+        """Codec codes: [B, samples] or [samples] at the codec rate → [B, Q, T_a] int64."""
         x = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(audio), dtype=np.float32)).to(self.device)
         with self.precision(lowered=False):
-            out = self.encodec.model.encode(self.encodec.model_input(x), bandwidth=self.encodec.bandwidth)
-        return out.audio_codes[0][:, : self.encodec.num_quantizers]
+            return self.codec.encode(x)
 
     @torch.inference_mode()
     def decode_acoustic(self, codes: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Waveforms [B, samples] float32 at the codec rate from codes [B, Q, T_a] (or [Q, T_a])."""
+        """Waveforms [B, hop x T_a] float32 at the codec rate from codes [B, Q, T_a] (or [Q, T_a])."""
         codes = torch.as_tensor(np.asarray(codes, dtype=np.int64) if isinstance(codes, np.ndarray) else codes).to(self.device)
         if codes.dim() == 2:
             codes = codes[None]
-        audio = self.encodec.model.decode(codes[None], [None]).audio_values  # [B, C, samples]
-        return audio.mean(1).float().cpu().numpy()
+        return self.codec.decode(codes).float().cpu().numpy()
 
     # ---- tokens -------------------------------------------------------------------
     def _need_quantizers(self) -> dict[str, torch.Tensor]:
@@ -307,7 +321,7 @@ class Tokenizer:
         return self._q
 
     def semantic_codes(self, features: torch.Tensor) -> torch.Tensor:
-        """k-means codes of MERT features [..., D] → [...] int64."""
+        """k-means codes of semantic features [..., D] → [...] int64."""
         q = self._need_quantizers()
         mean, std = q["semantic_norm"][0], q["semantic_norm"][1]
         flat = ((features - mean) / std).reshape(-1, features.shape[-1])
@@ -339,8 +353,9 @@ class Tokenizer:
         """Clips, each ``{sample_rate: mono float32}`` → the arrays of a shard sample each, or the
         exception that clip raised (its neighbours go on).
 
-        MERT and Encodec take clips of equal length together, never padded: MERT normalises each
-        row and attends over all of it, so padding would change its features. CLAP windows all
+        The semantic model and the codec take clips of equal length together, never padded: the
+        semantic model normalises each row and attends over all of it, so padding would change its
+        features. CLAP windows all
         have one length and go ``clap_rows`` at a time. Batching changes float reductions and so,
         now and then, a code against batch-1 calls (README: how often, as measured); a batch
         plan that is the same gives the same tokens.
@@ -355,17 +370,17 @@ class Tokenizer:
                     out[i].update(r)
 
         def semantic(rows: list[int]) -> list[dict]:
-            codes = self.semantic_codes(self.mert_features(np.stack([clips[i][self.mert.sample_rate] for i in rows])))
+            codes = self.semantic_codes(self.semantic_features(np.stack([clips[i][self.semantic.sample_rate] for i in rows])))
             return [{"semantic": c.cpu().numpy().astype(np.uint16)} for c in codes]
 
         def acoustic(rows: list[int]) -> list[dict]:
-            codes = self.encode_acoustic(np.stack([clips[i][self.encodec.sample_rate] for i in rows]))
+            codes = self.encode_acoustic(np.stack([clips[i][self.codec.sample_rate] for i in rows]))
             return [{"acoustic": c.cpu().numpy().astype(np.uint16)} for c in codes]
 
-        for rows in same_length(clips, self.mert.sample_rate):
-            merge(rows, self._call_in_parts("MERT", rows, semantic))
-        for rows in same_length(clips, self.encodec.sample_rate):
-            merge(rows, self._call_in_parts("Encodec", rows, acoustic))
+        for rows in same_length(clips, self.semantic.sample_rate):
+            merge(rows, self._call_in_parts("semantic", rows, semantic))
+        for rows in same_length(clips, self.codec.sample_rate):
+            merge(rows, self._call_in_parts("codec", rows, acoustic))
         windows = [self.clap_windows(clip[self.clap.sample_rate]) for clip in clips]
         owner = np.concatenate([np.full(len(w), i) for i, w in enumerate(windows)])
         flat = [w for ws in windows for w in ws]  # a clip shorter than a window gives one shorter window
@@ -420,7 +435,7 @@ class Tokenizer:
 
     def fit_features(self, audio: dict[int, np.ndarray], max_frames: int, rng: np.random.Generator, frames: bool = True, chunk: int = 16) -> dict[str, np.ndarray]:
         """Features that quantizers are fitted on, for one clip: CLAP window embeddings at the fit's
-        dense hop (``chunk`` windows per call, to bound memory) and, when ``frames``, MERT frames (at
+        dense hop (``chunk`` windows per call, to bound memory) and, when ``frames``, semantic frames (at
         most ``max_frames``, sampled) and Encodec encoder outputs when Encodec is built offline."""
 
         def at_most(frames: np.ndarray) -> np.ndarray:  # max_frames of them, drawn without replacement, in order
@@ -430,8 +445,15 @@ class Tokenizer:
         out = {"clap": np.concatenate([self.clap_audio_embed(windows[a : a + chunk]).cpu().numpy() for a in range(0, len(windows), chunk)])}
         if not frames:
             return out
-        out["mert"] = at_most(self.mert_features(audio[self.mert.sample_rate])[0].cpu().numpy())
-        if self.cfg.encodec.model == RANDOM:
-            x = torch.from_numpy(audio[self.encodec.sample_rate][None]).to(self.device)
-            out["encodec"] = at_most(encodec_latents(self.encodec, x)[0].cpu().numpy())
+        out["semantic"] = at_most(self.semantic_features(audio[self.semantic.sample_rate])[0].cpu().numpy())
+        if self.learns_codebooks:
+            x = torch.from_numpy(audio[self.codec.sample_rate][None]).to(self.device)
+            with torch.inference_mode():
+                out["codec"] = at_most(self.codec.latents(x)[0].cpu().numpy())
         return out
+
+
+def recorded_backbone(record: dict[str, Any], name: str) -> dict[str, Any]:
+    """Backbone ``name``'s entry in a tokenizer record, under its present or its old name."""
+    backbones = record["backbones"]
+    return backbones[name] if name in backbones else backbones[OLD_NAMES[name]]

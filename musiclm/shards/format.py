@@ -13,8 +13,8 @@ A sample's members (``KEY.<member>`` in the tar):
 =================  =========  ==========  =========================================
 member             dtype      shape       meaning
 =================  =========  ==========  =========================================
-``semantic.npy``   uint16     [T_s]       MERT layer features, k-means codes
-``acoustic.npy``   uint16     [Q, T_a]    Encodec RVQ codes, level-major
+``semantic.npy``   uint16     [T_s]       semantic-model layer features, k-means codes
+``acoustic.npy``   uint16     [Q, T_a]    codec RVQ codes (Encodec or DAC), level-major
 ``clap.npy``       uint16     [W, L]      CLAP window embeddings, residual codes
 ``clap_emb.npy``   float16    [W, D]      CLAP window embeddings (normalised)
 ``json``           utf-8      {}          source, start, duration, sample_rate, channels, segment
@@ -137,6 +137,11 @@ class TokenInfo:
 
     def stream(self, name: str) -> StreamInfo:
         return {"semantic": self.semantic, "acoustic": self.acoustic, "clap": self.clap}[name]
+
+    @property
+    def frame_rates(self) -> tuple[Fraction, ...]:
+        """The frame rates of the framed streams (semantic, acoustic): what stage windows must be whole in."""
+        return tuple(s.frame_rate for s in (self.semantic, self.acoustic) if s.frame_rate)
 
     def clap_window_for(self, start: float, seconds: float, n_windows: int) -> int:
         """Index of the CLAP window whose centre is nearest the centre of ``[start, start + seconds)``."""

@@ -3,7 +3,7 @@
 ``tokenizer/`` holds ``tokenizer.json`` (the record: backbone ids and revisions, rates, vocabularies,
 the tokenize config and checksums; :func:`read_record`, its :func:`fingerprint`), the quantizer arrays
 as plain ``.npy`` (:data:`QUANTIZER_FILES`, :func:`load_quantizers`) and, for backbones built offline
-(``model = "random"``), the backbones themselves in ``clap/``, ``mert/`` and ``encodec/``.
+(``model = "random"``), the backbones themselves in ``clap/``, ``semantic/`` and ``codec/`` (``mert/`` and ``encodec/`` in folders written before the backbones were pluggable).
 ``records.json`` (a :mod:`musiclm.integrity` record file) holds the bytes and sha256 of every other
 file, tokenizer.json included.
 
@@ -36,7 +36,7 @@ from musiclm.shards.format import TOKENIZER_FILE
 FORMAT_VERSION = 3  # 3: full-length segments, batched backbones, tokenize.precision; 2: the dense CLAP fit
 QUANTIZER_FILES = {
     "semantic_centroids": "semantic_kmeans.npy",  # [K, D]
-    "semantic_norm": "semantic_norm.npy",  # [2, D]: mean, std of MERT features
+    "semantic_norm": "semantic_norm.npy",  # [2, D]: mean, std of the semantic features
     "clap_codebooks": "clap_rvq.npy",  # [L, K, D]
 }
 RECORDS_FILE = "records.json"  # bytes and sha256 of every other file of the folder

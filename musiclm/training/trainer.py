@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from musiclm.config import Config, TrainConfig, config_from_dict, load_config
+from musiclm.config import Config, TrainConfig, check_config, config_from_dict, load_config
 from musiclm.errors import UserError
 from musiclm.models.layout import StageLayout, layout_for
 from musiclm.models.transformer import MusicTransformer
@@ -102,6 +102,7 @@ def run_train(
     data, out = Path(data), Path(out)
 
     info = TokenInfo.load(data)
+    check_config(cfg, info.frame_rates)  # the stage windows against the frame rates of these tokens
     layout = layout_for(stage, info, stage_cfg)
     split = split_data(data, info, val_data, cfg.train.val_fraction)
 
