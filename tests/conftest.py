@@ -61,7 +61,9 @@ def ray_lock(config: pytest.Config):
 
 
 # the test modules holding a test that starts Ray: under xdist they run together, on one worker
-RAY_MODULES = frozenset({"test_finetune", "test_integrity_data", "test_manifest", "test_recipe_small", "test_tokenize", "test_tokenize_runs", "test_wheel"})
+RAY_MODULES = frozenset(
+    {"test_finetune", "test_integrity_data", "test_manifest", "test_recipe_open", "test_recipe_small", "test_tokenize", "test_tokenize_runs", "test_wheel"}
+)
 
 
 def work_unit(nodeid: str) -> str:
@@ -186,15 +188,25 @@ def tokenized(audio_corpus, pytestconfig, tmp_path_factory) -> tuple[Path, subpr
     return folder / "dir", subprocess.CompletedProcess(proc["args"], 0, proc["stdout"], proc["stderr"])
 
 
+def _recipe(preset: str, standins, pytestconfig, tmp_path_factory) -> dict:
+    from tests.small_recipe import make_recipe, recipe_paths
+
+    with ray_lock(pytestconfig):  # taken before made_once's own lock, as a ray test (holding it) may ask for this
+        work = made_once(pytestconfig, tmp_path_factory, f"recipe_{preset}", lambda folder: make_recipe(folder, standins, preset))
+    return recipe_paths(work)
+
+
 @pytest.fixture(scope="module")
 def small_recipe(pretrained_standins, pytestconfig, tmp_path_factory) -> dict:
     """The `small` recipe's corpus tokenized at full size (tests/small_recipe.py), once per run:
     {"config", "data", "work", "log"}."""
-    from tests.small_recipe import make_recipe, recipe_paths
+    return _recipe("small", pretrained_standins, pytestconfig, tmp_path_factory)
 
-    with ray_lock(pytestconfig):  # taken before made_once's own lock, as a ray test (holding it) may ask for this
-        work = made_once(pytestconfig, tmp_path_factory, "recipe_small", lambda folder: make_recipe(folder, pretrained_standins))
-    return recipe_paths(work)
+
+@pytest.fixture(scope="module")
+def open_recipe(pretrained_standins, pytestconfig, tmp_path_factory) -> dict:
+    """The `open` recipe's corpus (w2v-BERT 2.0 and DAC 24 kHz for MERT and Encodec), as :func:`small_recipe`."""
+    return _recipe("open", pretrained_standins, pytestconfig, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -216,15 +228,18 @@ def trained_runs(tokenized, pytestconfig, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pretrained_standins(tmp_path_factory):
-    """The ``small`` preset's checkpoints (CLAP-large, MERT-v0, Encodec 24 kHz) rebuilt from their real
-    configs at random weights (tests/pretrained.py), saved once per session into a tmp folder.
+def pretrained_standins(pytestconfig, tmp_path_factory):
+    """The checkpoints of the ``small`` and ``open`` presets (CLAP-large, MERT-v0, Encodec 24 kHz, w2v-BERT 2.0,
+    DAC 24 kHz) rebuilt from their real configs at random weights (tests/pretrained.py), each saved once per
+    test run (shared by the xdist workers) on first use.
 
-    ``pretrained_standins["clap"]`` (also "mert", "encodec", or the hub id) is a folder that loads as
-    ``model = str(folder)``; each is saved on first use only (CLAP ~740 MB, MERT ~360 MB, Encodec ~90 MB; all three
-    about a minute on two CPU cores).
-    ``tests.pretrained.standin_config(pretrained_standins)`` is the small preset pointing at all three.
+    ``pretrained_standins["clap"]`` (also "mert", "encodec", "w2v-bert", "dac", or the hub id) is a folder that
+    loads as ``model = str(folder)`` (CLAP ~740 MB, MERT ~360 MB, Encodec ~90 MB, w2v-BERT ~2.3 GB, DAC ~300 MB).
+    ``tests.pretrained.standin_config(pretrained_standins, preset)`` is the preset pointing at them.
     """
     from tests.pretrained import StandinFolders
 
-    return StandinFolders(tmp_path_factory.mktemp("pretrained"))
+    def place(key: str, save) -> Path:
+        return made_once(pytestconfig, tmp_path_factory, f"standin-{key}", save)
+
+    return StandinFolders(tmp_path_factory.mktemp("pretrained"), place=place)

@@ -1,8 +1,10 @@
-"""The `small` recipe test's corpus: the small preset at full architecture sizes, its checkpoints replaced by
-local stand-ins (tests/pretrained.py), vocabularies reduced for 80 s of synthesised music.
+"""The recipe tests' corpus: the `small` preset, or its `open` twin, at full architecture sizes, their
+checkpoints replaced by local stand-ins (tests/pretrained.py), vocabularies reduced for 80 s (`open`: 40 s) of
+synthesised music.
 
-Made once per test run (tests/conftest.py ``small_recipe``) and read by tests/test_recipe_small.py (tokenize,
-stats; the Ray group) and tests/test_recipe_small_chain.py (train and generate; no Ray).
+Made once per test run and preset (tests/conftest.py ``small_recipe``, ``open_recipe``) and read by
+tests/test_recipe_small.py and test_recipe_open.py (tokenize, stats; the Ray group) and
+tests/test_recipe_chain.py (train and generate; no Ray).
 """
 
 from __future__ import annotations
@@ -12,22 +14,22 @@ from pathlib import Path
 from tests.conftest import run_cli
 
 RECIPE = """\
-# the small preset with its checkpoints replaced by local stand-ins, vocabularies reduced for 80 s of audio
-base = "small"
+# the {preset} preset with its checkpoints replaced by local stand-ins, vocabularies reduced for {seconds} s of audio
+base = "{preset}"
 
 [tokenize]
 shard_size = 2
 
 [tokenize.clap]
 model = "{clap}"
-codebook_size = 8
+codebook_size = {clap_codes}
 
-[tokenize.mert]
-model = "{mert}"
+[tokenize.semantic]
+model = "{semantic}"
 codebook_size = 64
 
-[tokenize.encodec]
-model = "{encodec}"
+[tokenize.codec]
+model = "{codec}"
 
 [tokenize.fit]
 min_points_per_code = 4
@@ -43,14 +45,22 @@ num_workers = 0
 """
 
 
-def make_recipe(work: Path, standins) -> None:
-    """Write the corpus and its config under ``work`` and tokenize it into ``work/data`` (a Ray run); the run's
-    stderr is kept in ``work/tokenize.log``."""
+STANDINS = {"small": {"semantic": "mert", "codec": "encodec"}, "open": {"semantic": "w2v-bert", "codec": "dac"}}
+# files of 20 s, and CLAP codes they can feed at 4 points per code (11 fit windows of 10 s at a 1 s hop per file):
+# the open twin reads half the audio (its DAC encodes at about half of Encodec's speed on one thread) with half the codes
+CORPUS = {"small": (4, 8), "open": (2, 4)}
+
+
+def make_recipe(work: Path, standins, preset: str = "small") -> None:
+    """Write the corpus and the ``preset`` recipe's config under ``work`` and tokenize it into ``work/data`` (a
+    Ray run); the run's stderr is kept in ``work/tokenize.log``."""
     from musiclm.pipeline.synth_corpus import make_corpus
 
-    make_corpus(work / "music", 4, seconds=(20.0, 20.0), seed=3)
+    files, clap_codes = CORPUS[preset]
+    make_corpus(work / "music", files, seconds=(20.0, 20.0), seed=3)
     config = work / "recipe.toml"
-    config.write_text(RECIPE.format(**{name: standins[name].as_posix() for name in ("clap", "mert", "encodec")}))
+    names = {"clap": "clap", **STANDINS[preset]}
+    config.write_text(RECIPE.format(preset=preset, clap_codes=clap_codes, seconds=20 * files, **{role: standins[name].as_posix() for role, name in names.items()}))
     proc = run_cli("tokenize", work / "music", "--out", work / "data", "--config", config, timeout=900)
     assert proc.returncode == 0, proc.stderr
     (work / "tokenize.log").write_text(proc.stderr)

@@ -277,7 +277,7 @@ def test_readme_is_a_front_door():
         assert f"**`musiclm {name} " in text, f"README has no paragraph for musiclm {name}"
     headings = [line for line in text.splitlines() if line.startswith("## ")]
     assert headings[:3] == ["## Set up", "## Quick start", "## Commands"], headings
-    assert headings[-2:] == ["## Layout", "## Licences"], headings
+    assert headings[-2:] == ["## Layout", "## Licences and the `open` recipe"], headings
     setup = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
     block = next(body for _, tag, body in fenced_blocks(setup) if tag == "bash")
     assert [line.split("#")[0].strip() for line in block] == ["make demo", "make test"]

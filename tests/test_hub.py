@@ -24,7 +24,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from musiclm import MusicLM
-from musiclm.config import STAGES
+from musiclm.config import STAGES, load_config
 from musiclm.errors import UserError
 from musiclm.hub.card import BACKBONE_LICENCES, model_card
 from musiclm.hub.model_folder import chosen_stages, find_tokenizer, own_tokenizer, stage_folders, stage_source, tokenizer_with
@@ -182,13 +182,13 @@ def test_a_pulled_tokenizer_that_runs_remote_code_needs_the_flag(runs, offline_c
     folder = materialize(push_operations(runs, REPO), tmp_path / "commit")
     record_path = folder / "tokenizer" / "tokenizer.json"
     record = json.loads(record_path.read_text())
-    record["config"]["mert"].update(model="m-a-p/MERT-v1-95M", trust_remote_code=True)
+    record["config"]["semantic"].update(model="m-a-p/MERT-v1-95M", trust_remote_code=True)
     record_path.write_text(json.dumps(record))
     hub_cache(offline_cache, REPO, {SHA_A: folder}, refs={"main": SHA_A})
     with pytest.raises(UserError) as e:
         MusicLM.from_pretrained(REPO, device="cpu")
     assert str(e.value).count("\n") == 0
-    assert "--trust-remote-code" in str(e.value) and "tokenize.mert.trust_remote_code" in str(e.value) and "MERT-v1-95M" in str(e.value)
+    assert "--trust-remote-code" in str(e.value) and "tokenize.semantic.trust_remote_code" in str(e.value) and "MERT-v1-95M" in str(e.value)
     assert resolve_model(REPO, trust_remote_code=True).name == SHA_A
     # a local folder is the user's own: it is not second-guessed
     local = shutil.copytree(folder, tmp_path / "local")
@@ -378,12 +378,22 @@ def test_the_card_says_what_the_runs_know(runs, tokenized):
     assert "## Intended use and limits" in card and "Apache-2.0" in card
 
 
-def test_the_card_states_backbone_licences_with_sources_and_carries_non_commercial_terms(runs, tmp_path):
+def model_with_one_tokenizer(runs: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of ``runs`` whose stages share one ``tokenizer/`` (as a pushed model holds it), and its parsed record."""
     model = shutil.copytree(runs, tmp_path / "model")
     for stage in STAGES:
         shutil.rmtree(model / stage / "tokenizer")
     shutil.copytree(runs / "semantic" / "tokenizer", model / "tokenizer")
-    record = json.loads((model / "tokenizer" / "tokenizer.json").read_text())
+    return model, json.loads((model / "tokenizer" / "tokenizer.json").read_text())
+
+
+def test_the_card_states_backbone_licences_with_sources_and_carries_non_commercial_terms(runs, tmp_path):
+    model, record = model_with_one_tokenizer(runs, tmp_path)
+    # a tokenizer written before the backbones were pluggable: its config and backbones say mert and encodec
+    record["config"]["mert"], record["config"]["encodec"] = record["config"].pop("semantic"), record["config"].pop("codec")
+    record["backbones"] = {"clap": record["backbones"]["clap"], "mert": record["backbones"]["semantic"], "encodec": record["backbones"]["codec"]}
+    for entry in record["backbones"].values():
+        entry.pop("class")
     record["config"]["clap"]["model"] = "laion/larger_clap_music"
     record["config"]["mert"]["model"] = "m-a-p/MERT-v1-95M"
     record["config"]["encodec"]["model"] = "facebook/encodec_24khz"
@@ -402,7 +412,8 @@ def test_the_card_states_backbone_licences_with_sources_and_carries_non_commerci
 
     card = model_card(model)
     assert "| `laion/larger_clap_music` | not pinned (main) | apache-2.0 | https://huggingface.co/laion/larger_clap_music |" in card
-    assert "| `m-a-p/MERT-v1-95M` | not pinned (main) | cc-by-nc-4.0 | https://huggingface.co/m-a-p/MERT-v1-95M |" in card
+    assert "| MERT (semantic tokens) | `m-a-p/MERT-v1-95M` | not pinned (main) | cc-by-nc-4.0 | https://huggingface.co/m-a-p/MERT-v1-95M |" in card
+    assert "→ Encodec decoding." in card
     encodec = next(line for line in card.splitlines() if "`facebook/encodec_24khz`" in line and line.startswith("|"))
     assert "| not verified (its model card states no licence" in encodec and "discussions/4" in encodec
     assert "carries over to the tokens computed with them, to the models trained on those tokens" in card
@@ -412,3 +423,21 @@ def test_the_card_states_backbone_licences_with_sources_and_carries_non_commerci
     assert "**coarse, fine**: no corpus manifest was carried" in card
     assert f"Fine-tuned from step 7 of run `base-fine` (weights sha256 `{'ab' * 8}`)" in card and "/home/someone" not in card
     assert all(lic.source.startswith("https://") for lic in BACKBONE_LICENCES.values())
+
+
+def test_the_card_of_an_open_model_says_no_backbone_is_non_commercial_and_names_each_with_its_source(runs, tmp_path):
+    model, record = model_with_one_tokenizer(runs, tmp_path)
+    open_preset = load_config("open").tokenize
+    for name, cls in (("clap", "ClapModel"), ("semantic", "Wav2Vec2BertModel"), ("codec", "DacModel")):
+        record["config"][name]["model"] = getattr(open_preset, name).model
+        record["backbones"][name]["class"] = cls
+    (model / "tokenizer" / "tokenizer.json").write_text(json.dumps(record))
+
+    card = model_card(model)
+    assert "non-commercial purposes only" not in card and "license_name: non-commercial" not in card
+    assert "- No backbone carries a non-commercial licence:" in card
+    assert "  - `laion/larger_clap_music` (CLAP (text and audio conditioning)): apache-2.0, as stated at https://huggingface.co/laion/larger_clap_music." in card
+    assert "  - `facebook/w2v-bert-2.0` (Wav2Vec2BertModel (semantic tokens)): mit, as stated at https://huggingface.co/facebook/w2v-bert-2.0." in card
+    assert "  - `descript/dac_24khz` (DacModel (acoustic tokens, decoding)): mit, as stated at https://huggingface.co/descript/dac_24khz." in card
+    assert "| DacModel (acoustic tokens, decoding) | `descript/dac_24khz` | not pinned (main) | mit (its model page states no licence" in card
+    assert "→ DacModel decoding." in card

@@ -1,5 +1,5 @@
 """The `small` recipe, end to end, at its full architecture sizes: tokenize and stats here (Ray), one step of
-train for each stage and one second of generate in tests/test_recipe_small_chain.py, each through the
+train for each stage and one second of generate in tests/test_recipe_chain.py, each through the
 command line.
 
 The backbones are the small preset's checkpoints (CLAP `laion/larger_clap_music`, MERT-v0,

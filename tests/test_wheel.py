@@ -116,7 +116,7 @@ def test_the_installed_wheel_runs_the_tiny_chain_outside_the_checkout(installed,
     lines = run_installed(installed, tmp_path, "python", "-c", WHERE).stdout.splitlines()
     module, generation, presets, layers, editable_finders, *path = lines
     assert Path(module).resolve().is_relative_to(env_root), f"musiclm was imported from {module}, not from the wheel"
-    assert generation == "musiclm.generation.model" and presets == "large small tiny"
+    assert generation == "musiclm.generation.model" and presets == "large open small tiny"
     assert layers == "24 3 laion/larger_clap_music", "--preset and base = \"small\" read the presets the wheel carries"
     assert editable_finders == "0", "the editable install of the checkout is not active"
     assert [p for p in path if p and (Path(p) / PACKAGE).is_dir()] == [str(env_root / Path(module).parent.parent.relative_to(env_root))], "only the wheel's copy is on the path"

@@ -55,7 +55,29 @@ BACKBONE_LICENCES: dict[str, Licence] = {
         "its model card states none; it is MusicGen's codec, and audiocraft releases its model weights under CC-BY-NC 4.0",
     ),
 }
-ROLES = {"clap": "CLAP (text and audio conditioning)", "mert": "MERT (semantic tokens)", "encodec": "Encodec (acoustic tokens, decoding)"}
+_DAC = (
+    "its model page states no licence; the Descript Audio Codec repository, which released these weights, "
+    "licenses them under MIT (https://github.com/descriptinc/descript-audio-codec#license)"
+)
+BACKBONE_LICENCES.update(
+    {
+        "facebook/w2v-bert-2.0": Licence("mit", False, "https://huggingface.co/facebook/w2v-bert-2.0"),
+        "descript/dac_24khz": Licence("mit", False, "https://huggingface.co/descript/dac_24khz", _DAC),
+        "descript/dac_44khz": Licence("mit", False, "https://huggingface.co/descript/dac_44khz", _DAC),
+        "descript/dac_16khz": Licence("mit", False, "https://huggingface.co/descript/dac_16khz", _DAC),
+    }
+)
+ROLES = {"clap": "CLAP (text and audio conditioning)", "semantic": "semantic tokens", "codec": "acoustic tokens, decoding"}
+OLD_KEYS = {"semantic": "mert", "codec": "encodec"}  # the config keys of tokenizers written before the backbones were pluggable
+
+
+def _role(tok: dict[str, Any], b: str) -> str:
+    """A backbone's role, with its transformers class where the tokenizer record names it."""
+    entry = tok.get("backbones", {}).get(b) or tok.get("backbones", {}).get(OLD_KEYS.get(b, b)) or {}
+    if b == "clap":
+        return ROLES[b]
+    default = {"semantic": "MERT", "codec": "Encodec"}[b]  # what every tokenizer used before the class was recorded
+    return f"{entry.get('class', default)} ({ROLES[b]})"
 
 
 def backbone_licence(model: str) -> Licence:
@@ -120,20 +142,21 @@ def model_card(runs: str | Path, repo_id: str | None = None) -> str:
     stages = stage_runs(runs)
     tok = json.loads((model_tokenizer(runs, stages) / "tokenizer.json").read_text())
     config = tok.get("config", {})
-    backbones = {b: config.get(b, {}).get("model", "?") for b in ROLES}
+    backbones = {b: (config.get(b) or config.get(OLD_KEYS.get(b, b)) or {}).get("model", "?") for b in ROLES}
     licences = {b: backbone_licence(m) for b, m in backbones.items()}
+    roles = {b: _role(tok, b) for b in ROLES}
     sections = (
-        _front_matter(repo_id or runs.resolve().name, licences),
+        _front_matter(repo_id or runs.resolve().name, licences, roles["codec"].split(" (")[0]),
         _stages_section(stages),
-        _tokenizer_section(tok, backbones, licences),
-        _licences_section(backbones, licences),
+        _tokenizer_section(tok, backbones, licences, roles),
+        _licences_section(backbones, licences, roles),
         _training_data_section(stages),
         _use_section(),
     )
     return "\n".join(line for section in sections for line in section)
 
 
-def _front_matter(name: str, licences: dict[str, Licence]) -> list[str]:
+def _front_matter(name: str, licences: dict[str, Licence], codec: str) -> list[str]:
     """The hub metadata, the title, what the model is and how to load it."""
     restricted = any(lic.non_commercial for lic in licences.values())
     return [
@@ -148,7 +171,7 @@ def _front_matter(name: str, licences: dict[str, Licence]) -> list[str]:
         f"# {name}",
         "",
         f"A MusicLM-style text-to-music model trained with musiclm {__version__}: "
-        "CLAP text tokens → semantic stage → coarse acoustic stage → fine acoustic stage → Encodec decoding.",
+        f"CLAP text tokens → semantic stage → coarse acoustic stage → fine acoustic stage → {codec} decoding.",
         "",
         "```python",
         "from musiclm import MusicLM",
@@ -185,7 +208,7 @@ def _stages_section(stages: dict[str, StageRun]) -> list[str]:
     return [*lines, "", "Losses are mean cross-entropy (nats) per predicted token, from each run's `metrics.jsonl`.", ""]
 
 
-def _tokenizer_section(tok: dict[str, Any], backbones: dict[str, str], licences: dict[str, Licence]) -> list[str]:
+def _tokenizer_section(tok: dict[str, Any], backbones: dict[str, str], licences: dict[str, Licence], roles: dict[str, str]) -> list[str]:
     """The tokenizer's fingerprint and streams, and a table of its backbones with their revisions and licences."""
     config = tok.get("config", {})
     lines = ["## Tokenizer", "", f"Tokenizer fingerprint `{tok.get('fingerprint')}` (format {tok.get('format')}), in `tokenizer/`.", ""]
@@ -195,29 +218,32 @@ def _tokenizer_section(tok: dict[str, Any], backbones: dict[str, str], licences:
     lines += ["", "| backbone | model | revision | licence (as stated by its authors) | source |", "|---|---|---|---|---|"]
     for b, model in backbones.items():
         lic = licences[b]
-        revision = "—" if model == "random" else (config.get(b, {}).get("revision") or "not pinned (main)")
+        revision = "—" if model == "random" else ((config.get(b) or config.get(OLD_KEYS.get(b, b)) or {}).get("revision") or "not pinned (main)")
         stated = lic.spdx or "not verified"
         if lic.note:
             stated += f" ({lic.note})"
-        lines.append(f"| {ROLES[b]} | `{model}` | {revision} | {stated} | {lic.source or '—'} |")
+        lines.append(f"| {roles[b]} | `{model}` | {revision} | {stated} | {lic.source or '—'} |")
     return [*lines, ""]
 
 
-def _licences_section(backbones: dict[str, str], licences: dict[str, Licence]) -> list[str]:
+def _licences_section(backbones: dict[str, str], licences: dict[str, Licence], roles: dict[str, str]) -> list[str]:
     """What the licences of the code, the backbones and the training audio mean for these weights."""
     restricted = [b for b, lic in licences.items() if lic.non_commercial]
     unknown = [b for b, lic in licences.items() if lic.non_commercial is None]
     lines = ["## Licences", "", f"- The musiclm code is licensed under {MUSICLM_LICENCE}; that licence does not cover these weights."]
     for b in restricted:
         lines.append(
-            f"- The weights of `{backbones[b]}` ({ROLES[b]}) are licensed {licences[b].spdx} by their authors: for non-commercial use only. "
+            f"- The weights of `{backbones[b]}` ({roles[b]}) are licensed {licences[b].spdx} by their authors: for non-commercial use only. "
             "That restriction carries over to the tokens computed with them, to the models trained on those tokens "
             "(this one), and to what they generate: this model may be used for non-commercial purposes only."
         )
     for b in unknown:
-        lines.append(f"- The licence of `{backbones[b]}` ({ROLES[b]}) is not verified: check it before any use beyond research.")
+        lines.append(f"- The licence of `{backbones[b]}` ({roles[b]}) is not verified: check it before any use beyond research.")
     if not restricted and not unknown:
-        lines.append("- No backbone restricts use beyond the terms listed above.")
+        lines.append("- No backbone carries a non-commercial licence:")
+        for b, lic in licences.items():
+            source = f", as stated at {lic.source}" if lic.source else ""
+            lines.append(f"  - `{backbones[b]}` ({roles[b]}): {lic.spdx}{source}.")
     return [*lines, "- The training audio keeps its own licences (below): a model trained on it may be bound by them.", ""]
 
 
