@@ -122,9 +122,10 @@ def made_once(config: pytest.Config, tmp_path_factory, name: str, make: Callable
     return folder
 
 
-def run_cli(*args: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    """``python -m musiclm ARGS`` in a fresh process, as a user would run it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+def run_cli(*args: str, timeout: float = 600, threads: int | None = None, **kw) -> subprocess.CompletedProcess:
+    """``python -m musiclm ARGS`` in a fresh process, as a user would run it; ``threads``: its torch threads
+    (``OMP_NUM_THREADS``), for a run that shares the machine with the other xdist worker."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     return subprocess.run([sys.executable, "-m", "musiclm", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, **kw)
 
 

@@ -1,6 +1,6 @@
 """The recipe tests' corpus: the `small` preset, or its `open` twin, at full architecture sizes, their
-checkpoints replaced by local stand-ins (tests/pretrained.py), vocabularies reduced for 80 s (`open`: 40 s) of
-synthesised music.
+checkpoints replaced by local stand-ins (tests/pretrained.py), vocabularies reduced for 40 s of synthesised
+music.
 
 Made once per test run and preset (tests/conftest.py ``small_recipe``, ``open_recipe``) and read by
 tests/test_recipe_small.py and test_recipe_open.py (tokenize, stats; the Ray group) and
@@ -46,9 +46,8 @@ num_workers = 0
 
 
 STANDINS = {"small": {"semantic": "mert", "codec": "encodec"}, "open": {"semantic": "w2v-bert", "codec": "dac"}}
-# files of 20 s, and CLAP codes they can feed at 4 points per code (11 fit windows of 10 s at a 1 s hop per file):
-# the open twin reads half the audio (its DAC encodes at about half of Encodec's speed on one thread) with half the codes
-CORPUS = {"small": (4, 8), "open": (2, 4)}
+# files of 20 s, and CLAP codes they can feed at 4 points per code (11 fit windows of 10 s at a 1 s hop per file)
+CORPUS = {"small": (2, 4), "open": (2, 4)}
 
 
 def make_recipe(work: Path, standins, preset: str = "small") -> None:

@@ -409,7 +409,7 @@ def test_a_kill_during_the_repair_leaves_a_folder_the_next_run_completes(tokeniz
     found = {(f["path"], f["status"]) for f in body["findings"]}
     assert code == 1 and (f"shards/{name}.tar", "missing") in found
     leftovers = found - {(f"shards/{name}.tar", "missing")}  # the kill may also cut a record being written
-    assert all(status == "unexpected" and Path(path).name.startswith(".") and path.endswith(".tmp") for path, status in leftovers)
+    assert all(status == "unexpected" and Path(path).name.startswith(".") and path.endswith(".tmp") for path, status in leftovers), leftovers
 
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr

@@ -1,7 +1,8 @@
 """The `small` recipe and its `open` twin at full architecture sizes, after tokenize (tests/test_recipe_small.py,
 tests/test_recipe_open.py): one step of train for each stage and one second of generate, each through the
-command line. No Ray here: each tokenized folder is made once per run (tests/conftest.py ``small_recipe``,
-``open_recipe``), so this module runs beside the Ray group under xdist.
+command line, on one torch thread each (the Ray group's tokenize runs hold the other core). No Ray here:
+each tokenized folder is made once per run (tests/conftest.py ``small_recipe``, ``open_recipe``), so this
+module runs beside the Ray group under xdist.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ STAGES = ("semantic", "coarse", "fine")
 def train_one_step_each(recipe: dict, runs: Path) -> Path:
     """Train every stage for one step on the recipe's tokens into ``runs/<stage>``; returns ``runs``."""
     for stage in STAGES:
-        proc = run_cli("train", stage, "--data", recipe["data"], "--out", runs / stage, "--config", recipe["config"], "--steps", "1", timeout=900)
+        proc = run_cli("train", stage, "--data", recipe["data"], "--out", runs / stage, "--config", recipe["config"], "--steps", "1", timeout=900, threads=1)
         assert proc.returncode == 0, f"{stage}: {proc.stderr}"
     return runs
 
@@ -43,7 +44,7 @@ def check_one_full_size_step(runs: Path, stage: str) -> None:
 def check_one_second_of_generate(runs: Path) -> None:
     """``musiclm generate --seconds 1`` writes exactly one second at the codec's 24 kHz, finite and not silent."""
     out = runs / "one_second.wav"
-    proc = run_cli("generate", "a calm piano over soft rain", "--model", runs, "--seconds", "1", "--out", out, timeout=900)
+    proc = run_cli("generate", "a calm piano over soft rain", "--model", runs, "--seconds", "1", "--out", out, timeout=900, threads=1)
     assert proc.returncode == 0, proc.stderr
     audio, sr = sf.read(out)
     assert sr == 24000 and audio.shape == (24000,)

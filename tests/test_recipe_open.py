@@ -3,7 +3,7 @@
 
 The backbones are the three checkpoints rebuilt from their real configs at random weights
 (tests/pretrained.py, tests/fixtures/pretrained/SOURCES.md); vocabularies are reduced as in the `small`
-recipe test (tests/test_recipe_small.py), over half its synthesised music (2 files of 20 s: CLAP 12 x 4 codes).
+recipe test (tests/test_recipe_small.py), over the same 40 s of synthesised music (CLAP 12 x 4 codes).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ command line.
 The backbones are the small preset's checkpoints (CLAP `laion/larger_clap_music`, MERT-v0,
 Encodec 24 kHz) rebuilt from their real configs at random weights (tests/pretrained.py); the
 three stages are the preset's 6 x 1024 transformers. Only the vocabularies are reduced, as the
-corpus requires: 80 s of synthesised music give 44 CLAP windows at the 1 s fit hop, so CLAP is
-12 x 8 codes and semantic 64 codes at 4 points per code (the shipped preset: 12 x 1024 and
+corpus requires: 40 s of synthesised music give 22 CLAP windows at the 1 s fit hop, so CLAP is
+12 x 4 codes and semantic 64 codes at 4 points per code (the shipped preset: 12 x 1024 and
 1024 at 50 points per code, about 17.6 h of audio; benchmarks/recipe_small.py runs it longer).
 """
 
@@ -40,13 +40,13 @@ def test_small_tokenize_writes_full_size_streams(small_recipe):
     assert streams["acoustic"]["frame_rate"] == 75 and streams["acoustic"]["levels"] == 8 and streams["acoustic"]["codebook_size"] == 1024
     assert streams["clap"]["sample_rate"] == 48000 and streams["clap"]["embed_dim"] == 512 and streams["clap"]["window_seconds"] == 10
     fit = record["fit"]
-    assert fit["points"]["clap"] == {"points": 44, "codes": 8, "points_per_code": 5.5}  # 4 files x 11 windows of 10 s at a 1 s hop
+    assert fit["points"]["clap"] == {"points": 22, "codes": 4, "points_per_code": 5.5}  # 2 files x 11 windows of 10 s at a 1 s hop
     assert fit["points"]["semantic"]["points"] >= 64 * 4
     assert "the vocabularies need about" in small_recipe["log"]
     shards = list_shards(small_recipe["data"])
-    assert len(shards) == 1  # the four files are one planned batch, and shards close only between batches
+    assert len(shards) == 1  # the two files are one planned batch, and shards close only between batches
     samples = read_samples(small_recipe["data"])
-    assert len(samples) == 4
+    assert len(samples) == 2
     for s in samples:
         assert s.semantic.shape == (999,)  # 20 s at 50 Hz, less MERT's unpadded 25 ms receptive field
         assert s.acoustic.shape == (8, 1500)  # 20 s at 75 Hz
@@ -58,6 +58,6 @@ def test_small_stats(small_recipe):
     proc = run_cli("stats", small_recipe["data"], "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["totals"]["clips"] == 4
+    assert summary["totals"]["clips"] == 2
     assert summary["streams"]["acoustic"]["levels"][0]["codebook_size"] == 1024
-    assert summary["fit"]["points"]["clap"]["codes"] == 8
+    assert summary["fit"]["points"]["clap"]["codes"] == 4

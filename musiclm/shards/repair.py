@@ -251,7 +251,8 @@ def check_shards(out_dir: str | Path, batch_of: dict[str, int] | None = None, fu
         if after != before or not had_record:
             rec.write(out)  # before any file goes: a kill from here on leaves the redo on record
         if "redo" in actions:
-            for kind in ("tar", "stats", "codes", "errors"):
+            # the tar last: once it is gone, so are the shard's other files that are off the record
+            for kind in ("stats", "codes", "errors", "tar"):
                 if rels[kind] not in rec.files:
                     (out / rels[kind]).unlink(missing_ok=True)
         if problems:
