@@ -1,14 +1,18 @@
-"""The `small` recipe end to end at full architecture sizes, longer than the test: time per step,
-fit sample sizes, points per code, CLAP reconstruction errors, and what the shipped 12 x 1024
-vocabulary would need.
+"""The `small` recipe (or its `open` twin, or both side by side) end to end at full architecture sizes,
+longer than the test: time per step, fit sample sizes, points per code, CLAP reconstruction errors,
+what the shipped 12 x 1024 vocabulary would need, and the chain's own figures (tokens per second of
+audio, stage sequence lengths, generation real-time factor).
 
     python benchmarks/recipe_small.py --minutes 72 --clap-codes 64       # about an hour of audio
     python benchmarks/recipe_small.py --minutes 3 --clap-codes 8 --min-points 4 --steps 1 --seconds 1   # quick
+    python benchmarks/recipe_small.py --preset open --minutes 3 --clap-codes 8 --min-points 4 --steps 1 --seconds 1
+    python benchmarks/recipe_small.py --preset small open --minutes 3 --clap-codes 8 --min-points 4 --steps 1 --seconds 4
 
-The backbones are the small preset's checkpoints rebuilt from their real configs at random
-weights (tests/pretrained.py: CLAP `laion/larger_clap_music`, MERT-v0, Encodec 24 kHz); the
-stages are the preset's 6 x 1024 transformers. The corpus is synthesised music in 60 s files.
-Every step runs through the command line, as a user runs it:
+The backbones are the preset's checkpoints rebuilt from their real configs at random weights
+(tests/pretrained.py: CLAP `laion/larger_clap_music` and MERT-v0 and Encodec 24 kHz for `small`,
+w2v-BERT 2.0 and DAC 24 kHz for `open`); the stages are the preset's 6 x 1024 transformers. The
+corpus is synthesised music in 60 s files, the same for every preset. Every step runs through the
+command line, as a user runs it:
 
 1. tokenize (fits the quantizers, then tokenizes the corpus) with CLAP ``levels x --clap-codes``
    codes and ``--min-points`` points per code (the shipped preset: 12 x 1024 at 50);
@@ -16,9 +20,12 @@ Every step runs through the command line, as a user runs it:
 3. ``--steps`` of train for each stage;
 4. ``--seconds`` of generate.
 
-Then, in this process, the cost of one CLAP fit window, one second of MERT features and one
+Then, in this process, the cost of one CLAP fit window, one second of semantic features and one
 level of CLAP k-means at the shipped size (51,200 points, 1024 codes, 512 dims) are measured, and
-the hours of audio and the fit time the shipped vocabulary needs are projected from them.
+the hours of audio and the fit time the shipped vocabulary needs are projected from them; and the
+trained stages generate ``--seconds`` once more (after the command's run, so loading is not timed):
+the generation real-time factor. With two presets, a last table puts their figures side by side
+with the ratio of the second to the first.
 """
 
 from __future__ import annotations
@@ -37,22 +44,22 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIG = """\
-base = "small"
+base = "{preset}"
 
 [tokenize.clap]
 model = "{clap}"
 codebook_size = {clap_codes}
 
-[tokenize.mert]
-model = "{mert}"
-codebook_size = {mert_codes}
+[tokenize.semantic]
+model = "{semantic}"
+codebook_size = {semantic_codes}
 
-[tokenize.encodec]
-model = "{encodec}"
+[tokenize.codec]
+model = "{codec}"
 
 [tokenize.fit]
 min_points_per_code = {min_points}
-mert_seconds = {mert_seconds}
+semantic_seconds = {semantic_seconds}
 
 [train]
 batch_size = {batch}
@@ -88,8 +95,11 @@ def write_corpus(root: Path, minutes: float, seed: int = 0) -> int:
     return n
 
 
+STANDINS = {"small": {"semantic": "mert", "codec": "encodec"}, "open": {"semantic": "w2v-bert", "codec": "dac"}}
+
+
 def unit_costs(folder: Path, threads: int) -> dict[str, float]:
-    """Seconds per CLAP fit window, per second of MERT features, and per level of shipped-size CLAP k-means."""
+    """Seconds per CLAP fit window, per second of semantic features, and per level of shipped-size CLAP k-means."""
     import numpy as np
     import torch
 
@@ -107,53 +117,94 @@ def unit_costs(folder: Path, threads: int) -> dict[str, float]:
         tok.clap_audio_embed(windows[a : a + 16])
     clap = (time.perf_counter() - t0) / len(windows)
     t0 = time.perf_counter()
-    tok.mert_features(audio[tok.mert.sample_rate])
-    mert = (time.perf_counter() - t0) / 30.0
+    tok.semantic_features(audio[tok.semantic.sample_rate])
+    semantic = (time.perf_counter() - t0) / 30.0
     x = np.random.default_rng(0).standard_normal((51_200, tok.clap.embed_dim)).astype(np.float32)
     t0 = time.perf_counter()
     fit_kmeans(x, 1024, niter=20, seed=0)
-    return {"clap_window": clap, "mert_second": mert, "kmeans_level": time.perf_counter() - t0}
+    return {"clap_window": clap, "semantic_second": semantic, "kmeans_level": time.perf_counter() - t0}
+
+
+def chain_figures(data: Path, runs: Path, seconds: float, threads: int) -> dict[str, float]:
+    """Tokens per second of audio (every stream, every level), each stage's sequence length, and the real-time
+    factor of generating ``seconds`` with the trained stages (one warm-up generation first; loading not timed)."""
+    import torch
+
+    from musiclm import MusicLM
+    from musiclm.shards.format import TokenInfo
+    from musiclm.training.run_folder import load_stage
+
+    torch.set_num_threads(threads)
+    info = TokenInfo.load(data)
+    rec = info.raw["streams"]
+    out = {
+        "semantic tokens / s": float(info.semantic.frame_rate) * info.semantic.levels,
+        "acoustic tokens / s": float(info.acoustic.frame_rate) * info.acoustic.levels,
+        "CLAP tokens / s": rec["clap"]["levels"] / rec["clap"]["hop_seconds"],
+    }
+    for stage in ("semantic", "coarse", "fine"):
+        out[f"{stage} sequence length"] = float(load_stage(runs / stage)[1].seq_len)
+    lm = MusicLM.from_runs(runs / "semantic", runs / "coarse", runs / "fine", device="cpu")
+    lm.generate("a calm piano over soft rain", seconds=min(seconds, 1.0))  # warm-up
+    t0 = time.perf_counter()
+    lm.generate("a calm piano over soft rain", seconds=seconds)
+    out[f"generate RTF ({seconds:g} s, {threads} threads)"] = (time.perf_counter() - t0) / seconds
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", choices=sorted(STANDINS), default=["small"], help="one preset, or two side by side")
     ap.add_argument("--minutes", type=float, default=72.0, help="minutes of synthesised audio")
     ap.add_argument("--clap-codes", type=int, default=64)
-    ap.add_argument("--mert-codes", type=int, default=1024)
+    ap.add_argument("--semantic-codes", "--mert-codes", type=int, default=1024)
     ap.add_argument("--min-points", type=int, default=50, help="tokenize.fit.min_points_per_code")
-    ap.add_argument("--mert-seconds", type=float, default=3600.0, help="tokenize.fit.mert_seconds")
+    ap.add_argument("--semantic-seconds", "--mert-seconds", type=float, default=3600.0, help="tokenize.fit.semantic_seconds")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds to generate")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
     args = ap.parse_args()
 
+    work = args.work or Path(tempfile.mkdtemp(prefix="recipe-small-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    n_files = write_corpus(work / "music", args.minutes)
+    print(f"work folder {work}: {n_files} files, {args.minutes:g} min of audio ({time.perf_counter() - t0:.1f} s to synthesise)", flush=True)
+    chains = {preset: run_recipe(preset, args, work) for preset in args.preset}
+    if len(chains) == 2:
+        (a, fa), (b, fb) = chains.items()
+        print(f"\n== {a} and {b} side by side ==")
+        print(f"  {'':38s} {a:>10s} {b:>10s} {b + ' / ' + a:>12s}")
+        for key in fa:
+            print(f"  {key:38s} {fa[key]:10.3f} {fb[key]:10.3f} {fb[key] / fa[key]:11.2f}x")
+
+
+def run_recipe(preset: str, args, root: Path) -> dict[str, float]:
+    """The recipe of ``preset`` on the corpus in ``root/music``; prints its tables and returns its chain figures."""
     from tests.pretrained import StandinFolders
 
     from musiclm.config import load_config
     from musiclm.pipeline.fit_plan import hours_needed
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="recipe-small-"))
+    work = root / preset
     work.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    folders = StandinFolders(work / "backbones")
-    paths = {name: folders[name].as_posix() for name in ("clap", "mert", "encodec")}
+    folders = StandinFolders(root / "backbones")
+    paths = {"clap": folders["clap"].as_posix(), **{role: folders[name].as_posix() for role, name in STANDINS[preset].items()}}
     times["save stand-in backbones"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    n_files = write_corpus(work / "music", args.minutes)
-    times["synthesise corpus"] = time.perf_counter() - t0
     config = work / "recipe.toml"
     config.write_text(
         CONFIG.format(
-            **paths, clap_codes=args.clap_codes, mert_codes=args.mert_codes, min_points=args.min_points,
-            mert_seconds=args.mert_seconds, steps=args.steps, batch=args.batch,
+            preset=preset, **paths, clap_codes=args.clap_codes, semantic_codes=args.semantic_codes, min_points=args.min_points,
+            semantic_seconds=args.semantic_seconds, steps=args.steps, batch=args.batch,
         )
     )  # fmt: skip
-    print(f"work folder {work}: {n_files} files, {args.minutes:g} min of audio; config {config}", flush=True)
+    print(f"\n#### {preset}: config {config}", flush=True)
 
     data, runs = work / "data", work / "runs"
-    times["tokenize (fit + pass)"] = cli("tokenize", work / "music", "--out", data, "--config", config, log=work / "tokenize.log")
+    times["tokenize (fit + pass)"] = cli("tokenize", root / "music", "--out", data, "--config", config, log=work / "tokenize.log")
     times["stats"] = cli("stats", data, log=work / "stats.log")
     for stage in ("semantic", "coarse", "fine"):
         times[f"train {stage} ({args.steps} steps)"] = cli("train", stage, "--data", data, "--out", runs / stage, "--config", config, "--steps", args.steps, log=work / f"train-{stage}.log")
@@ -162,7 +213,7 @@ def main() -> None:
     record = json.loads((data / "tokenizer" / "tokenizer.json").read_text())
     fit = record["fit"]
     cfg = load_config(path=config)
-    print("\n== time per step (wall seconds, 2 torch threads per process) ==")
+    print(f"\n== {preset}: time per step (wall seconds, 2 torch threads per process) ==")
     for name, seconds in times.items():
         print(f"  {name:32s} {seconds:8.1f}")
     print(f"  fit inside tokenize: features {fit['seconds_taken']['features']:.1f} s, k-means {fit['seconds_taken']['kmeans']:.1f} s")
@@ -175,19 +226,27 @@ def main() -> None:
         print(f"  {name:14s} " + " ".join(f"{e:.3f}" for e in errors))
 
     costs = unit_costs(data / "tokenizer", threads=2)
-    shipped = load_config("small").tokenize
+    shipped = load_config(preset).tokenize
     windows = shipped.clap.codebook_size * shipped.fit.min_points_per_code / (1 - shipped.fit.heldout_fraction)
-    frames_seconds = shipped.fit.mert_seconds
-    features = windows * costs["clap_window"] + frames_seconds * costs["mert_second"]
+    frames_seconds = shipped.fit.semantic_seconds
+    features = windows * costs["clap_window"] + frames_seconds * costs["semantic_second"]
     # k-means costs N x K x D per iteration: semantic k-means scaled from the measured CLAP level
-    mert_points = min(shipped.fit.max_points, shipped.fit.mert_seconds * 50)
-    kmeans = shipped.clap.levels * costs["kmeans_level"] + costs["kmeans_level"] * mert_points * 768 / (51_200 * 512)
-    print("\n== the shipped vocabulary (CLAP 12 x 1024, semantic 1024, 50 points per code) on this machine ==")
-    print(f"  measured: {costs['clap_window']:.3f} s per CLAP fit window, {costs['mert_second']:.3f} s per second of MERT features, "
+    rate = record["streams"]["semantic"]["frame_rate"]
+    dim = json.loads((Path(paths["semantic"]) / "config.json").read_text())["hidden_size"]
+    semantic_points = min(shipped.fit.max_points, shipped.fit.semantic_seconds * rate)
+    kmeans = shipped.clap.levels * costs["kmeans_level"] + costs["kmeans_level"] * semantic_points * dim / (51_200 * 512)
+    print(f"\n== the shipped vocabulary (CLAP 12 x 1024, semantic 1024, 50 points per code) on this machine ==")
+    print(f"  measured: {costs['clap_window']:.3f} s per CLAP fit window, {costs['semantic_second']:.3f} s per second of semantic features, "
           f"{costs['kmeans_level']:.1f} s per level of CLAP k-means (51,200 x 512, 1024 codes, 20 iterations)")  # fmt: skip
     print(f"  needs {hours_needed(shipped):.1f} h of audio ({windows:,.0f} windows at a 1 s hop, held-out files included)")
-    print(f"  projected fit time: {features / 3600:.2f} h of features ({windows:,.0f} windows + {frames_seconds:g} s of MERT) + {kmeans / 60:.1f} min of k-means "
-          f"(12 CLAP levels measured, semantic {mert_points:,.0f} x 768 scaled from them)")  # fmt: skip
+    print(f"  projected fit time: {features / 3600:.2f} h of features ({windows:,.0f} windows + {frames_seconds:g} s of semantic features) + {kmeans / 60:.1f} min of k-means "
+          f"(12 CLAP levels measured, semantic {semantic_points:,.0f} x {dim} scaled from them)")  # fmt: skip
+
+    chain = chain_figures(data, runs, args.seconds, threads=2)
+    print(f"\n== {preset}: the chain ==")
+    for key, value in chain.items():
+        print(f"  {key:38s} {value:10.3f}")
+    return chain
 
 
 if __name__ == "__main__":
