@@ -27,10 +27,11 @@ system-deps:
 
 install: $(VENV)/.installed system-deps
 
-# Two workers, whole test modules each; the modules that start Ray run together on one (tests/conftest.py).
+# Three workers on two cores (the suite waits on Ray start-ups, subprocesses and kills about half of the time),
+# whole test modules each; the modules that start Ray run together on one (tests/conftest.py).
 test: install
 	$(VENV)/bin/lint-imports  # the layers of .importlinter (docs/architecture.md): no layer break, no circle
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 3
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
