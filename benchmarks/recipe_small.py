@@ -6,7 +6,8 @@ audio, stage sequence lengths, generation real-time factor).
     python benchmarks/recipe_small.py --minutes 72 --clap-codes 64       # about an hour of audio
     python benchmarks/recipe_small.py --minutes 3 --clap-codes 8 --min-points 4 --steps 1 --seconds 1   # quick
     python benchmarks/recipe_small.py --preset open --minutes 3 --clap-codes 8 --min-points 4 --steps 1 --seconds 1
-    python benchmarks/recipe_small.py --preset small open --minutes 3 --clap-codes 8 --min-points 4 --steps 1 --seconds 4
+    python benchmarks/recipe_small.py --preset small open --minutes 1 --clap-codes 8 --min-points 4 --semantic-codes 256 --steps 1 --batch 1 --seconds 4 --work DIR
+    python benchmarks/recipe_small.py --preset small open --seconds 4 --work DIR --generate-only   # again, on DIR's runs
 
 The backbones are the preset's checkpoints rebuilt from their real configs at random weights
 (tests/pretrained.py: CLAP `laion/larger_clap_music` and MERT-v0 and Encodec 24 kHz for `small`,
@@ -25,7 +26,10 @@ level of CLAP k-means at the shipped size (51,200 points, 1024 codes, 512 dims) 
 the hours of audio and the fit time the shipped vocabulary needs are projected from them; and the
 trained stages generate ``--seconds`` once more (after the command's run, so loading is not timed):
 the generation real-time factor. With two presets, a last table puts their figures side by side
-with the ratio of the second to the first.
+with the ratio of the second to the first, and both models then generate in this one process, in
+turn, ``--repeats`` times each (the best of each is compared: one generation each, minutes apart,
+is at the mercy of what else the machine does). ``--generate-only`` does only that, on the runs an
+earlier call left in ``--work``.
 """
 
 from __future__ import annotations
@@ -164,8 +168,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=2.0, help="seconds to generate")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
+    ap.add_argument("--repeats", type=int, default=2, help="generations per preset, side by side")
+    ap.add_argument("--generate-only", action="store_true", help="only the side-by-side generation, on the runs in --work")
     args = ap.parse_args()
 
+    if args.generate_only:
+        if args.work is None:
+            sys.exit("--generate-only needs --work: the folder of an earlier call")
+        generate_side_by_side(args.work, args.preset, args.seconds, args.repeats, threads=2)
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="recipe-small-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -178,6 +189,30 @@ def main() -> None:
         print(f"  {'':38s} {a:>10s} {b:>10s} {b + ' / ' + a:>12s}")
         for key in fa:
             print(f"  {key:38s} {fa[key]:10.3f} {fb[key]:10.3f} {fb[key] / fa[key]:11.2f}x")
+        generate_side_by_side(work, args.preset, args.seconds, args.repeats, threads=2)
+
+
+def generate_side_by_side(work: Path, presets: list[str], seconds: float, repeats: int, threads: int) -> None:
+    """Each preset's trained runs (``work/<preset>/runs``) generate ``seconds`` in turn, ``repeats`` times each, in
+    this one process; prints each real-time factor and the ratio of the best ones to the first preset's."""
+    import torch
+
+    from musiclm import MusicLM
+
+    torch.set_num_threads(threads)
+    lms = {p: MusicLM.from_runs(*(work / p / "runs" / s for s in ("semantic", "coarse", "fine")), device="cpu") for p in presets}
+    for lm in lms.values():
+        lm.generate("a calm piano over soft rain", seconds=min(seconds, 1.0))  # warm-up
+    rtf: dict[str, list[float]] = {p: [] for p in presets}
+    for _ in range(repeats):
+        for p, lm in lms.items():
+            t0 = time.perf_counter()
+            lm.generate("a calm piano over soft rain", seconds=seconds)
+            rtf[p].append((time.perf_counter() - t0) / seconds)
+    print(f"\n== generation side by side: {seconds:g} s, {threads} threads, {repeats} in turn each (real-time factor) ==")
+    first = min(rtf[presets[0]])
+    for p, values in rtf.items():
+        print(f"  {p:8s} " + " ".join(f"{v:6.3f}" for v in values) + f"   best {min(values):6.3f}   {min(values) / first:5.2f}x")
 
 
 def run_recipe(preset: str, args, root: Path) -> dict[str, float]:
