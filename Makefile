@@ -27,11 +27,10 @@ system-deps:
 
 install: $(VENV)/.installed system-deps
 
-# Three workers on two cores (the suite waits on Ray start-ups, subprocesses and kills about half of the time),
-# whole test modules each; the modules that start Ray run together on one (tests/conftest.py).
+# Two workers, whole test modules each; the modules that start Ray run together on one (tests/conftest.py).
 test: install
 	$(VENV)/bin/lint-imports  # the layers of .importlinter (docs/architecture.md): no layer break, no circle
-	$(PY) -m pytest -q -n 3
+	$(PY) -m pytest -q -n 2
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -1,5 +1,5 @@
 """Shared fixtures: a synthesised corpus, tokenized once per test run with the tiny preset; and the rules that let
-the suite run on several pytest-xdist workers (``make test``: ``pytest -n 3``).
+the suite run on several pytest-xdist workers (``make test``: ``pytest -n 2``).
 
 Nothing here reaches a model hub: the tiny preset builds every backbone offline,
 and HF_HUB_OFFLINE makes any accidental hub lookup fail fast instead of hanging.
@@ -72,17 +72,10 @@ def work_unit(nodeid: str) -> str:
     return "ray" if Path(module).stem in RAY_MODULES else module
 
 
-# Modules sent to the other workers first: they save the stand-in checkpoints (tests/pretrained.py) that the recipe
-# modules of the Ray group tokenize with, so that the Ray group, the longest unit, finds them saved (made_once).
-EARLY_MODULES = ("test_fidelity_open", "test_fidelity")
-
-
 def pytest_collection_modifyitems(config, items):
     stray = [item.nodeid for item in items if item.get_closest_marker("ray") and work_unit(item.nodeid) != "ray"]
     if stray:
         raise pytest.UsageError(f"tests marked ray outside tests/conftest.py's RAY_MODULES: {stray}")
-    early = {name: i for i, name in enumerate(EARLY_MODULES)}
-    items.sort(key=lambda item: early.get(Path(item.nodeid.split("::", 1)[0]).stem, len(early)))  # stable: the rest keep their order
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: only called when pytest-xdist runs the suite
