@@ -62,6 +62,15 @@ class Clap:
         ClapProcessor(feature_extractor=self.features, tokenizer=self.text_tokenizer).save_pretrained(folder)
 
 
+def arch_config(arch: dict, default_type: str):
+    """The transformers config a ``random`` backbone is built from: ``arch`` is a config.json as a table, its
+    ``model_type`` picking the family (``default_type`` when it has none)."""
+    from transformers import AutoConfig
+
+    arch = dict(arch)
+    return AutoConfig.for_model(arch.pop("model_type", default_type), **arch)
+
+
 def load_pretrained(load, name: str, revision: str | None, what: str, **kw):
     """``load(name, revision=revision, **kw)``, a loading failure told in one line."""
     try:

@@ -32,7 +32,7 @@ import torch
 
 from musiclm.config import CodecConfig
 from musiclm.errors import UserError
-from musiclm.models.backbones import RANDOM, load_pretrained, quiet_transformers
+from musiclm.models.backbones import RANDOM, arch_config, load_pretrained, quiet_transformers
 
 FAMILIES = {"encodec": "EncodecModel", "dac": "DacModel"}  # model_type -> transformers class
 
@@ -122,6 +122,11 @@ def model_class(config: Any):
     return getattr(transformers, FAMILIES[config.model_type])
 
 
+def random_config(spec: CodecConfig) -> Any:
+    """The transformers config of a ``random`` codec (Encodec unless ``arch`` says otherwise)."""
+    return arch_config(spec.arch, "encodec")
+
+
 def load_codec(spec: CodecConfig, folder: Path | None = None, seed: int = 0) -> Codec:
     """The codec from ``folder`` (a saved copy) or ``spec.model``; a random Encodec gets a bandwidth of
     exactly Q codebooks."""
@@ -130,8 +135,7 @@ def load_codec(spec: CodecConfig, folder: Path | None = None, seed: int = 0) -> 
     quiet_transformers()
     source = str(folder) if folder is not None else spec.model
     if source == RANDOM:
-        arch = dict(spec.arch)
-        cfg = AutoConfig.for_model(arch.pop("model_type", "encodec"), **arch)
+        cfg = random_config(spec)
         if cfg.model_type == "encodec":
             cfg.target_bandwidths = [encodec_bandwidth(cfg, spec.num_quantizers)]
         torch.manual_seed(seed)
@@ -139,7 +143,7 @@ def load_codec(spec: CodecConfig, folder: Path | None = None, seed: int = 0) -> 
     else:
         revision = None if folder is not None else spec.revision
         cfg = load_pretrained(AutoConfig.from_pretrained, source, revision, "codec")
-        model = load_pretrained(model_class(cfg).from_pretrained, source, revision, "codec")
+        model = load_pretrained(model_class(cfg).from_pretrained, source, revision, "codec", config=cfg)
     codec = Codec(model.eval().requires_grad_(False), spec.num_quantizers)
     check_codec(spec, model.config, source)
     return codec

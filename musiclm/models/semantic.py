@@ -30,7 +30,7 @@ import torch
 
 from musiclm.config import SemanticConfig
 from musiclm.errors import UserError
-from musiclm.models.backbones import RANDOM, load_pretrained, quiet_transformers
+from musiclm.models.backbones import RANDOM, arch_config, load_pretrained, quiet_transformers
 
 FAMILIES = {"hubert": "HubertModel", "wav2vec2-bert": "Wav2Vec2BertModel"}  # model_type -> transformers class
 FBANK_HOP_SECONDS = 0.01  # SeamlessM4TFeatureExtractor's hop (160 samples at 16 kHz, fixed in its code)
@@ -116,11 +116,15 @@ def model_class(config: Any):
     return getattr(transformers, FAMILIES[family(config)])
 
 
-def _random(spec: SemanticConfig, seed: int) -> tuple[Any, Any]:
-    from transformers import AutoConfig, SeamlessM4TFeatureExtractor
+def random_config(spec: SemanticConfig) -> Any:
+    """The transformers config of a ``random`` semantic model (HuBERT unless ``arch`` says otherwise)."""
+    return arch_config(spec.arch, "hubert")
 
-    arch = dict(spec.arch)
-    config = AutoConfig.for_model(arch.pop("model_type", "hubert"), **arch)
+
+def _random(spec: SemanticConfig, seed: int) -> tuple[Any, Any]:
+    from transformers import SeamlessM4TFeatureExtractor
+
+    config = random_config(spec)
     torch.manual_seed(seed)
     model = model_class(config)(config)
     if family(config) == "wav2vec2-bert":

@@ -17,7 +17,6 @@ id when it is in the local cache (else when the backbone loads).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,8 +60,7 @@ def backbone_facts(t: TokenizeConfig) -> BackboneFacts:
 
     s = t.semantic
     if s.model == RANDOM:
-        arch = dict(s.arch)
-        config = AutoConfig.for_model(arch.pop("model_type", "hubert"), **arch)
+        config = semantic.random_config(s)
         fe = SeamlessM4TFeatureExtractor(**s.features) if semantic.family(config) == "wav2vec2-bert" else None
     elif not s.trust_remote_code:  # remote-code configs are read when the model loads
         config = _cached(lambda source, **kw: semantic.read_config(s, source, **kw), s.model, s.revision)
@@ -74,11 +72,7 @@ def backbone_facts(t: TokenizeConfig) -> BackboneFacts:
     known = config is not None and fe is not None
 
     c = t.codec
-    if c.model == RANDOM:
-        arch = dict(c.arch)
-        enc = AutoConfig.for_model(arch.pop("model_type", "encodec"), **arch)
-    else:
-        enc = _cached(AutoConfig.from_pretrained, c.model, c.revision)
+    enc = codec.random_config(c) if c.model == RANDOM else _cached(AutoConfig.from_pretrained, c.model, c.revision)
     return BackboneFacts(
         clap_window_seconds=clap_window,
         semantic_frame_rate=semantic.frame_rate(config, fe) if known else None,
